@@ -1,0 +1,83 @@
+"""Export the reference MatMul (x @ W, W = 0.5, then Neg) sharded by hand over `rank_size` ranks.
+
+Row-parallel (Megatron style): rank r holds only rows [r*k, (r+1)*k) of the 96x16 weight, multiplies the matching
+columns of x by them, and an AllReduce(sum) inside the graph adds the partial products of all ranks. Every rank
+then holds the same full result, as the reference requires of the last stage.
+
+    python export_model.py --rank-size 8          # -> model/device{0..7}/matmul.mindir, rank_table_8pcs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from zmserve.export import WORLD_GROUP, export_rank, tensor_spec, write_rank_table
+
+INPUT_SHAPE = (128, 96)
+WEIGHT_SHAPE = (96, 16)
+WEIGHT_VALUE = 0.5
+
+
+def build_rank_cell(rank: int, rank_size: int):
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn, ops
+
+    rows = WEIGHT_SHAPE[0] // rank_size
+    lo, hi = rank * rows, (rank + 1) * rows
+    weight = np.full(WEIGHT_SHAPE, WEIGHT_VALUE, dtype=np.float32)[lo:hi]
+
+    class MatMulShard(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = Parameter(Tensor(weight), name="weight")
+            self.matmul = ops.MatMul()
+            self.all_reduce = ops.AllReduce(group=WORLD_GROUP) if rank_size > 1 else None
+            self.neg = ops.Neg()
+
+        def construct(self, x):
+            partial = self.matmul(x[:, lo:hi], self.weight)
+            if self.all_reduce is not None:
+                partial = self.all_reduce(partial)
+            return self.neg(partial)
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return MatMulShard()
+
+
+def export(output_dir: Path, rank_size: int, rank_table: Path | None) -> None:
+    import mindspore as ms
+
+    if WEIGHT_SHAPE[0] % rank_size != 0:
+        raise SystemExit(f"rank_size {rank_size} must divide the weight's {WEIGHT_SHAPE[0]} rows")
+    example = ms.Tensor(np.ones(INPUT_SHAPE, dtype=np.float32))
+    group_config = {
+        "rank_size": rank_size, "stage": 0, "stage_size": 1, "group": WORLD_GROUP,
+        "inputs": [tensor_spec("x", INPUT_SHAPE)],
+        "outputs": [tensor_spec("y", (INPUT_SHAPE[0], WEIGHT_SHAPE[1]))],
+        "weight_rows": WEIGHT_SHAPE[0] // rank_size,
+    }
+    for rank in range(rank_size):
+        path = export_rank(build_rank_cell(rank, rank_size), [example], output_dir, rank, "matmul", group_config)
+        print(f"exported rank {rank}: {path}")
+    if rank_table is not None:
+        write_rank_table(rank_table, rank_size)
+        print(f"wrote {rank_table}")
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank-size", type=int, default=8)
+    parser.add_argument("--output-dir", type=Path, default=here / "model")
+    parser.add_argument("--rank-table", type=Path, default=None,
+                        help="default: rank_table_<N>pcs.json next to this script")
+    args = parser.parse_args()
+    rank_table = args.rank_table or here / f"rank_table_{args.rank_size}pcs.json"
+    export(args.output_dir, args.rank_size, rank_table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The three zmserve roles: broker, worker, agent. Each is one small loop in its own package."""

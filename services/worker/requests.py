@@ -1,0 +1,185 @@
+"""Requests inside the worker: each one replays its method's stages over its instances.
+
+A `MethodRun` walks the method's stages in order. Python stages run at once, per instance. The model stage
+becomes one `ModelCall` per instance (or one batched call when the model has a batch dimension); the run waits
+until every call's result is back, then walks on. `RequestTable` holds the runs by request id and the calls by
+call id, so a result from the last stage finds its run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zmserve.codec import Instance, Value
+from zmserve.protocol import ErrorCode, ServingError
+from zmserve.servable import METHOD_INPUT, MethodSpec, Stage, ValueRef
+
+
+@dataclass(eq=False)
+class ModelCall:
+    """One call of the distributed model: the inputs it sends and which instances its outputs belong to."""
+
+    call_id: int
+    client: bytes
+    request_id: Any
+    inputs: list[np.ndarray]
+    instance_indices: list[int]
+    batched: bool
+
+
+@dataclass
+class MethodRun:
+    """The state of one request: its values so far, the stage it is at, the model calls it waits for."""
+
+    client: bytes
+    request_id: Any
+    servable: str
+    method: MethodSpec
+    values: list[dict[ValueRef, Value]]
+    deadline: float | None
+    stage_index: int = 0
+    waiting_calls: set[int] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,
+              instances: list[Instance], deadline: float | None) -> MethodRun:
+        if not instances:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs at least one instance")
+        values = []
+        for index, instance in enumerate(instances):
+            names = set(instance)
+            if names != set(method.input_names):
+                raise ServingError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"instance {index}: method {method.name!r} takes inputs {list(method.input_names)}, "
+                    f"got {sorted(names)}",
+                )
+            values.append({ValueRef(METHOD_INPUT, i, n): instance[n] for i, n in enumerate(method.input_names)})
+        return cls(client, request_id, servable, method, values, deadline)
+
+    @property
+    def current_stage(self) -> Stage | None:
+        stages = self.method.stages
+        return stages[self.stage_index] if self.stage_index < len(stages) else None
+
+    def run_python_stage(self, stage: Stage) -> None:
+        """Run a Python stage for every instance and keep its outputs."""
+        assert stage.function is not None
+        for index, values in enumerate(self.values):
+            try:
+                returned = stage.function(*(values[ref] for ref in stage.inputs))
+            except Exception as exc:
+                raise ServingError(
+                    ErrorCode.INTERNAL, f"instance {index}: stage {stage.label!r} raised {type(exc).__name__}: {exc}"
+                ) from None
+            outputs = returned if stage.outputs_count > 1 else (returned,)
+            if not isinstance(outputs, tuple | list) or len(outputs) != stage.outputs_count:
+                raise ServingError(
+                    ErrorCode.INTERNAL,
+                    f"stage {stage.label!r} should return {stage.outputs_count} values, returned {returned!r:.80}",
+                )
+            self.keep_outputs(index, outputs)
+        self.stage_index += 1
+
+    def keep_outputs(self, instance_index: int, outputs: tuple[Value, ...] | list[Value]) -> None:
+        for i, output in enumerate(outputs):
+            self.values[instance_index][ValueRef(self.stage_index, i, "")] = output
+
+    def model_inputs(self, stage: Stage) -> list[list[Value]]:
+        """The model stage's inputs, one list per instance."""
+        return [[values[ref] for ref in stage.inputs] for values in self.values]
+
+    def finish_model_call(self, call: ModelCall, outputs: list[np.ndarray]) -> None:
+        stage = self.current_stage
+        assert stage is not None and stage.is_model
+        if len(outputs) != stage.outputs_count:
+            raise ServingError(
+                ErrorCode.INTERNAL,
+                f"the model returned {len(outputs)} outputs, method {self.method.name!r} expects "
+                f"{stage.outputs_count}",
+            )
+        if call.batched:
+            for position, index in enumerate(call.instance_indices):
+                self.keep_outputs(index, [output[position] for output in outputs])
+        else:
+            self.keep_outputs(call.instance_indices[0], outputs)
+        self.waiting_calls.discard(call.call_id)
+        if not self.waiting_calls:
+            self.stage_index += 1
+
+    def results(self) -> list[Instance]:
+        return [
+            {name: values[ref] for name, ref in zip(self.method.output_names, self.method.outputs, strict=True)}
+            for values in self.values
+        ]
+
+
+class RequestTable:
+    """Runs by request id, model calls by call id, and the calls waiting for room in the pipeline.
+
+    `in_pipeline` counts calls published to the agents and not yet answered, even when their run was dropped
+    (deadline): their results still occupy the pipeline until they come back.
+    """
+
+    def __init__(self, max_inflight_calls: int) -> None:
+        self.runs: dict[tuple[bytes, Any], MethodRun] = {}
+        self.calls: dict[int, ModelCall] = {}
+        self.queued_calls: deque[ModelCall] = deque()
+        self.in_pipeline: set[int] = set()
+        self.max_inflight_calls = max_inflight_calls
+        self._call_ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def new_call(self, run: MethodRun, inputs: list[np.ndarray], instance_indices: list[int],
+                 batched: bool) -> ModelCall:
+        call = ModelCall(next(self._call_ids), run.client, run.request_id, inputs, instance_indices, batched)
+        self.calls[call.call_id] = call
+        run.waiting_calls.add(call.call_id)
+        self.queued_calls.append(call)
+        return call
+
+    def next_sendable(self) -> ModelCall | None:
+        """The oldest queued call, if the pipeline has room for it."""
+        if self.queued_calls and len(self.in_pipeline) < self.max_inflight_calls:
+            call = self.queued_calls.popleft()
+            self.in_pipeline.add(call.call_id)
+            return call
+        return None
+
+    def take_result(self, call_id: int) -> tuple[ModelCall, MethodRun] | None:
+        """The call a result answers and its run; None when the run was already answered."""
+        self.in_pipeline.discard(call_id)
+        call = self.calls.pop(call_id, None)
+        if call is None:
+            return None
+        run = self.runs.get((call.client, call.request_id))
+        return (call, run) if run is not None else None
+
+    def add_run(self, run: MethodRun) -> None:
+        key = (run.client, run.request_id)
+        if key in self.runs:
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {run.request_id!r} is already running")
+        self.runs[key] = run
+
+    def remove_run(self, run: MethodRun) -> None:
+        self.runs.pop((run.client, run.request_id), None)
+        for call_id in run.waiting_calls:
+            call = self.calls.pop(call_id, None)
+            if call is not None and call_id not in self.in_pipeline:
+                self.queued_calls.remove(call)
+
+    def forget_pipeline(self) -> None:
+        """The agents were lost: nothing published to them will come back."""
+        self.in_pipeline.clear()
+
+    def expired(self, now: float | None = None) -> list[MethodRun]:
+        now = now if now is not None else time.monotonic()
+        return [run for run in self.runs.values() if run.deadline is not None and run.deadline <= now]

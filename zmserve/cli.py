@@ -1,0 +1,130 @@
+"""`zmserve broker|worker|agent`: thin click commands over the services. Every flag also reads ZMSERVE_<FLAG>."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from zmserve.logs import configure_logging, get_logger
+from zmserve.protocol import (
+    DEFAULT_AGENT_START_PORT,
+    DEFAULT_BROKER_CLIENT_ADDRESS,
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    MAX_INFLIGHT_MODEL_CALLS,
+    MAX_QUEUED_REQUESTS,
+)
+
+log = get_logger("cli")
+
+
+def run_until_signalled(service: Any) -> None:
+    """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly, a second one forces the exit."""
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            os._exit(1)
+        stopping = True
+        log.info("stopping", signal=signal.Signals(signum).name)
+        service.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    result = service.run()
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "ZMSERVE", "help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(log_level: str) -> None:
+    """zmserve: distributed MindSpore inference over ZeroMQ."""
+    configure_logging(log_level)
+
+
+@main.command()
+@click.option("--bind", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True, help="client-facing ROUTER")
+@click.option("--worker-bind", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
+              help="ROUTER that workers register on")
+@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
+def broker(bind: str, worker_bind: str, heartbeat_interval: float) -> None:
+    """Route client requests to the workers serving them."""
+    from services.broker.broker import Broker
+
+    run_until_signalled(Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval))
+
+
+@main.command()
+@click.option("--servable-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--servable", required=True, help="folder inside --servable-dir holding servable_config.py")
+@click.option("--version", "version_number", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--rank-table", type=click.Path(exists=True, dir_okay=False))
+@click.option("--distributed-address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
+              help="where agents register (host:port)")
+@click.option("--wait-agents", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds to wait for all agents; 0 = forever")
+@click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
+              help="the broker's worker-facing address")
+@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
+@click.option("--max-inflight", default=MAX_INFLIGHT_MODEL_CALLS, show_default=True, type=click.IntRange(min=1),
+              help="model calls in the pipeline at once")
+@click.option("--max-queued", default=MAX_QUEUED_REQUESTS, show_default=True, type=click.IntRange(min=1),
+              help="requests held before RESOURCE_EXHAUSTED")
+def worker(servable_dir: str, servable: str, version_number: int, rank_table: str | None,
+           distributed_address: str, wait_agents: float, broker_address: str, heartbeat_interval: float,
+           max_inflight: int, max_queued: int) -> None:
+    """Serve one servable: wait for its agents, then take requests from the broker."""
+    from services.worker.worker import Worker
+    from zmserve.ranktable import RankTableError
+    from zmserve.servable import ServableConfigError
+
+    try:
+        service = Worker(servable_dir, servable, version_number, rank_table, distributed_address, wait_agents,
+                         broker_address, heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight,
+                         max_queued_requests=max_queued)
+    except (ServableConfigError, RankTableError) as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        run_until_signalled(service)
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [part for value in values for part in value.split(",") if part]
+
+
+@main.command()
+@click.option("--worker", "worker_address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
+              help="the worker's distributed address")
+@click.option("--model-files", multiple=True, required=True,
+              help="one MindIR per agent, in rank order (repeat the flag or separate with commas)")
+@click.option("--group-config-files", multiple=True, help="one group config per model file")
+@click.option("--agent-start-port", default=DEFAULT_AGENT_START_PORT, show_default=True,
+              type=click.IntRange(1, 65535), help="agent i publishes to the next stage on this port + i")
+@click.option("--agent-ip", default=None, help="this machine's address as the other agents see it")
+@click.option("--rank-start", default=None, type=click.IntRange(min=0), help="rank of the first model file")
+@click.option("--heartbeat-interval", default=None, type=float)
+def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
+          agent_start_port: int, agent_ip: str | None, rank_start: int | None,
+          heartbeat_interval: float | None) -> None:
+    """Start and supervise one agent process per model file on this machine."""
+    from services.agent.launcher import AgentLauncher, LauncherError
+
+    try:
+        launcher = AgentLauncher(worker_address, _split(model_files), _split(group_config_files) or None,
+                                 agent_start_port, agent_ip, rank_start, heartbeat_interval)
+    except LauncherError as error:
+        raise click.ClickException(str(error)) from None
+    run_until_signalled(launcher)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The servable API and its loader.
+
+A servable folder holds `servable_config.py`, written like MindSpore Serving's: it declares one distributed model
+with `distributed.declare_servable(...)` and registers methods with `@register.register_method(output_names=...)`,
+whose bodies chain stages with `register.add_stage(model_or_function, *inputs, outputs_count=N)`.
+
+Registering a method *traces* its body once: the parameters are placeholders (`ValueRef`), each `add_stage` call
+appends a `Stage` and returns placeholders for its outputs. The worker later replays the recorded stages for
+every instance. `load_servable` runs the config file and turns every mistake into a `ServableConfigError` that
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHOD_INPUT = -1
+"""`ValueRef.stage` of a method parameter."""
+
+
+class ServableConfigError(Exception):
+    """A servable_config.py that cannot be served; raised at start, never at request time."""
+
+
+@dataclass(frozen=True)
+class ValueRef:
+    """A value inside a traced method: output `index` of stage `stage`, or method parameter `index`."""
+
+    stage: int
+    index: int
+    name: str = field(compare=False)
+
+
+@dataclass(frozen=True)
+class DistributedModel:
+    """What `declare_servable` returns: the shape of the model's cluster, not the model itself."""
+
+    rank_size: int
+    stage_size: int
+    with_batch_dim: bool
+    without_batch_dim_inputs: tuple[int, ...] = ()
+
+    @property
+    def ranks_per_stage(self) -> int:
+        return self.rank_size // self.stage_size
+
+    def stage_of(self, rank: int) -> int:
+        return rank // self.ranks_per_stage
+
+    def ranks_of(self, stage: int) -> range:
+        return range(stage * self.ranks_per_stage, (stage + 1) * self.ranks_per_stage)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a method: the distributed model (`function is None`) or a Python function."""
+
+    function: Callable[..., Any] | None
+    inputs: tuple[ValueRef, ...]
+    outputs_count: int
+    batch_size: int | None = None
+
+    @property
+    def is_model(self) -> bool:
+        return self.function is None
+
+    @property
+    def label(self) -> str:
+        return "model" if self.function is None else getattr(self.function, "__name__", repr(self.function))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    outputs: tuple[ValueRef, ...]
+
+
+@dataclass
+class ServableSpec:
+    name: str
+    config_path: Path
+    model: DistributedModel | None = None
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+
+
+@dataclass
+class _MethodTrace:
+    name: str
+    stages: list[Stage] = field(default_factory=list)
+
+
+_loading: ServableSpec | None = None
+_tracing: _MethodTrace | None = None
+
+
+def declare_servable(
+    rank_size: int,
+    stage_size: int,
+    with_batch_dim: bool = True,
+    without_batch_dim_inputs: int | list[int] | tuple[int, ...] | None = None,
+    enable_pipeline_infer: bool = False,
+) -> DistributedModel:
+    """Declare the distributed model of this servable: `rank_size` agents in `stage_size` pipeline stages.
+
+    `enable_pipeline_infer` is accepted for compatibility: zmserve always pipelines stages.
+    """
+    spec = _require_loading("declare_servable")
+    if spec.model is not None:
+        raise ServableConfigError("declare_servable may be called only once per servable")
+    for label, number in (("rank_size", rank_size), ("stage_size", stage_size)):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise ServableConfigError(f"{label} must be a positive integer, got {number!r}")
+    if rank_size % stage_size != 0:
+        raise ServableConfigError(
+            f"rank_size {rank_size} is not divisible by stage_size {stage_size}: every stage needs the same "
+            "number of agents"
+        )
+    if without_batch_dim_inputs is None:
+        without_batch_dim_inputs = ()
+    elif isinstance(without_batch_dim_inputs, int):
+        without_batch_dim_inputs = (without_batch_dim_inputs,)
+    spec.model = DistributedModel(rank_size, stage_size, bool(with_batch_dim), tuple(without_batch_dim_inputs))
+    return spec.model
+
+
+def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Register the decorated function as a method; its body is traced once, now."""
+    names = (output_names,) if isinstance(output_names, str) else tuple(output_names)
+
+    def decorate(function: Callable) -> Callable:
+        global _tracing
+        spec = _require_loading("register_method")
+        name = function.__name__
+        if name in spec.methods:
+            raise ServableConfigError(f"method {name!r} is registered twice")
+        parameters = list(inspect.signature(function).parameters.values())
+        for parameter in parameters:
+            if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                raise ServableConfigError(f"method {name!r}: parameter {parameter.name!r} must be positional")
+        input_names = tuple(p.name for p in parameters)
+        _tracing = _MethodTrace(name)
+        try:
+            returned = function(*(ValueRef(METHOD_INPUT, i, n) for i, n in enumerate(input_names)))
+            stages = _tracing.stages
+        finally:
+            _tracing = None
+        outputs = returned if isinstance(returned, tuple) else (returned,)
+        if not all(isinstance(output, ValueRef) for output in outputs):
+            raise ServableConfigError(
+                f"method {name!r} must return the inputs or the results of add_stage, got {returned!r}"
+            )
+        if len(outputs) != len(names):
+            raise ServableConfigError(
+                f"method {name!r} returns {len(outputs)} values but output_names has {len(names)}: {list(names)}"
+            )
+        spec.methods[name] = MethodSpec(name, input_names, names, tuple(stages), tuple(outputs))
+        return function
+
+    return decorate
+
+
+def add_stage(
+    stage: DistributedModel | Callable[..., Any],
+    *args: ValueRef,
+    outputs_count: int,
+    batch_size: int | None = None,
+    tag: str | None = None,
+) -> ValueRef | tuple[ValueRef, ...]:
+    """Append a stage to the method being registered; returns placeholders for its outputs."""
+    spec = _require_loading("add_stage")
+    if _tracing is None:
+        raise ServableConfigError("add_stage may only be called inside a method decorated with register_method")
+    if isinstance(stage, DistributedModel):
+        if stage is not spec.model:
+            raise ServableConfigError(
+                f"method {_tracing.name!r} uses a model that this servable did not declare with declare_servable"
+            )
+        function = None
+    elif callable(stage):
+        function = stage
+    else:
+        raise ServableConfigError(
+            f"method {_tracing.name!r}: add_stage needs the model from declare_servable or a Python function, "
+            f"got {stage!r}"
+        )
+    for arg in args:
+        if not isinstance(arg, ValueRef):
+            raise ServableConfigError(
+                f"method {_tracing.name!r}: add_stage inputs must be method inputs or stage outputs, got {arg!r}"
+            )
+    if not isinstance(outputs_count, int) or outputs_count < 1:
+        raise ServableConfigError(f"outputs_count must be a positive integer, got {outputs_count!r}")
+    index = len(_tracing.stages)
+    _tracing.stages.append(Stage(function, tuple(args), outputs_count, batch_size))
+    label = "model" if function is None else function.__name__
+    outputs = tuple(ValueRef(index, i, f"{label}[{i}]") for i in range(outputs_count))
+    return outputs[0] if outputs_count == 1 else outputs
+
+
+def load_servable(servable_directory: str | Path, servable_name: str) -> ServableSpec:
+    """Run `servable_directory/servable_name/servable_config.py` and return what it declared."""
+    global _loading
+    config_path = Path(servable_directory) / servable_name / "servable_config.py"
+    if not config_path.is_file():
+        raise ServableConfigError(f"no servable config at {config_path}")
+    spec = ServableSpec(servable_name, config_path)
+    module_name = f"zmserve_servable_{servable_name}"
+    module_spec = importlib.util.spec_from_file_location(module_name, config_path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(config_path.parent))
+    _loading = spec
+    try:
+        module_spec.loader.exec_module(module)
+    except ServableConfigError as exc:
+        raise ServableConfigError(f"{config_path}: {exc}") from None
+    except SyntaxError as exc:
+        raise ServableConfigError(f"{config_path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ServableConfigError(
+            f"{config_path}: {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+        ) from None
+    finally:
+        _loading = None
+        sys.path.remove(str(config_path.parent))
+    if spec.model is None:
+        raise ServableConfigError(f"{config_path}: no distributed model declared (call declare_servable)")
+    if not spec.methods:
+        raise ServableConfigError(f"{config_path}: no method registered (use register_method)")
+    return spec
+
+
+def _require_loading(api: str) -> ServableSpec:
+    if _loading is None:
+        raise ServableConfigError(f"{api} may only be called while zmserve loads a servable_config.py")
+    return _loading

@@ -1,0 +1,29 @@
+"""The Python API of the server side, shaped like MindSpore Serving's `mindspore_serving.server`.
+
+A reference `serving_server.py` ports by changing its imports and its client-facing server call:
+
+    from zmserve import server
+    from zmserve.server import distributed
+    distributed.start_servable(servable_dir, "matmul", rank_table_json_file="rank_table_8pcs.json",
+                               version_number=1, distributed_address="127.0.0.1:6200")
+    server.start_broker("127.0.0.1:5500")
+
+Each call starts its service on a thread of this process and returns; the process then runs until SIGINT or
+SIGTERM (a second one forces the exit). A service that fails ends the process with exit code 1.
+"""
+
+from __future__ import annotations
+
+from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS
+from zmserve.server import distributed, register
+from zmserve.server.running import run_in_background, stop
+
+__all__ = ["distributed", "register", "start_broker", "stop"]
+
+
+def start_broker(address: str = DEFAULT_BROKER_CLIENT_ADDRESS,
+                 worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS) -> None:
+    """Start the client-facing broker: clients connect to `address`, workers to `worker_address`."""
+    from services.broker.broker import Broker
+
+    run_in_background("broker", Broker(address, worker_address))

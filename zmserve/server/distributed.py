@@ -1,0 +1,54 @@
+"""The distributed API, as in `mindspore_serving.server.distributed`.
+
+`declare_servable` is used inside servable_config.py; `start_servable` starts the distributed worker (in this
+process, on a background thread); `startup_agents` starts and supervises this machine's agents (blocking).
+"""
+
+from __future__ import annotations
+
+from zmserve.protocol import DEFAULT_AGENT_START_PORT, DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
+from zmserve.servable import declare_servable
+from zmserve.server.running import install_signal_handlers, run_in_background
+
+__all__ = ["declare_servable", "start_servable", "startup_agents"]
+
+
+def start_servable(
+    servable_directory: str,
+    servable_name: str,
+    rank_table_json_file: str | None = None,
+    version_number: int = 1,
+    distributed_address: str = DEFAULT_DISTRIBUTED_ADDRESS,
+    wait_agents_time_in_seconds: float = 0,
+    broker_address: str = DEFAULT_BROKER_WORKER_ADDRESS,
+) -> None:
+    """Load the servable and start its worker; the worker waits for its agents, then registers with the broker.
+
+    A broken servable_config.py or rank table raises here, before anything starts.
+    """
+    from services.worker.worker import Worker
+
+    worker = Worker(servable_directory, servable_name, version_number, rank_table_json_file,
+                    distributed_address, wait_agents_time_in_seconds, broker_address)
+    run_in_background("worker", worker)
+
+
+def startup_agents(
+    distributed_address: str,
+    model_files: list[str],
+    group_config_files: list[str] | None = None,
+    agent_start_port: int = DEFAULT_AGENT_START_PORT,
+    agent_ip: str | None = None,
+    rank_start: int | None = None,
+) -> int:
+    """Start one agent per model file on this machine and supervise them until SIGINT/SIGTERM."""
+    import signal
+
+    from services.agent.launcher import AgentLauncher
+
+    launcher = AgentLauncher(distributed_address, model_files, group_config_files, agent_start_port,
+                             agent_ip, rank_start)
+    install_signal_handlers()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: launcher.stop())
+    return launcher.run()
