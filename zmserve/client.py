@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from concurrent.futures import Future
+
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances, pack_header, unpack_header

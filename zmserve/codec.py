@@ -74,7 +74,8 @@ def encode_values(values: Instance) -> tuple[list[dict[str, Any]], list[Any]]:
             )
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        array = np.ascontiguousarray(array)
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
         descriptors.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
         frames.append(array.reshape(-1).view(np.uint8) if array.ndim == 0 else array)
     return descriptors, frames

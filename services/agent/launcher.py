@@ -8,9 +8,9 @@ not, and the launcher stops with that reason. SIGINT/SIGTERM stop every agent an
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from zmserve.supervision import die_with_parent, reap
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+SUPERVISE_INTERVAL_S = 0.1
 
 
 class LauncherError(RuntimeError):
@@ -71,7 +72,10 @@ class AgentLauncher:
             )
             for i in range(len(model_files))
         ]
-        self.stop_event = threading.Event()
+        # stop() runs in signal handlers, so it must take no lock the interrupted loop may hold (Event.set
+        # would): it sets a flag and writes to a self-pipe the loop selects on.
+        self.stop_requested = False
+        self._wakeup_read, self._wakeup_write = os.pipe()
         self.failure: str | None = None
 
     def command(self, agent: AgentProcess) -> list[str]:
@@ -95,8 +99,10 @@ class AgentLauncher:
         for agent in self.agents:
             self.start(agent)
         try:
-            while not self.stop_event.wait(0.1):
-                self.supervise()
+            while not self.stop_requested:
+                select.select([self._wakeup_read], [], [], SUPERVISE_INTERVAL_S)
+                if not self.stop_requested:
+                    self.supervise()
         finally:
             self.shutdown()
         if self.failure:
@@ -118,7 +124,7 @@ class AgentLauncher:
             agent.process = None
             if code == EXIT_REJECTED:
                 self.failure = f"the worker rejected rank {agent.rank} (see the agent's log line)"
-                self.stop_event.set()
+                self.stop()
                 return
             if code in (EXIT_RESTART, EXIT_STOPPED):
                 agent.crashes = 0
@@ -131,7 +137,8 @@ class AgentLauncher:
                 log.warning("agent_crashed", agent_rank=agent.rank, code=code, restart_in=backoff)
 
     def stop(self) -> None:
-        self.stop_event.set()
+        self.stop_requested = True
+        os.write(self._wakeup_write, b"x")
 
     def shutdown(self) -> None:
         running = [a.process for a in self.agents if a.process is not None]
@@ -142,4 +149,6 @@ class AgentLauncher:
             reap(process, timeout=5.0)
         for agent in self.agents:
             agent.process = None
+        os.close(self._wakeup_read)
+        os.close(self._wakeup_write)
         log.info("launcher_stopped")

@@ -30,7 +30,14 @@ import zmq
 
 from services.worker.registry import AgentRecord, AgentRegistry, AgentState, StageGroup
 from services.worker.requests import MethodRun, ModelCall, RequestTable
-from zmserve.codec import decode_instances, decode_values, encode_instances, encode_values, pack_header, unpack_header
+from zmserve.codec import (
+    decode_instances,
+    decode_values,
+    encode_instances,
+    encode_values,
+    pack_header,
+    unpack_header,
+)
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_BROKER_WORKER_ADDRESS,
@@ -309,8 +316,9 @@ class Worker:
             structlog.contextvars.bind_contextvars(request_id=request_id)
             method = self.spec.methods.get(header.get("method"))
             if method is None:
-                raise ServingError(ErrorCode.NOT_FOUND, f"servable {self.spec.name!r} has no method "
-                                                        f"{header.get('method')!r}; methods: {sorted(self.spec.methods)}")
+                raise ServingError(ErrorCode.NOT_FOUND,
+                                   f"servable {self.spec.name!r} has no method {header.get('method')!r}; "
+                                   f"methods: {sorted(self.spec.methods)}")
             if self.state != WorkerState.SERVING:
                 raise ServingError(ErrorCode.UNAVAILABLE, self.status_reason())
             if len(self.requests) >= self.max_queued_requests:

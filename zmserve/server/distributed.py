@@ -6,7 +6,11 @@ process, on a background thread); `startup_agents` starts and supervises this ma
 
 from __future__ import annotations
 
-from zmserve.protocol import DEFAULT_AGENT_START_PORT, DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
+from zmserve.protocol import (
+    DEFAULT_AGENT_START_PORT,
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+)
 from zmserve.servable import declare_servable
 from zmserve.server.running import install_signal_handlers, run_in_background
 
