@@ -4,7 +4,6 @@ ports, waited on by condition (never by sleeping), and always torn down."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -141,11 +140,30 @@ class Cluster:
         for name in ("agents", "worker", "broker"):
             process = self.processes.get(name)
             if process is not None:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
                 codes[name] = reap(process, timeout=20)
         return codes
 
 
 def matmul_reference(x: np.ndarray) -> np.ndarray:
     return -(x.astype(np.float64) @ np.full((96, 16), 0.5)).astype(np.float32)
+
+
+MLP_EXAMPLE = REPO / "examples" / "mlp_pipeline"
+
+
+def export_mlp(output_dir: Path, rank_size: int, stage_size: int, *extra: str) -> list[Path]:
+    subprocess.run([sys.executable, str(MLP_EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
+                    "--stage-size", str(stage_size), "--output-dir", str(output_dir / "model"), *extra],
+                   check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    return [output_dir / "model" / f"device{r}" / "mlp.mindir" for r in range(rank_size)]
+
+
+def load_example_module(path: Path, name: str):
+    """Import an example script as a module (examples are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -95,7 +95,7 @@ class StageGroup:
                                                  len(self.ranks))}
         self.scheduler = subprocess.Popen(
             [sys.executable, "-m", "services.worker.scheduler"], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
 
     def stop_scheduler(self) -> None:
