@@ -167,3 +167,40 @@ def load_example_module(path: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text().split()
+        children.extend(int(c) for c in text)
+    return children
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `condition` until it returns something truthy or `timeout` passes (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def log_events(path: Path, event: str) -> list[dict]:
+    """The structured log lines of `event` in a JSON-lines log file."""
+    import json
+
+    events = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == event:
+                events.append(record)
+    return events

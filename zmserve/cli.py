@@ -15,6 +15,7 @@ from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
     DEFAULT_DISTRIBUTED_ADDRESS,
+    EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
@@ -77,9 +78,11 @@ def broker(bind: str, worker_bind: str, heartbeat_interval: float) -> None:
               help="model calls in the pipeline at once")
 @click.option("--max-queued", default=MAX_QUEUED_REQUESTS, show_default=True, type=click.IntRange(min=1),
               help="requests held before RESOURCE_EXHAUSTED")
+@click.option("--execution-timeout", default=EXECUTION_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.1),
+              help="seconds without a model result (calls in flight) before the agents are restarted")
 def worker(servable_dir: str, servable: str, version_number: int, rank_table: str | None,
            distributed_address: str, wait_agents: float, broker_address: str, heartbeat_interval: float,
-           max_inflight: int, max_queued: int) -> None:
+           max_inflight: int, max_queued: int, execution_timeout: float) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker."""
     from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
@@ -88,7 +91,7 @@ def worker(servable_dir: str, servable: str, version_number: int, rank_table: st
     try:
         service = Worker(servable_dir, servable, version_number, rank_table, distributed_address, wait_agents,
                          broker_address, heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight,
-                         max_queued_requests=max_queued)
+                         max_queued_requests=max_queued, execution_timeout=execution_timeout)
     except (ServableConfigError, RankTableError) as error:
         raise click.ClickException(str(error)) from None
     try:
@@ -125,6 +128,10 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
         raise click.ClickException(str(error)) from None
     run_until_signalled(launcher)
 
+
+from zmserve.bench import bench  # noqa: E402
+
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

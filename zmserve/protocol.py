@@ -86,6 +86,8 @@ ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
 MAX_INFLIGHT_MODEL_CALLS = 64
 """Model calls a worker keeps in flight per servable; the stage PUB sockets have no HWM, so this bound is what
 keeps their queues finite and guarantees a publish is never dropped."""
+EXECUTION_TIMEOUT_S = 30.0
+"""A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
 MAX_QUEUED_REQUESTS = 1024
 """Requests a worker holds (running or waiting) before it answers RESOURCE_EXHAUSTED."""
 LINGER_MS = 0

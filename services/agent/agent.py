@@ -14,6 +14,7 @@ MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -80,6 +81,13 @@ class AgentIO(threading.Thread):
 
     # the IO thread -----------------------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self.serve_sockets()
+        except Exception:
+            log.exception("agent_io_crashed")
+            os._exit(EXIT_CRASHED)
+
+    def serve_sockets(self) -> None:
         self.control = new_socket(self.context, zmq.DEALER)
         self.control.connect(self.worker_address)
         self.inputs: zmq.Socket | None = None
@@ -144,6 +152,8 @@ class AgentIO(threading.Thread):
             self.downstream.send_multipart([MODEL_CALL_TOPIC, *rest], copy=False)
         elif kind in (b"result", b"error") and self.outputs is not None:
             self.outputs.send_multipart(rest, copy=False)
+        elif kind == b"exit":
+            self.exit(int(rest[0].bytes))
 
     def read_control(self, frames: list[bytes]) -> dict[str, Any] | None:
         self.worker_liveness.heard()
@@ -154,16 +164,32 @@ class AgentIO(threading.Thread):
             log.warning("control_message_malformed", message=error.message)
             return None
         kind = header["type"]
-        if kind in (MessageType.AGENT_CONFIGURE, MessageType.AGENT_SHUTDOWN, MessageType.AGENT_REJECTED):
+        if kind == MessageType.AGENT_CONFIGURE:
             self.inbox.put((kind, header))
+        elif kind == MessageType.AGENT_REJECTED:
+            log.error("agent_rejected", why=header.get("message"))
+            self.exit(EXIT_REJECTED)
+        elif kind == MessageType.AGENT_SHUTDOWN:
+            log.info("agent_shutdown", reason=header.get("reason"))
+            self.exit(EXIT_RESTART)
         return header
+
+    def exit(self, code: int) -> None:
+        """Leave from the IO thread: the main thread may be stuck in a collective whose peer is gone, and
+        MindSpore's exit hooks can wait on that group, so the process ends here without them."""
+        for sock in (self.control, self.inputs, self.outputs, self.downstream):
+            if sock is not None:
+                sock.close(linger=0)
+        sys.stderr.flush()
+        os._exit(code)
 
     def do_chores(self) -> None:
         if self.heartbeat.due():
-            self.control.send(pack_header(MessageType.HEARTBEAT, rank=self.rank))
+            with contextlib.suppress(zmq.Again):
+                self.control.send(pack_header(MessageType.HEARTBEAT, rank=self.rank), flags=zmq.NOBLOCK)
         if self.worker_heard and self.worker_liveness.expired():
-            self.inbox.put(("worker_lost", {"reason": f"no heartbeat for {self.worker_liveness.timeout:.1f} s"}))
-            self.worker_heard = False
+            log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
+            self.exit(EXIT_RESTART)
 
 
 class ShardRunner:
@@ -231,22 +257,14 @@ def serve(args: argparse.Namespace) -> int:
             except Exception as exc:
                 log.exception("agent_load_failed")
                 io.send(b"control", pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"))
-                return _leave(io, context, EXIT_RESTART)
+                io.send(b"exit", str(EXIT_RESTART).encode())
+                continue
             seconds = round(time.monotonic() - started, 2)
             log.info("agent_loaded", seconds=seconds, forward=forward)
             io.send(b"ready", pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature,
                                           load_seconds=seconds))
         elif kind == "call":
             run_call(runner, io, payload, args.rank, forward)
-        elif kind == MessageType.AGENT_REJECTED:
-            log.error("agent_rejected", why=payload.get("message"))
-            return _leave(io, context, EXIT_REJECTED)
-        elif kind == MessageType.AGENT_SHUTDOWN:
-            log.info("agent_shutdown", reason=payload.get("reason"))
-            return _leave(io, context, EXIT_RESTART)
-        elif kind == "worker_lost":
-            log.warning("worker_lost", reason=payload.get("reason"))
-            return _leave(io, context, EXIT_RESTART)
 
 
 def run_call(runner: ShardRunner, io: AgentIO, frames: list[zmq.Frame], rank: int, forward: str) -> None:
@@ -268,17 +286,6 @@ def run_call(runner: ShardRunner, io: AgentIO, frames: list[zmq.Frame], rank: in
     kind = MessageType.MODEL_CALL if forward == "publish" else MessageType.MODEL_RESULT
     io.send(b"result", pack_header(kind, call=call_id, rank=rank, request_id=header.get("request_id"),
                                    values=descriptors), *out_frames)
-
-
-def _leave(io: AgentIO, context: zmq.Context, code: int) -> int:
-    """Close sockets and leave without MindSpore's exit hooks, which can wait on a group that is gone."""
-    io.stopping.set()
-    io.join(timeout=2)
-    io.to_io.close()
-    context.term()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

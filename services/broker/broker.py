@@ -142,11 +142,20 @@ class Broker:
             worker = self.choose_worker(servable, method, version)
             timeout_ms = header.get("timeout_ms")
             deadline = time.monotonic() + timeout_ms / 1000 if isinstance(timeout_ms, int | float) else None
+            try:
+                self.worker_socket.send_multipart(
+                    [worker.identity, BrokerCommand.REQUEST, client, *frames[1:]], flags=zmq.NOBLOCK, copy=False
+                )
+            except zmq.Again:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"the worker serving {servable!r} is not taking requests fast enough") from None
+            except zmq.ZMQError as error:
+                if error.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.remove_worker(worker, "worker connection closed")
+                raise ServingError(ErrorCode.UNAVAILABLE, f"the worker serving {servable!r} is gone") from None
             self.requests.add(key, PendingRequest(worker.identity, deadline, servable))
             worker.inflight.add(key)
-            self.worker_socket.send_multipart(
-                [worker.identity, BrokerCommand.REQUEST, client, *frames[1:]], copy=False
-            )
         except ServingError as error:
             log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
@@ -273,7 +282,9 @@ class Broker:
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         try:
-            self.clients.send_multipart([client, *frames], copy=False)
+            self.clients.send_multipart([client, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("client_not_reading", client=client.hex())
         except zmq.ZMQError as error:
             if error.errno != zmq.EHOSTUNREACH:
                 raise
@@ -281,7 +292,9 @@ class Broker:
 
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
         try:
-            self.worker_socket.send_multipart([identity, *frames], copy=False)
+            self.worker_socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("worker_not_reading", worker=identity.hex())
         except zmq.ZMQError as error:
             if error.errno != zmq.EHOSTUNREACH:
                 raise

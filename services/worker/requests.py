@@ -133,6 +133,8 @@ class RequestTable:
         self.queued_calls: deque[ModelCall] = deque()
         self.in_pipeline: set[int] = set()
         self.max_inflight_calls = max_inflight_calls
+        self.last_progress = time.monotonic()
+        """When the pipeline last moved: a call entered an empty pipeline or a result came back."""
         self._call_ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -150,6 +152,8 @@ class RequestTable:
         """The oldest queued call, if the pipeline has room for it."""
         if self.queued_calls and len(self.in_pipeline) < self.max_inflight_calls:
             call = self.queued_calls.popleft()
+            if not self.in_pipeline:
+                self.last_progress = time.monotonic()
             self.in_pipeline.add(call.call_id)
             return call
         return None
@@ -157,6 +161,7 @@ class RequestTable:
     def take_result(self, call_id: int) -> tuple[ModelCall, MethodRun] | None:
         """The call a result answers and its run; None when the run was already answered."""
         self.in_pipeline.discard(call_id)
+        self.last_progress = time.monotonic()
         call = self.calls.pop(call_id, None)
         if call is None:
             return None

@@ -42,6 +42,7 @@ from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_BROKER_WORKER_ADDRESS,
     DEFAULT_DISTRIBUTED_ADDRESS,
+    EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MAX_INFLIGHT_MODEL_CALLS,
@@ -89,6 +90,7 @@ class Worker:
         heartbeat_liveness: int = HEARTBEAT_LIVENESS,
         max_inflight_calls: int = MAX_INFLIGHT_MODEL_CALLS,
         max_queued_requests: int = MAX_QUEUED_REQUESTS,
+        execution_timeout: float = EXECUTION_TIMEOUT_S,
         context: zmq.Context | None = None,
     ) -> None:
         self.spec: ServableSpec = load_servable(servable_directory, servable_name)
@@ -99,6 +101,7 @@ class Worker:
         self.wait_agents_seconds = wait_agents_time_in_seconds
         self.heartbeat_interval, self.heartbeat_liveness = heartbeat_interval, heartbeat_liveness
         self.max_queued_requests = max_queued_requests
+        self.execution_timeout = execution_timeout
         structlog.contextvars.bind_contextvars(servable=servable_name)
 
         self.context = context or zmq.Context.instance()
@@ -173,9 +176,10 @@ class Worker:
     def register_agent(self, identity: bytes, header: dict[str, Any]) -> None:
         rank = header.get("rank")
         previous = self.registry.by_rank.get(rank) if isinstance(rank, int) else None
-        if previous is not None and self.state != WorkerState.SERVING and previous.identity != identity:
-            # Before serving, heartbeats are unreliable (MindSpore holds the GIL while it imports and joins),
-            # so a rank registering again means its launcher restarted it: the old process is gone.
+        if previous is not None and previous.identity != identity and (
+                self.state != WorkerState.SERVING or previous.host == header.get("host")):
+            # A rank registering again from its own host means its launcher restarted it: the old process is
+            # gone (before serving, heartbeats cannot tell: MindSpore holds the GIL while it imports and joins).
             self.lose_agent(previous, "its rank registered again from a new process")
         problem = self.registry.check_new(rank)
         if problem is None and self.state != WorkerState.WAITING_FOR_AGENTS:
@@ -278,12 +282,15 @@ class Worker:
                     )
 
     def lose_agent(self, agent: AgentRecord, why: str) -> None:
-        """A group with a lost member is broken for good: answer everything, restart every agent."""
         log.error("agent_lost", agent_rank=agent.rank, why=why, state=self.state)
         self.registry.remove(agent.rank)
-        self.fail_all_runs(ErrorCode.UNAVAILABLE, f"agent rank {agent.rank} was lost ({why}); the servable is "
-                                                  "restarting its agents")
-        shutdown = pack_header(MessageType.AGENT_SHUTDOWN, reason=f"rank {agent.rank} lost")
+        self.restart_agents(f"agent rank {agent.rank} was lost ({why})")
+
+    def restart_agents(self, why: str) -> None:
+        """A group with a lost or stuck member is broken for good (a MindSpore process cannot re-join one):
+        answer every request, tell every agent to exit so its launcher starts a fresh one, and wait again."""
+        self.fail_all_runs(ErrorCode.UNAVAILABLE, f"{why}; the servable is restarting its agents")
+        shutdown = pack_header(MessageType.AGENT_SHUTDOWN, reason=why)
         for other in list(self.registry.by_rank.values()):
             self.send_to_agent(other.identity, shutdown)
             self.registry.remove(other.rank)
@@ -359,7 +366,7 @@ class Worker:
         self.requests.remove_run(run)
         descriptors, frames = encode_instances(run.results())
         header = pack_header(MessageType.REPLY, id=run.request_id, instances=descriptors)
-        self.broker.send_multipart([BrokerCommand.REPLY, run.client, header, *frames], copy=False)
+        self.send_to_broker([BrokerCommand.REPLY, run.client, header, *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
         """Check inputs against the model's signature, then queue one call per instance (or per batch)."""
@@ -430,6 +437,10 @@ class Worker:
             for agent in [a for a in self.registry.by_rank.values() if a.liveness.expired(now)]:
                 self.lose_agent(agent, f"no heartbeat for {agent.liveness.timeout:.1f} s")
                 break
+            if self.requests.in_pipeline and now - self.requests.last_progress > self.execution_timeout:
+                log.error("model_stuck", seconds=self.execution_timeout, in_pipeline=len(self.requests.in_pipeline))
+                self.restart_agents(f"the model made no progress for {self.execution_timeout:.1f} s "
+                                    "(execution timeout)")
         elif self.state == WorkerState.FORMING_GROUPS and now - self.forming_since > FORMING_TIMEOUT_S:
             not_ready = [a for a in self.registry.by_rank.values() if a.state != AgentState.READY]
             self.lose_agent(not_ready[0], f"not ready {FORMING_TIMEOUT_S:.0f} s after configuration")
@@ -467,7 +478,7 @@ class Worker:
         status = pack_header(MessageType.WORKER_STATUS, servable=self.spec.name, version=self.version,
                              methods=sorted(self.spec.methods), ready=self.state == WorkerState.SERVING,
                              reason=self.status_reason())
-        self.broker.send_multipart([BrokerCommand.CONTROL, status])
+        self.send_to_broker([BrokerCommand.CONTROL, status])
 
     def fail_run(self, run: MethodRun, code: ErrorCode, message: str) -> None:
         self.requests.remove_run(run)
@@ -481,7 +492,15 @@ class Worker:
 
     def reply_error(self, client: bytes, request_id: Any, code: ErrorCode, message: str) -> None:
         header = pack_header(MessageType.ERROR, id=request_id, code=str(code), message=message)
-        self.broker.send_multipart([BrokerCommand.REPLY, client, header])
+        self.send_to_broker([BrokerCommand.REPLY, client, header])
+
+    def send_to_broker(self, frames: list[Any]) -> None:
+        """Never block on the broker: if it is gone, the reply is lost and the client's deadline answers."""
+        try:
+            self.broker.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("broker_unreachable", dropped=MessageType.REPLY if frames[0] == BrokerCommand.REPLY
+                        else "status")
 
     def send_to_agent(self, identity: bytes, header: bytes) -> None:
         try:
@@ -492,7 +511,7 @@ class Worker:
 
     def shutdown(self) -> None:
         self.fail_all_runs(ErrorCode.UNAVAILABLE, "the worker is shutting down")
-        self.broker.send_multipart([BrokerCommand.CONTROL, pack_header(MessageType.WORKER_DISCONNECT)])
+        self.send_to_broker([BrokerCommand.CONTROL, pack_header(MessageType.WORKER_DISCONNECT)])
         shutdown = pack_header(MessageType.AGENT_SHUTDOWN, reason="worker stopping")
         for agent in self.registry.by_rank.values():
             self.send_to_agent(agent.identity, shutdown)

@@ -1,0 +1,64 @@
+"""kill -9 of an agent: the worker notices within 3 s, answers instead of hanging, and serves again on its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster import (
+    MATMUL_CONFIG,
+    Cluster,
+    child_pids,
+    export_matmul,
+    log_events,
+    matmul_reference,
+    wait_for,
+    write_servable,
+)
+
+from zmserve.client import ClientError
+
+ONES = {"x": np.ones((128, 96), np.float32)}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    model_files = export_matmul(tmp_path, 2)
+    servable_dir = write_servable(tmp_path / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
+    cluster = Cluster(tmp_path, servable_dir, "matmul", model_files)
+    try:
+        cluster.wait_ready(ONES)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def serves(cluster: Cluster) -> bool:
+    with cluster.client() as client:
+        try:
+            x = np.random.default_rng(1).standard_normal((128, 96)).astype(np.float32)
+            y = client.infer({"x": x}, timeout=5)[0]["y"]
+        except ClientError as error:
+            assert error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), error
+            return False
+    np.testing.assert_allclose(y, matmul_reference(x), atol=1e-5)
+    return True
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim: int) -> None:
+    launcher = cluster.processes["agents"].pid
+    agents = sorted(child_pids(launcher))
+    assert len(agents) == 2
+    killed_at = time.time()
+    os.kill(agents[victim], signal.SIGKILL)
+    lost = wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=5, what="agent_lost")
+    noticed = datetime.fromisoformat(lost[0]["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert noticed - killed_at < 3.0, f"noticed after {noticed - killed_at:.1f} s"
+    wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again")
+    assert sorted(child_pids(launcher)) != agents
