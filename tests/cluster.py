@@ -78,7 +78,7 @@ def write_servable(servable_dir: Path, name: str, config: str) -> Path:
 class Cluster:
     """A broker, a worker and one agent launcher, each a real `zmserve` process."""
 
-    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path],
+    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None) -> None:
         self.workdir = workdir
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
@@ -91,9 +91,14 @@ class Cluster:
         self.start("worker", ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
                               "--distributed-address", self.distributed_address,
                               "--broker", self.worker_address, *(extra_worker_args or [])])
-        self.start("agents", ["agent", "--worker", self.distributed_address,
-                              "--model-files", ",".join(str(p) for p in model_files),
-                              "--agent-start-port", str(free_port_range(len(model_files)))])
+        if model_files is not None:
+            self.start_agents("agents", model_files)
+
+    def start_agents(self, name: str, model_files: list[Path], *extra: str) -> None:
+        """One `zmserve agent` launcher for these model files (several launchers = several machines)."""
+        self.start(name, ["agent", "--worker", self.distributed_address,
+                          "--model-files", ",".join(str(p) for p in model_files),
+                          "--agent-start-port", str(free_port_range(len(model_files))), *extra])
 
     def start(self, name: str, args: list[str]) -> None:
         log_path = self.workdir / f"{name}.log"
@@ -137,10 +142,9 @@ class Cluster:
     def stop(self) -> dict[str, int]:
         """SIGTERM everything (agents first), reap it, return the exit codes."""
         codes = {}
-        for name in ("agents", "worker", "broker"):
-            process = self.processes.get(name)
-            if process is not None:
-                codes[name] = reap(process, timeout=20)
+        launchers = [name for name in self.processes if name not in ("worker", "broker")]
+        for name in [*launchers, "worker", "broker"]:
+            codes[name] = reap(self.processes[name], timeout=20)
         return codes
 
 

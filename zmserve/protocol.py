@@ -31,6 +31,9 @@ class MessageType(StrEnum):
     AGENT_FAILED = "agent_failed"
     AGENT_REJECTED = "agent_rejected"
     AGENT_SHUTDOWN = "agent_shutdown"
+    # agent launcher <-> worker: which ranks does this machine hold?
+    RANK_TABLE_QUERY = "rank_table_query"
+    RANK_TABLE = "rank_table"
     # worker -> stage 0 -> ... -> last stage -> worker (data plane)
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"

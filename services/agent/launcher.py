@@ -15,10 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+
 from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED
+from zmserve.codec import pack_header, unpack_header
 from zmserve.logs import get_logger
-from zmserve.protocol import DEFAULT_AGENT_START_PORT, DEFAULT_DISTRIBUTED_ADDRESS, normalize_address
+from zmserve.protocol import DEFAULT_AGENT_START_PORT, DEFAULT_DISTRIBUTED_ADDRESS, MessageType, normalize_address
+from zmserve.ranktable import RankTable
 from zmserve.supervision import die_with_parent, reap
+from zmserve.transport import HeartbeatClock, new_socket
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -51,6 +56,7 @@ class AgentLauncher:
         agent_ip: str | None = None,
         rank_start: int | None = None,
         heartbeat_interval: float | None = None,
+        pin_cpus: bool = False,
     ) -> None:
         if not model_files:
             raise LauncherError("no model files given: one agent runs per model file")
@@ -60,18 +66,14 @@ class AgentLauncher:
             if not Path(path).is_file():
                 raise LauncherError(f"model file {path} does not exist")
         self.worker_address = normalize_address(distributed_address)
-        self.agent_ip = agent_ip or "127.0.0.1"
+        self.model_files = list(model_files)
+        self.group_config_files = list(group_config_files) if group_config_files else None
+        self.agent_start_port = agent_start_port
+        self.agent_ip = agent_ip
+        self.rank_start = rank_start
         self.heartbeat_interval = heartbeat_interval
-        first_rank = rank_start or 0
-        self.agents = [
-            AgentProcess(
-                rank=first_rank + i,
-                model_file=Path(model_files[i]),
-                group_config_file=Path(group_config_files[i]) if group_config_files else None,
-                publish_address=f"tcp://{self.agent_ip}:{agent_start_port + i}",
-            )
-            for i in range(len(model_files))
-        ]
+        self.pin_cpus = pin_cpus
+        self.agents: list[AgentProcess] = []
         # stop() runs in signal handlers, so it must take no lock the interrupted loop may hold (Event.set
         # would): it sets a flag and writes to a self-pipe the loop selects on.
         self.stop_requested = False
@@ -81,20 +83,89 @@ class AgentLauncher:
     def command(self, agent: AgentProcess) -> list[str]:
         command = [sys.executable, "-m", "services.agent.agent", "--worker", self.worker_address,
                    "--rank", str(agent.rank), "--model-file", str(agent.model_file),
-                   "--host", self.agent_ip, "--publish-address", agent.publish_address]
+                   "--host", self.agent_ip or "127.0.0.1", "--publish-address", agent.publish_address]
         if agent.group_config_file is not None:
             command += ["--group-config-file", str(agent.group_config_file)]
         if self.heartbeat_interval is not None:
             command += ["--heartbeat-interval", str(self.heartbeat_interval)]
         return command
 
+    def assign_ranks(self) -> bool:
+        """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's
+        rank table. Returns False if stopped while waiting for the worker."""
+        table, rank_size = None, None
+        if self.rank_start is None:
+            answer = self.ask_worker_for_rank_table()
+            if answer is None:
+                return False
+            table, rank_size = answer
+        if table is not None:
+            document = RankTable.parse(table, rank_size, "the worker's rank table")
+            servers = sorted({e.server_id for e in document.entries.values()})
+            server = self.agent_ip or (servers[0] if len(servers) == 1 else None)
+            if server is None:
+                raise LauncherError(f"the rank table lists servers {servers}: give --agent-ip to pick this one")
+            ranks = document.ranks_of_server(server)
+            if len(ranks) != len(self.model_files):
+                raise LauncherError(f"the rank table gives server {server} ranks {ranks}, but "
+                                    f"{len(self.model_files)} model files were given")
+        else:
+            ranks = [(self.rank_start or 0) + i for i in range(len(self.model_files))]
+        host = self.agent_ip or "127.0.0.1"
+        self.agents = [
+            AgentProcess(
+                rank=rank,
+                model_file=Path(self.model_files[i]),
+                group_config_file=Path(self.group_config_files[i]) if self.group_config_files else None,
+                publish_address=f"tcp://{host}:{self.agent_start_port + i}",
+            )
+            for i, rank in enumerate(ranks)
+        ]
+        return True
+
+    def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
+        """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
+        context = zmq.Context.instance()
+        sock = new_socket(context, zmq.DEALER)
+        sock.connect(self.worker_address)
+        waiting = HeartbeatClock(5.0)
+        try:
+            while not self.stop_requested:
+                if waiting.due():
+                    log.info("asking_worker_for_rank_table", worker=self.worker_address)
+                    sock.send(pack_header(MessageType.RANK_TABLE_QUERY))
+                if sock.poll(100):
+                    header = unpack_header(sock.recv())
+                    if header["type"] == MessageType.RANK_TABLE:
+                        return header.get("table"), int(header["rank_size"])
+            return None
+        finally:
+            sock.close()
+
     def start(self, agent: AgentProcess) -> None:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
-        agent.process = subprocess.Popen(self.command(agent), env=env, preexec_fn=die_with_parent)
-        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts)
+        cpu = self.cpu_for(agent)
+        agent.process = subprocess.Popen(self.command(agent), env=env,
+                                         preexec_fn=lambda: self.prepare_child(cpu))
+        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu)
+
+    def cpu_for(self, agent: AgentProcess) -> int | None:
+        """With pinning, agent i of this machine runs on core i mod (cores this launcher may use)."""
+        if not self.pin_cpus:
+            return None
+        cores = sorted(os.sched_getaffinity(0))
+        return cores[self.agents.index(agent) % len(cores)]
+
+    @staticmethod
+    def prepare_child(cpu: int | None) -> None:
+        die_with_parent()
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
 
     def run(self) -> int:
         """Start every agent and supervise until stopped; returns the exit code for the CLI."""
+        if not self.assign_ranks():
+            return 0
         log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents])
         for agent in self.agents:
             self.start(agent)

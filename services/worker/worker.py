@@ -165,6 +165,10 @@ class Worker:
         kind = header["type"]
         if kind == MessageType.AGENT_REGISTER:
             self.register_agent(identity, header)
+        elif kind == MessageType.RANK_TABLE_QUERY:
+            table = self.rank_table.to_document() if self.rank_table is not None else None
+            self.send_to_agent(identity, pack_header(MessageType.RANK_TABLE, table=table,
+                                                     rank_size=self.model.rank_size))
         elif agent is None:
             if kind != MessageType.HEARTBEAT:
                 log.info("unknown_agent_message", type=kind)
