@@ -115,18 +115,24 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--agent-ip", default=None, help="this machine's address as the other agents see it")
 @click.option("--rank-start", default=None, type=click.IntRange(min=0), help="rank of the first model file")
 @click.option("--heartbeat-interval", default=None, type=float)
+@click.option("--pin-cpus/--no-pin-cpus", default=False, show_default=True,
+              help="pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores)")
 def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
-          heartbeat_interval: float | None) -> None:
-    """Start and supervise one agent process per model file on this machine."""
+          heartbeat_interval: float | None, pin_cpus: bool) -> None:
+    """Start and supervise one agent process per model file on this machine.
+
+    Ranks: --rank-start + position; without --rank-start, this machine's ranks in the worker's rank table
+    (server --agent-ip), or 0.. when the worker has none.
+    """
     from services.agent.launcher import AgentLauncher, LauncherError
 
     try:
         launcher = AgentLauncher(worker_address, _split(model_files), _split(group_config_files) or None,
-                                 agent_start_port, agent_ip, rank_start, heartbeat_interval)
+                                 agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus)
+        run_until_signalled(launcher)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
-    run_until_signalled(launcher)
 
 
 from zmserve.bench import bench  # noqa: E402

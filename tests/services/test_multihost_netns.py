@@ -1,0 +1,122 @@
+"""Agents on other hosts, for real: three network namespaces joined by veth to a bridge.
+
+  ns "server"  10.231.0.1  broker (on its own 127.0.0.1) + worker (distributed address 10.231.0.1)
+  ns "host_a"  10.231.0.2  agents of ranks 0-1 (stage 0)
+  ns "host_b"  10.231.0.3  agents of ranks 2-3 (stage 1)
+Stage 0's output crosses from host_a to host_b; the client runs inside the server namespace.
+Skipped (with the reason) where the machine does not allow `ip netns`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster import MATMUL_CONFIG, MLP_EXAMPLE, export_mlp, write_servable
+
+from zmserve.supervision import reap
+
+SUBNET = "10.231.0"
+
+
+def ip(*args: str, namespace: str | None = None) -> None:
+    prefix = ["ip", "netns", "exec", namespace] if namespace else []
+    subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[dict[str, str]]:
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's `ip` is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    tag = uuid.uuid4().hex[:6]
+    names = {role: f"zms-{role[:6]}-{tag}" for role in ("server", "host_a", "host_b")}
+    created: list[str] = []
+    try:
+        for name in names.values():
+            try:
+                ip("netns", "add", name)
+            except subprocess.CalledProcessError as error:
+                pytest.skip(f"`ip netns add` is not allowed here: {error.stderr.strip()}")
+            created.append(name)
+            ip("link", "set", "lo", "up", namespace=name)
+        server = names["server"]
+        ip("link", "add", "br0", "type", "bridge", namespace=server)
+        ip("addr", "add", f"{SUBNET}.1/24", "dev", "br0", namespace=server)
+        ip("link", "set", "br0", "up", namespace=server)
+        for index, role in enumerate(("host_a", "host_b"), start=2):
+            outer, inner = f"zv{tag}{index}s", f"zv{tag}{index}h"
+            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            ip("link", "set", outer, "netns", server)
+            ip("link", "set", inner, "netns", names[role])
+            ip("link", "set", outer, "master", "br0", namespace=server)
+            ip("link", "set", outer, "up", namespace=server)
+            ip("addr", "add", f"{SUBNET}.{index}/24", "dev", inner, namespace=names[role])
+            ip("link", "set", inner, "up", namespace=names[role])
+        yield names
+    finally:
+        for name in created:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+CLIENT = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from zmserve.client import Client, ClientError
+    sys.path.insert(0, sys.argv[2])
+    import export_model as mlp
+    x = np.random.default_rng(3).standard_normal((mlp.DEFAULT_BATCH, mlp.DEFAULT_HIDDEN)).astype(np.float32)
+    deadline = time.monotonic() + 240
+    with Client(sys.argv[1], "mlp", "predict") as client:
+        while True:
+            try:
+                y = client.infer({"x": x}, timeout=30)[0]["y"]
+                break
+            except ClientError as error:
+                if error.code not in ("UNAVAILABLE", "NOT_FOUND") or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    weights = mlp.make_weights(mlp.DEFAULT_LAYERS, mlp.DEFAULT_HIDDEN, mlp.DEFAULT_FFN)
+    print(json.dumps({"max_abs_diff": float(np.abs(y - mlp.reference_forward(x, weights)).max())}))
+""")
+
+
+def test_agents_on_two_other_hosts_serve_a_two_stage_model(tmp_path: Path, namespaces: dict[str, str]) -> None:
+    model_files = export_mlp(tmp_path, 4, 2)
+    servable_dir = write_servable(tmp_path / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
+    distributed = f"{SUBNET}.1:6200"
+    commands = {
+        "broker": ("server", ["broker", "--bind", "tcp://127.0.0.1:5500", "--worker-bind", "tcp://127.0.0.1:5501"]),
+        "worker": ("server", ["worker", "--servable-dir", str(servable_dir), "--servable", "mlp",
+                              "--distributed-address", distributed, "--broker", "tcp://127.0.0.1:5501"]),
+        "host_a": ("host_a", ["agent", "--worker", distributed, "--agent-ip", f"{SUBNET}.2", "--rank-start", "0",
+                              "--model-files", f"{model_files[0]},{model_files[1]}"]),
+        "host_b": ("host_b", ["agent", "--worker", distributed, "--agent-ip", f"{SUBNET}.3", "--rank-start", "2",
+                              "--model-files", f"{model_files[2]},{model_files[3]}"]),
+    }
+    processes: dict[str, subprocess.Popen] = {}
+    env = {**os.environ, "GLOG_v": "3"}
+    try:
+        for name in ("host_b", "host_a", "broker", "worker"):  # agents first: start order is free
+            namespace, args = commands[name]
+            processes[name] = subprocess.Popen(
+                ["ip", "netns", "exec", namespaces[namespace], sys.executable, "-m", "zmserve.cli", *args],
+                stdout=subprocess.DEVNULL, stderr=(tmp_path / f"{name}.log").open("w"), env=env)
+        result = subprocess.run(
+            ["ip", "netns", "exec", namespaces["server"], sys.executable, "-c", CLIENT, "tcp://127.0.0.1:5500",
+             str(MLP_EXAMPLE)], capture_output=True, text=True, timeout=300, env=env)
+        logs = "\n".join(f"--- {n}\n" + (tmp_path / f"{n}.log").read_text()[-3000:] for n in commands)
+        assert result.returncode == 0, result.stderr[-3000:] + logs
+        assert json.loads(result.stdout.strip().splitlines()[-1])["max_abs_diff"] <= 1e-5
+    finally:
+        codes = {name: reap(process, timeout=20) for name, process in processes.items()}
+    assert set(codes.values()) == {0}, codes
