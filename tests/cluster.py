@@ -182,15 +182,17 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll `condition` until it returns something truthy or `timeout` passes (then AssertionError)."""
+def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition", details=None):
+    """Poll `condition` until it returns something truthy or `timeout` passes (then AssertionError, with
+    `details()` appended when given)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f"\n{details()}" if details else ""))
         time.sleep(interval)
 
 

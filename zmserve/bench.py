@@ -8,6 +8,8 @@ measured against). Load is either a closed loop (`-c N` callers, each waiting fo
 (`--rate R`, Poisson arrivals sent on schedule whatever is still outstanding, so a slow server cannot slow the
 offered load down, which a closed loop hides).
 
+Latency runs from just before `Client.infer_async` to the moment the client resolves the request (stamped in
+the client's IO thread, so closed and open loop measure the same span and a busy caller thread adds nothing).
 `bytes_out`/`bytes_in` count tensor payload (the value frames), not headers. Latency percentiles are numpy's
 default "linear" method (Hyndman-Fan type 7) over the requests that succeeded.
 """
@@ -30,7 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -454,17 +455,22 @@ class ServiceLoad:
         while (number := tickets.take()) is not None:
             self.writer.sent = tickets.issued
             client, spec = self.spec(number)
+            answered = threading.Event()
+            finished = [0.0]
+
+            def stamp(_: Future, finished: list[float] = finished, answered: threading.Event = answered) -> None:
+                finished[0] = time.perf_counter()
+                answered.set()
+
             send_time, started = time.time(), time.perf_counter()
             future = client.infer_async(spec.instances, self.timeout)
-            try:
-                outputs = future.result(self.timeout + RESOLVE_GRACE_S)
-                status, bytes_in = OK, payload_bytes(outputs)
-            except FutureTimeout:
-                status, bytes_in = str(ErrorCode.DEADLINE_EXCEEDED), 0
-            except Exception as exc:
-                status, bytes_in = _status_of(exc), 0
-            self.writer.put(make_record(number, send_time, time.perf_counter() - started, status, spec.bytes_out,
-                                        bytes_in))
+            future.add_done_callback(stamp)
+            if answered.wait(self.timeout + RESOLVE_GRACE_S):
+                exc = future.exception()
+                status, bytes_in = (OK, payload_bytes(future.result())) if exc is None else (_status_of(exc), 0)
+            else:
+                status, bytes_in, finished[0] = str(ErrorCode.DEADLINE_EXCEEDED), 0, time.perf_counter()
+            self.writer.put(make_record(number, send_time, finished[0] - started, status, spec.bytes_out, bytes_in))
 
     def open_loop(self, tickets: Tickets, rate: float, seed: int | None) -> None:
         """Poisson arrivals at `rate`: each request goes out at its scheduled time, answered or not; the schedule
@@ -863,6 +869,8 @@ def run(address: str, servable: str | None, method: str, version_number: int, in
             else:
                 run_direct_group(files, requests, request_count or DEFAULT_REQUESTS, warmup, timeout,
                                  startup_timeout, writer)
+        except KeyboardInterrupt:
+            pass
         finally:
             records = writer.finish()
     else:
@@ -917,15 +925,16 @@ def plot(records: Sequence[Mapping[str, Any]], path: str) -> None:
     sends -= start
     ends = sends + np.array([r["latency_ms"] for r in records], dtype=np.float64) / 1000.0
     latencies = [r["latency_ms"] for r in records if r["status"] == OK]
-    width = max(0.05, float(ends.max()) / 40)
+    width = max(0.1, float(ends.max()) / 20)
     edges = np.arange(0.0, float(ends.max()) + width, width)
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     if latencies:
         left.hist(latencies, bins=min(60, max(10, int(math.sqrt(len(latencies))))), color="tab:blue")
-        for key, value in percentiles(latencies).items():
-            if key in ("p50", "p99"):
-                left.axvline(value, color="tab:red", linestyle="--", linewidth=1)
-                left.annotate(key, (value, 0), xytext=(2, 2), textcoords="offset points", color="tab:red")
+        marks = percentiles(latencies)
+        for key in ("p50", "p99"):
+            left.axvline(marks[key], color="tab:red", linestyle="--", linewidth=1)
+            left.annotate(key, (marks[key], 1), xycoords=("data", "axes fraction"), xytext=(2, -12),
+                          textcoords="offset points", color="tab:red")
     left.set(title=f"latency of {len(latencies)} OK requests", xlabel="ms", ylabel="requests")
     sent, _ = np.histogram(sends, edges)
     answered, _ = np.histogram(ends, edges)

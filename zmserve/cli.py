@@ -17,6 +17,8 @@ from zmserve.protocol import (
     DEFAULT_DISTRIBUTED_ADDRESS,
     EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
+    MAX_BATCH_DELAY_S,
+    MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
 )
@@ -47,6 +49,7 @@ def run_until_signalled(service: Any) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 def main(log_level: str) -> None:
     """zmserve: distributed MindSpore inference over ZeroMQ."""
+    os.environ["ZMSERVE_LOG_LEVEL"] = log_level  # agents and other children log at the same level
     configure_logging(log_level)
 
 
@@ -80,9 +83,14 @@ def broker(bind: str, worker_bind: str, heartbeat_interval: float) -> None:
               help="requests held before RESOURCE_EXHAUSTED")
 @click.option("--execution-timeout", default=EXECUTION_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.1),
               help="seconds without a model result (calls in flight) before the agents are restarted")
+@click.option("--max-batch-size", default=MAX_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+              help="instances per model call (servables with_batch_dim=True)")
+@click.option("--max-batch-delay-ms", default=MAX_BATCH_DELAY_S * 1000, show_default=True,
+              type=click.FloatRange(min=0), help="how long a batch's first instance waits for more")
 def worker(servable_dir: str, servable: str, version_number: int, rank_table: str | None,
            distributed_address: str, wait_agents: float, broker_address: str, heartbeat_interval: float,
-           max_inflight: int, max_queued: int, execution_timeout: float) -> None:
+           max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
+           max_batch_delay_ms: float) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker."""
     from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
@@ -91,7 +99,8 @@ def worker(servable_dir: str, servable: str, version_number: int, rank_table: st
     try:
         service = Worker(servable_dir, servable, version_number, rank_table, distributed_address, wait_agents,
                          broker_address, heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight,
-                         max_queued_requests=max_queued, execution_timeout=execution_timeout)
+                         max_queued_requests=max_queued, execution_timeout=execution_timeout,
+                         max_batch_size=max_batch_size, max_batch_delay=max_batch_delay_ms / 1000)
     except (ServableConfigError, RankTableError) as error:
         raise click.ClickException(str(error)) from None
     try:

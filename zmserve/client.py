@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 
 import zmq
@@ -39,7 +40,7 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Future, float]] = {}
-        pipe = f"inproc://zmserve-client-{id(self)}"
+        pipe = f"inproc://zmserve-client-{uuid.uuid4().hex}"
         self._inbound = new_socket(self._context, zmq.PAIR)
         self._inbound.bind(pipe)
         self._outbound = new_socket(self._context, zmq.PAIR)

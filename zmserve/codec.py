@@ -52,6 +52,17 @@ def unpack_header(frame: Frame) -> dict[str, Any]:
     return header
 
 
+def peek_request_id(frame: Frame) -> Any:
+    """The `id` of a header that failed its checks (wrong version, unknown type), so the error reply can still
+    be matched by the client; None when there is none to find."""
+    try:
+        header = msgpack.unpackb(_buffer(frame), raw=False)
+    except Exception:
+        return None
+    request_id = header.get("id") if isinstance(header, dict) else None
+    return request_id if isinstance(request_id, int | str) else None
+
+
 def encode_values(values: Instance) -> tuple[list[dict[str, Any]], list[Any]]:
     """Describe each value in the header and give its bytes as a frame (an array itself when possible)."""
     descriptors: list[dict[str, Any]] = []
@@ -82,7 +93,7 @@ def encode_values(values: Instance) -> tuple[list[dict[str, Any]], list[Any]]:
 
 
 def decode_values(descriptors: Any, frames: Sequence[Frame]) -> Instance:
-    """Rebuild values from their descriptors and frames; arrays share memory with the frames (read-only)."""
+    """Rebuild values from their descriptors and frames; arrays share memory with the frames (no copy)."""
     if not isinstance(descriptors, list) or len(descriptors) != len(frames):
         raise ServingError(
             ErrorCode.INVALID_ARGUMENT,

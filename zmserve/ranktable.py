@@ -75,12 +75,6 @@ class RankTable:
             raise fail(f"ranks {missing} are missing (ranks must be 0..{rank_size - 1})")
         return cls(entries, source)
 
-    def check_agent(self, rank: int, host: Any) -> str | None:
-        """Why an agent claiming `rank` does not fit this table, or None."""
-        if rank not in self.entries:
-            return f"rank {rank} is not in {self.source}"
-        return None
-
     def ranks_of_server(self, server_id: str) -> list[int]:
         return sorted(r for r, e in self.entries.items() if e.server_id == server_id)
 

@@ -113,8 +113,12 @@ def declare_servable(
     """Declare the distributed model of this servable: `rank_size` agents in `stage_size` pipeline stages.
 
     `enable_pipeline_infer` is accepted for compatibility: zmserve always pipelines stages.
+    `without_batch_dim_inputs` is not supported: with a batch dimension, every model input is batched.
     """
     spec = _require_loading("declare_servable")
+    if without_batch_dim_inputs:
+        raise ServableConfigError("without_batch_dim_inputs is not supported by zmserve: every model input of a "
+                                  "with_batch_dim servable is batched")
     if spec.model is not None:
         raise ServableConfigError("declare_servable may be called only once per servable")
     for label, number in (("rank_size", rank_size), ("stage_size", stage_size)):
@@ -176,7 +180,10 @@ def add_stage(
     batch_size: int | None = None,
     tag: str | None = None,
 ) -> ValueRef | tuple[ValueRef, ...]:
-    """Append a stage to the method being registered; returns placeholders for its outputs."""
+    """Append a stage to the method being registered; returns placeholders for its outputs.
+
+    Python stages run once per instance; `batch_size` and `tag` are accepted for compatibility and ignored.
+    """
     spec = _require_loading("add_stage")
     if _tracing is None:
         raise ServableConfigError("add_stage may only be called inside a method decorated with register_method")

@@ -33,12 +33,12 @@ def build_rank_cell(rank: int, rank_size: int):
         def __init__(self) -> None:
             super().__init__()
             self.weight = Parameter(Tensor(weight), name="weight")
-            self.matmul = ops.MatMul()
+            self.matmul = ops.matmul  # 2-D, or batched [B, 128, 96] with the weight broadcast
             self.all_reduce = ops.AllReduce(group=WORLD_GROUP) if rank_size > 1 else None
             self.neg = ops.Neg()
 
         def construct(self, x):
-            partial = self.matmul(x[:, lo:hi], self.weight)
+            partial = self.matmul(x[..., lo:hi], self.weight)
             if self.all_reduce is not None:
                 partial = self.all_reduce(partial)
             return self.neg(partial)
@@ -47,16 +47,22 @@ def build_rank_cell(rank: int, rank_size: int):
     return MatMulShard()
 
 
-def export(output_dir: Path, rank_size: int, rank_table: Path | None) -> None:
+def export(output_dir: Path, rank_size: int, rank_table: Path | None, batch_dim: bool = False) -> None:
+    """Export every rank; with `batch_dim` the input is [batch, 128, 96] with a dynamic batch (for servables
+    declared with_batch_dim=True, whose worker stacks concurrent requests into one call)."""
     import mindspore as ms
 
     if WEIGHT_SHAPE[0] % rank_size != 0:
         raise SystemExit(f"rank_size {rank_size} must divide the weight's {WEIGHT_SHAPE[0]} rows")
-    example = ms.Tensor(np.ones(INPUT_SHAPE, dtype=np.float32))
+    batch = (-1,) if batch_dim else ()
+    if batch_dim:
+        example = ms.Tensor(shape=[None, *INPUT_SHAPE], dtype=ms.float32)
+    else:
+        example = ms.Tensor(np.ones(INPUT_SHAPE, dtype=np.float32))
     group_config = {
         "rank_size": rank_size, "stage": 0, "stage_size": 1, "group": WORLD_GROUP,
-        "inputs": [tensor_spec("x", INPUT_SHAPE)],
-        "outputs": [tensor_spec("y", (INPUT_SHAPE[0], WEIGHT_SHAPE[1]))],
+        "inputs": [tensor_spec("x", (*batch, *INPUT_SHAPE))],
+        "outputs": [tensor_spec("y", (*batch, INPUT_SHAPE[0], WEIGHT_SHAPE[1]))],
         "weight_rows": WEIGHT_SHAPE[0] // rank_size,
     }
     for rank in range(rank_size):
@@ -74,9 +80,10 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=here / "model")
     parser.add_argument("--rank-table", type=Path, default=None,
                         help="default: rank_table_<N>pcs.json next to this script")
+    parser.add_argument("--batch-dim", action="store_true", help="input [batch, 128, 96], batch dynamic")
     args = parser.parse_args()
     rank_table = args.rank_table or here / f"rank_table_{args.rank_size}pcs.json"
-    export(args.output_dir, args.rank_size, rank_table)
+    export(args.output_dir, args.rank_size, rank_table, args.batch_dim)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_REJECTED = 2
 EXIT_RESTART = 3
-DOWNSTREAM_WAIT_S = 60.0
 
 log = get_logger("agent")
 
@@ -81,6 +80,7 @@ class AgentIO(threading.Thread):
 
     # the IO thread -----------------------------------------------------------------------------------------
     def run(self) -> None:
+        structlog.contextvars.bind_contextvars(rank=self.rank)
         try:
             self.serve_sockets()
         except Exception:
@@ -167,8 +167,9 @@ class AgentIO(threading.Thread):
         if kind == MessageType.AGENT_CONFIGURE:
             self.inbox.put((kind, header))
         elif kind == MessageType.AGENT_REJECTED:
-            log.error("agent_rejected", why=header.get("message"))
-            self.exit(EXIT_REJECTED)
+            retry = bool(header.get("retry"))
+            log.error("agent_rejected", why=header.get("message"), retry=retry)
+            self.exit(EXIT_CRASHED if retry else EXIT_REJECTED)
         elif kind == MessageType.AGENT_SHUTDOWN:
             log.info("agent_shutdown", reason=header.get("reason"))
             self.exit(EXIT_RESTART)
@@ -179,7 +180,7 @@ class AgentIO(threading.Thread):
         MindSpore's exit hooks can wait on that group, so the process ends here without them."""
         for sock in (self.control, self.inputs, self.outputs, self.downstream):
             if sock is not None:
-                sock.close(linger=0)
+                sock.close(linger=100)
         sys.stderr.flush()
         os._exit(code)
 
@@ -242,7 +243,8 @@ def serve(args: argparse.Namespace) -> int:
                  args.heartbeat_interval, args.heartbeat_liveness)
     io.start()
     io.send(b"control", pack_header(MessageType.AGENT_REGISTER, rank=args.rank, host=args.host, pid=os.getpid(),
-                                    model_file=str(model_file), publish_address=args.publish_address))
+                                    model_file=str(model_file), publish_address=args.publish_address,
+                                    replaces_pid=args.replaces_pid))
     log.info("agent_registering", worker=args.worker, model_file=str(model_file))
     runner = ShardRunner(model_file, signature)
     forward = "none"
@@ -296,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-config-file")
     parser.add_argument("--host", default=socket.gethostname())
     parser.add_argument("--publish-address", required=True)
+    parser.add_argument("--replaces-pid", type=int, default=None,
+                        help="the pid of the agent this one restarts (lets the worker replace it at once)")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S)
     parser.add_argument("--heartbeat-liveness", type=int, default=HEARTBEAT_LIVENESS)
     return parser.parse_args(argv)

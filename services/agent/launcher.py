@@ -44,6 +44,7 @@ class AgentProcess:
     crashes: int = 0
     restart_at: float = 0.0
     restarts: int = 0
+    previous_pid: int | None = None
 
 
 class AgentLauncher:
@@ -88,6 +89,8 @@ class AgentLauncher:
             command += ["--group-config-file", str(agent.group_config_file)]
         if self.heartbeat_interval is not None:
             command += ["--heartbeat-interval", str(self.heartbeat_interval)]
+        if agent.previous_pid is not None:
+            command += ["--replaces-pid", str(agent.previous_pid)]
         return command
 
     def assign_ranks(self) -> bool:
@@ -192,7 +195,7 @@ class AgentLauncher:
             code = agent.process.poll()
             if code is None:
                 continue
-            agent.process = None
+            agent.previous_pid, agent.process = agent.process.pid, None
             if code == EXIT_REJECTED:
                 self.failure = f"the worker rejected rank {agent.rank} (see the agent's log line)"
                 self.stop()

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import zmq
 
-from zmserve.codec import pack_header, unpack_header
+from zmserve.codec import pack_header, peek_request_id, unpack_header
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -157,6 +157,8 @@ class Broker:
             self.requests.add(key, PendingRequest(worker.identity, deadline, servable))
             worker.inflight.add(key)
         except ServingError as error:
+            if request_id is None and len(frames) >= 2:
+                request_id = peek_request_id(frames[1])
             log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
 
@@ -305,8 +307,8 @@ class Broker:
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
             self.remove_worker(record, "broker shutting down")
-        self.clients.close()
-        self.worker_socket.close()
+        self.clients.close(linger=500)
+        self.worker_socket.close(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")
 

@@ -1,9 +1,9 @@
 """Requests inside the worker: each one replays its method's stages over its instances.
 
-A `MethodRun` walks the method's stages in order. Python stages run at once, per instance. The model stage
-becomes one `ModelCall` per instance (or one batched call when the model has a batch dimension); the run waits
-until every call's result is back, then walks on. `RequestTable` holds the runs by request id and the calls by
-call id, so a result from the last stage finds its run.
+A `MethodRun` walks the method's stages in order. Python stages run at once, per instance. At the model stage
+each instance becomes a row of a `ModelCall`: one call per instance, or, when the model has a batch dimension,
+rows of a batch that the `Batcher` fills with instances of any request. The run waits until every instance's
+outputs are back, then walks on. `RequestTable` holds runs by request id and calls by call id.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,19 +23,23 @@ from zmserve.servable import METHOD_INPUT, MethodSpec, Stage, ValueRef
 
 @dataclass(eq=False)
 class ModelCall:
-    """One call of the distributed model: the inputs it sends and which instances its outputs belong to."""
+    """One call of the distributed model: its inputs (a batch when the model has a batch dimension) and, per
+    row, the (run, instance) it belongs to. Rows past `len(slots)` are padding."""
 
     call_id: int
-    client: bytes
-    request_id: Any
     inputs: list[np.ndarray]
-    instance_indices: list[int]
+    slots: list[tuple[MethodRun, int]]
     batched: bool
 
+    @property
+    def alive(self) -> bool:
+        """False once every run it serves has been answered (failed or expired): no point running it."""
+        return any(not run.finished for run, _ in self.slots)
 
-@dataclass
+
+@dataclass(eq=False)
 class MethodRun:
-    """The state of one request: its values so far, the stage it is at, the model calls it waits for."""
+    """The state of one request: its values so far, the stage it is at, how many model outputs it awaits."""
 
     client: bytes
     request_id: Any
@@ -44,7 +48,8 @@ class MethodRun:
     values: list[dict[ValueRef, Value]]
     deadline: float | None
     stage_index: int = 0
-    waiting_calls: set[int] = field(default_factory=set)
+    awaiting: int = 0
+    finished: bool = False
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,
@@ -95,7 +100,8 @@ class MethodRun:
         """The model stage's inputs, one list per instance."""
         return [[values[ref] for ref in stage.inputs] for values in self.values]
 
-    def finish_model_call(self, call: ModelCall, outputs: list[np.ndarray]) -> None:
+    def finish_model_call(self, instance_index: int, outputs: list[np.ndarray]) -> None:
+        """Keep one instance's model outputs; the run moves on when the last awaited instance is in."""
         stage = self.current_stage
         assert stage is not None and stage.is_model
         if len(outputs) != stage.outputs_count:
@@ -104,13 +110,9 @@ class MethodRun:
                 f"the model returned {len(outputs)} outputs, method {self.method.name!r} expects "
                 f"{stage.outputs_count}",
             )
-        if call.batched:
-            for position, index in enumerate(call.instance_indices):
-                self.keep_outputs(index, [output[position] for output in outputs])
-        else:
-            self.keep_outputs(call.instance_indices[0], outputs)
-        self.waiting_calls.discard(call.call_id)
-        if not self.waiting_calls:
+        self.keep_outputs(instance_index, outputs)
+        self.awaiting -= 1
+        if self.awaiting == 0:
             self.stage_index += 1
 
     def results(self) -> list[Instance]:
@@ -123,7 +125,7 @@ class MethodRun:
 class RequestTable:
     """Runs by request id, model calls by call id, and the calls waiting for room in the pipeline.
 
-    `in_pipeline` counts calls published to the agents and not yet answered, even when their run was dropped
+    `in_pipeline` counts calls published to the agents and not yet answered, even when their runs were dropped
     (deadline): their results still occupy the pipeline until they come back.
     """
 
@@ -140,33 +142,29 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self.runs)
 
-    def new_call(self, run: MethodRun, inputs: list[np.ndarray], instance_indices: list[int],
-                 batched: bool) -> ModelCall:
-        call = ModelCall(next(self._call_ids), run.client, run.request_id, inputs, instance_indices, batched)
+    def new_call(self, inputs: list[np.ndarray], slots: list[tuple[MethodRun, int]], batched: bool) -> None:
+        call = ModelCall(next(self._call_ids), inputs, slots, batched)
         self.calls[call.call_id] = call
-        run.waiting_calls.add(call.call_id)
         self.queued_calls.append(call)
-        return call
 
     def next_sendable(self) -> ModelCall | None:
-        """The oldest queued call, if the pipeline has room for it."""
-        if self.queued_calls and len(self.in_pipeline) < self.max_inflight_calls:
+        """The oldest queued call still needed, if the pipeline has room for it."""
+        while self.queued_calls and len(self.in_pipeline) < self.max_inflight_calls:
             call = self.queued_calls.popleft()
+            if not call.alive:
+                self.calls.pop(call.call_id, None)
+                continue
             if not self.in_pipeline:
                 self.last_progress = time.monotonic()
             self.in_pipeline.add(call.call_id)
             return call
         return None
 
-    def take_result(self, call_id: int) -> tuple[ModelCall, MethodRun] | None:
-        """The call a result answers and its run; None when the run was already answered."""
+    def take_result(self, call_id: int) -> ModelCall | None:
+        """The call a result answers (its runs may be finished already)."""
         self.in_pipeline.discard(call_id)
         self.last_progress = time.monotonic()
-        call = self.calls.pop(call_id, None)
-        if call is None:
-            return None
-        run = self.runs.get((call.client, call.request_id))
-        return (call, run) if run is not None else None
+        return self.calls.pop(call_id, None)
 
     def add_run(self, run: MethodRun) -> None:
         key = (run.client, run.request_id)
@@ -175,15 +173,14 @@ class RequestTable:
         self.runs[key] = run
 
     def remove_run(self, run: MethodRun) -> None:
+        run.finished = True
         self.runs.pop((run.client, run.request_id), None)
-        for call_id in run.waiting_calls:
-            call = self.calls.pop(call_id, None)
-            if call is not None and call_id not in self.in_pipeline:
-                self.queued_calls.remove(call)
 
     def forget_pipeline(self) -> None:
         """The agents were lost: nothing published to them will come back."""
         self.in_pipeline.clear()
+        self.calls.clear()
+        self.queued_calls.clear()
 
     def expired(self, now: float | None = None) -> list[MethodRun]:
         now = now if now is not None else time.monotonic()

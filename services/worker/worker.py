@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 import zmq
 
+from services.worker.batching import Batcher
 from services.worker.registry import AgentRecord, AgentRegistry, AgentState, StageGroup
 from services.worker.requests import MethodRun, ModelCall, RequestTable
 from zmserve.codec import (
@@ -45,6 +46,8 @@ from zmserve.protocol import (
     EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
+    MAX_BATCH_DELAY_S,
+    MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
     MODEL_CALL_TOPIC,
@@ -91,9 +94,12 @@ class Worker:
         max_inflight_calls: int = MAX_INFLIGHT_MODEL_CALLS,
         max_queued_requests: int = MAX_QUEUED_REQUESTS,
         execution_timeout: float = EXECUTION_TIMEOUT_S,
+        max_batch_size: int = MAX_BATCH_SIZE,
+        max_batch_delay: float = MAX_BATCH_DELAY_S,
         context: zmq.Context | None = None,
     ) -> None:
         self.spec: ServableSpec = load_servable(servable_directory, servable_name)
+        self.log_context = {"servable": servable_name}
         assert self.spec.model is not None
         self.model = self.spec.model
         self.version = version_number
@@ -102,7 +108,7 @@ class Worker:
         self.heartbeat_interval, self.heartbeat_liveness = heartbeat_interval, heartbeat_liveness
         self.max_queued_requests = max_queued_requests
         self.execution_timeout = execution_timeout
-        structlog.contextvars.bind_contextvars(servable=servable_name)
+        self.max_batch_size, self.max_batch_delay = max_batch_size, max_batch_delay
 
         self.context = context or zmq.Context.instance()
         host, _ = endpoint_host_port(distributed_address)
@@ -120,8 +126,12 @@ class Worker:
         self.stages = [StageGroup(k, self.model.ranks_of(k), host) for k in range(self.model.stage_size)]
         self.subscribed_ranks: set[int] = set()
         self.signature: dict[str, Any] = {}
+        self.batcher: Batcher | None = None
+        self.stats = {"requests": 0, "model_calls": 0, "model_rows": 0}
         self.requests = RequestTable(max_inflight_calls)
         self.broker_liveness = Liveness(heartbeat_interval, heartbeat_liveness)
+        self.broker_lost = False
+        self.broker_address = normalize_address(broker_address)
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.progress = HeartbeatClock(PROGRESS_INTERVAL_S)
         self.waiting_since = self.forming_since = time.monotonic()
@@ -129,6 +139,7 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
+        structlog.contextvars.bind_contextvars(**self.log_context)
         log.info("worker_started", version=self.version, rank_size=self.model.rank_size,
                  stage_size=self.model.stage_size, methods=sorted(self.spec.methods))
         self.start_schedulers()
@@ -137,7 +148,8 @@ class Worker:
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                poller.poll(timeout=100)
+                due = self.batcher.seconds_until_due() if self.batcher is not None else None
+                poller.poll(timeout=100 if due is None else min(100, due * 1000))
                 drain(self.results, self.process_result)
                 drain(self.agents, self.process_agent)
                 drain(self.stage_input, self.process_subscription)
@@ -181,18 +193,17 @@ class Worker:
         rank = header.get("rank")
         previous = self.registry.by_rank.get(rank) if isinstance(rank, int) else None
         if previous is not None and previous.identity != identity and (
-                self.state != WorkerState.SERVING or previous.host == header.get("host")):
-            # A rank registering again from its own host means its launcher restarted it: the old process is
-            # gone (before serving, heartbeats cannot tell: MindSpore holds the GIL while it imports and joins).
+                self.state != WorkerState.SERVING or header.get("replaces_pid") == previous.pid):
+            # The launcher restarted this rank (it names the pid it replaces), or the cluster is still forming,
+            # when heartbeats cannot tell a dead agent (MindSpore holds the GIL while it imports and joins).
             self.lose_agent(previous, "its rank registered again from a new process")
         problem = self.registry.check_new(rank)
+        retry = problem is not None and isinstance(rank, int) and rank in self.registry.by_rank
         if problem is None and self.state != WorkerState.WAITING_FOR_AGENTS:
-            problem = f"the cluster is already complete ({self.state})"
-        if problem is None and self.rank_table is not None:
-            problem = self.rank_table.check_agent(rank, header.get("host"))
+            problem, retry = f"the cluster is already complete ({self.state})", True
         if problem is not None:
-            log.warning("agent_rejected", rank=rank, why=problem)
-            self.send_to_agent(identity, pack_header(MessageType.AGENT_REJECTED, message=problem))
+            log.warning("agent_rejected", agent_rank=rank, why=problem, retry=retry)
+            self.send_to_agent(identity, pack_header(MessageType.AGENT_REJECTED, message=problem, retry=retry))
             return
         self.registry.add(AgentRecord(
             rank=rank, identity=identity, host=str(header.get("host")), pid=int(header.get("pid", 0)),
@@ -264,6 +275,9 @@ class Worker:
         last = self.registry.by_rank[self.stages[-1].leader].signature
         self.signature = {"inputs": first.get("inputs"), "outputs": last.get("outputs")}
         self.check_methods_against_model()
+        if self.model.with_batch_dim:
+            fixed = (self.signature.get("inputs") or [{"shape": [-1]}])[0]["shape"][0]
+            self.batcher = Batcher(self.max_batch_size, self.max_batch_delay, pad_to=fixed if fixed > 0 else None)
         self.state = WorkerState.SERVING
         log.info("serving", seconds_waited=round(time.monotonic() - self.waiting_since, 2))
         self.send_status()
@@ -340,6 +354,7 @@ class Worker:
             instances = decode_instances(header.get("instances"), value_frames)
             run = MethodRun.start(client, request_id, self.spec.name, method, instances, deadline)
             self.requests.add_run(run)
+            self.stats["requests"] += 1
         except ServingError as error:
             log.info("request_rejected", code=error.code, message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
@@ -360,6 +375,7 @@ class Worker:
                 self.queue_model_calls(run, run.model_inputs(stage))
                 self.publish_calls()
                 return
+            descriptors, frames = encode_instances(run.results())
         except ServingError as error:
             self.fail_run(run, error.code, error.message)
             return
@@ -368,12 +384,12 @@ class Worker:
             self.fail_run(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.requests.remove_run(run)
-        descriptors, frames = encode_instances(run.results())
         header = pack_header(MessageType.REPLY, id=run.request_id, instances=descriptors)
         self.send_to_broker([BrokerCommand.REPLY, run.client, header, *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
-        """Check inputs against the model's signature, then queue one call per instance (or per batch)."""
+        """Check inputs against the model's signature, then queue one call per instance, or hand the instances
+        to the batcher when the model has a batch dimension."""
         expected = self.signature.get("inputs") or []
         for index, inputs in enumerate(per_instance):
             for position, value in enumerate(inputs):
@@ -382,59 +398,77 @@ class Worker:
                 elif not isinstance(value, np.ndarray):
                     raise ServingError(ErrorCode.INVALID_ARGUMENT, f"instance {index}: model input {position} "
                                                                    "must be a tensor")
-        if not self.model.with_batch_dim:
-            for index, inputs in enumerate(per_instance):
-                self.requests.new_call(run, list(inputs), [index], batched=False)
+        run.awaiting = len(per_instance)
+        for index, inputs in enumerate(per_instance):
+            if self.batcher is None:
+                self.requests.new_call(list(inputs), [(run, index)], batched=False)
+            else:
+                self.batcher.add((run, index), list(inputs))
+        self.flush_batches()
+
+    def flush_batches(self) -> None:
+        """Turn every batch that is full or has waited long enough into a model call."""
+        if self.batcher is None:
             return
-        batch_limit = expected[0]["shape"][0] if expected and expected[0]["shape"][0] > 0 else len(per_instance)
-        for start in range(0, len(per_instance), batch_limit):
-            chunk = list(range(start, min(start + batch_limit, len(per_instance))))
-            padded = chunk + [chunk[-1]] * (batch_limit - len(chunk)) if expected else chunk
-            batch = [np.stack([per_instance[i][p] for i in padded]) for p in range(len(per_instance[0]))]
-            self.requests.new_call(run, batch, chunk, batched=True)
+        for batch in self.batcher.take_ready():
+            if any(not run.finished for run, _ in batch.slots):
+                self.requests.new_call(batch.inputs, batch.slots, batched=True)
 
     def publish_calls(self) -> None:
         """Send queued calls while the pipeline has room; PUB never drops because the room is bounded."""
         while (call := self.requests.next_sendable()) is not None:
             descriptors, frames = encode_values({f"input{i}": v for i, v in enumerate(call.inputs)})
-            header = pack_header(MessageType.MODEL_CALL, call=call.call_id, request_id=call.request_id,
+            header = pack_header(MessageType.MODEL_CALL, call=call.call_id, request_id=call.slots[0][0].request_id,
                                  values=descriptors)
             self.stage_input.send_multipart([MODEL_CALL_TOPIC, header, *frames], copy=False)
+            self.stats["model_calls"] += 1
+            self.stats["model_rows"] += len(call.slots)
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
     def process_result(self, frames: list[zmq.Frame]) -> None:
         try:
             header = unpack_header(frames[0])
-            call_id = header.get("call")
-            if not isinstance(call_id, int):
-                raise ServingError(ErrorCode.INVALID_ARGUMENT, "a model result needs an integer call id")
-            if header["type"] == MessageType.MODEL_RESULT:
-                outputs = list(decode_values(header.get("values"), frames[1:]).values())
         except ServingError as error:
             log.warning("model_result_malformed", message=error.message)
             return
-        taken = self.requests.take_result(call_id)
-        if taken is not None:
-            call, run = taken
-            if header["type"] == MessageType.MODEL_RESULT:
-                self.finish_call(run, call, outputs)
-            else:
-                self.fail_run(run, ErrorCode(header.get("code", ErrorCode.INTERNAL)),
-                              f"rank {header.get('rank')}: {header.get('message')}")
+        call_id = header.get("call")
+        call = self.requests.take_result(call_id) if isinstance(call_id, int) else None
+        if call is None:
+            log.warning("model_result_unmatched", call=call_id, type=header["type"])
+            return
+        code, message = ErrorCode.INTERNAL, f"rank {header.get('rank')}: {header.get('message')}"
+        if header["type"] == MessageType.MODEL_RESULT:
+            try:
+                self.finish_call(call, list(decode_values(header.get("values"), frames[1:]).values()))
+                code = None
+            except ServingError as error:
+                message = f"the model's result could not be read: {error.message}"
+        elif header.get("code") in ErrorCode.__members__:
+            code = ErrorCode(header["code"])
+        if code is not None:
+            for run in {run for run, _ in call.slots if not run.finished}:
+                self.fail_run(run, code, message)
         self.publish_calls()
 
-    def finish_call(self, run: MethodRun, call: ModelCall, outputs: list[np.ndarray]) -> None:
-        try:
-            run.finish_model_call(call, outputs)
-        except ServingError as error:
-            self.fail_run(run, error.code, error.message)
-            return
-        if not run.waiting_calls:
-            self.advance(run)
+    def finish_call(self, call: ModelCall, outputs: list[np.ndarray]) -> None:
+        """Hand each row of the result to its run; runs whose last awaited instance this was walk on."""
+        for position, (run, index) in enumerate(call.slots):
+            if run.finished:
+                continue
+            try:
+                run.finish_model_call(index, [output[position] for output in outputs] if call.batched else outputs)
+            except ServingError as error:
+                self.fail_run(run, error.code, error.message)
+                continue
+            if run.awaiting == 0:
+                self.advance(run)
 
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
+        if self.batcher is not None and self.batcher.pending:
+            self.flush_batches()
+            self.publish_calls()
         for run in self.requests.expired(now):
             self.fail_run(run, ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed")
         if self.state == WorkerState.SERVING:
@@ -446,8 +480,13 @@ class Worker:
                 self.restart_agents(f"the model made no progress for {self.execution_timeout:.1f} s "
                                     "(execution timeout)")
         elif self.state == WorkerState.FORMING_GROUPS and now - self.forming_since > FORMING_TIMEOUT_S:
-            not_ready = [a for a in self.registry.by_rank.values() if a.state != AgentState.READY]
-            self.lose_agent(not_ready[0], f"not ready {FORMING_TIMEOUT_S:.0f} s after configuration")
+            not_ready = [a.rank for a in self.registry.by_rank.values() if a.state != AgentState.READY]
+            unsubscribed = sorted(set(self.stages[0].ranks) - self.subscribed_ranks)
+            self.restart_agents(f"{FORMING_TIMEOUT_S:.0f} s after configuration, ranks {not_ready} were not ready "
+                                f"and ranks {unsubscribed} had not subscribed")
+        if self.broker_liveness.expired(now) != self.broker_lost:
+            self.broker_lost = not self.broker_lost
+            log.warning("broker_lost" if self.broker_lost else "broker_back", broker=self.broker_address)
         if self.heartbeat.due(now):
             self.send_status()
             heartbeat = pack_header(MessageType.HEARTBEAT)
@@ -485,6 +524,8 @@ class Worker:
         self.send_to_broker([BrokerCommand.CONTROL, status])
 
     def fail_run(self, run: MethodRun, code: ErrorCode, message: str) -> None:
+        if run.finished:
+            return
         self.requests.remove_run(run)
         log.info("request_failed", request_id=run.request_id, code=code, message=message)
         self.reply_error(run.client, run.request_id, code, message)
@@ -508,7 +549,9 @@ class Worker:
 
     def send_to_agent(self, identity: bytes, header: bytes) -> None:
         try:
-            self.agents.send_multipart([identity, header])
+            self.agents.send_multipart([identity, header], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("agent_not_reading", identity=identity.hex())
         except zmq.ZMQError as error:
             if error.errno != zmq.EHOSTUNREACH:
                 raise
@@ -523,7 +566,7 @@ class Worker:
             stage.stop_scheduler()
         for sock in (self.broker, self.agents, self.stage_input, self.results):
             sock.close(linger=200)
-        log.info("worker_stopped")
+        log.info("worker_stopped", **self.stats)
 
 
 def check_model_input(instance: int, value: Any, expected: dict[str, Any], batched: bool) -> None:

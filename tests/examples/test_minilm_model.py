@@ -31,8 +31,11 @@ from zmserve.servable import MethodSpec, load_servable  # noqa: E402
 
 CONFIGS = [(1, 1), (2, 1), (2, 2), (4, 2)]
 EMBEDDING_TOLERANCE = 1e-5
-HIDDEN_BOUND = 5e-5
-"""Token states reach |5|; measured float32-vs-float64 error is ~6e-6. A loose sanity bound, reported per run."""
+HIDDEN_REAL_BOUND = 1e-5
+"""Token states (|h| up to ~6) at real tokens: measured float32 error vs the float64 reference is <= 3e-6."""
+HIDDEN_PADDING_BOUND = 1e-4
+"""At padding positions (never pooled) float32 error is larger: ~2.7e-5 for the empty text even in the numpy
+float32 reference, so it is float32 arithmetic, not the sharding. Bounded loosely, reported per run."""
 
 CAT = "A cat sits on the mat."
 TEXTS = {
@@ -200,24 +203,28 @@ def test_sharded_model_matches_numpy_reference(tmp_path: Path, cases: Cases, ran
         for (_, mask), (hidden, passed_mask) in zip(batches, stage_outputs, strict=True):
             assert hidden.shape == (*mask.shape, 384) and hidden.dtype == np.float32
             np.testing.assert_array_equal(passed_mask, mask)
-    hidden_diff = 0.0
+    hidden_real, hidden_all = 0.0, 0.0
     embeddings = np.zeros((len(cases.names), 384), np.float32)
     for batch, (_, mask), outputs, expected in zip(cases.batches, batches, run.outputs, cases.reference_hidden,
                                                    strict=True):
         assert len(outputs) == 1 and outputs[0].shape == expected.shape and outputs[0].dtype == np.float32
-        hidden_diff = max(hidden_diff, float(np.abs(outputs[0] - expected).max()))
+        difference = np.abs(outputs[0] - expected)
+        hidden_all = max(hidden_all, float(difference.max()))
+        hidden_real = max(hidden_real, float(difference[mask.astype(bool)].max()))
         for position, index in enumerate(batch):
             embeddings[index] = cases.pool(outputs[0][position], mask[position])
     per_text = {name: float(np.abs(embeddings[i] - cases.reference_embeddings[i]).max())
                 for i, name in enumerate(cases.names)}
     first_calls = [round(report.call_s[0], 3) for report in run.reports]
-    summary = {"config": [rank_size, stage_size], "export_s": round(export_s, 2), "hidden_max_abs": hidden_diff,
+    summary = {"config": [rank_size, stage_size], "export_s": round(export_s, 2),
+               "hidden_max_abs_real_tokens": hidden_real, "hidden_max_abs_all_positions": hidden_all,
                "embedding_max_abs": per_text, "stage_s": [round(s, 2) for s in run.stage_seconds],
                "first_call_s": first_calls, "init_s": [round(report.init_s, 2) for report in run.reports]}
     print(f"\nminilm {json.dumps(summary)}")
     record_property("minilm", summary)
 
     assert max(per_text.values()) <= EMBEDDING_TOLERANCE, summary
-    assert hidden_diff <= HIDDEN_BOUND, summary
+    assert hidden_real <= HIDDEN_REAL_BOUND, summary
+    assert hidden_all <= HIDDEN_PADDING_BOUND, summary
     cat = embeddings[cases.names.index("short")]
     assert abs(float(np.linalg.norm(cat.astype(np.float64))) - 1.0) <= 1e-6

@@ -3,9 +3,11 @@ and against bare shards (--direct)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +207,8 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch: pytest.Monkey
         (["--shape", "4x4", "-c", "2", "--rate", "5"], "", "not both"),
         (["--servable", "m"], '{"inputs": {"x": {"shape": [2]}}}\nnope\n', "stdin:2: not valid JSON"),
         (["--shape", "4y4"], "", "is not like 128x96"),
+        (["--shape", "4x4", "--input", "-"], "", "either --shape or --input"),
+        (["--input", "/no/such.jsonl", "--servable", "m"], "", "cannot read /no/such.jsonl"),
         (["--shape", "4x4"], "", "names no servable"),
         (["--direct", "--shape", "4x4"], "", "--direct needs --model-files"),
         (["--direct", "--model-files", "a.mindir", "--shape", "4x4", "--rate", "10"], "", "--direct makes its calls"),
@@ -216,6 +220,19 @@ def test_bad_flags_fail_clearly(args: list[str], stdin: str, fragment: str) -> N
     result = CliRunner().invoke(main, ["bench", *args], input=stdin)
     assert result.exit_code != 0
     assert fragment in result.output
+
+
+def test_progress_line_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "PROGRESS_INTERVAL_S", 0.02)
+    for progress in (True, False):
+        out, err = io.StringIO(), io.StringIO()
+        writer = bench.ResultWriter(out, err, progress=progress)
+        writer.start()
+        writer.put(record(1.0, 2.0))
+        time.sleep(0.1)
+        assert writer.finish() == [record(1.0, 2.0)]
+        assert json.loads(out.getvalue()) == record(1.0, 2.0)
+        assert ("\rsent 0  done 1  errors 0" in err.getvalue()) is progress
 
 
 # ---- against a real TP2 cluster -----------------------------------------------------------------------------------

@@ -60,5 +60,5 @@ def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim:
     lost = wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=5, what="agent_lost")
     noticed = datetime.fromisoformat(lost[0]["timestamp"].replace("Z", "+00:00")).timestamp()
     assert noticed - killed_at < 3.0, f"noticed after {noticed - killed_at:.1f} s"
-    wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again")
+    wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again", details=cluster.log_tails)
     assert sorted(child_pids(launcher)) != agents

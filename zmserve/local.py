@@ -1,0 +1,119 @@
+"""A whole deployment on this machine: broker, worker and agent launcher(s), each a real `zmserve` process on
+free loopback ports. Tests and benchmarks use it; every process is reaped by `stop()`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from zmserve.client import Client, ClientError
+from zmserve.protocol import ErrorCode
+from zmserve.supervision import reap
+
+READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports (agents publish on agent-start-port + i)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        probes: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError("no free port range")
+
+
+class LocalCluster:
+    """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`."""
+
+    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
+                 extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.client_address = f"tcp://127.0.0.1:{free_port()}"
+        self.worker_address = f"tcp://127.0.0.1:{free_port()}"
+        self.distributed_address = f"127.0.0.1:{free_port()}"
+        self.servable = servable
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
+        self.start("worker", ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
+                              "--distributed-address", self.distributed_address,
+                              "--broker", self.worker_address, *(extra_worker_args or [])])
+        if model_files is not None:
+            self.start_agents("agents", model_files, *(extra_agent_args or []))
+
+    def start_agents(self, name: str, model_files: list[Path], *extra: str) -> None:
+        """One `zmserve agent` launcher for these model files (several launchers = several machines)."""
+        self.start(name, ["agent", "--worker", self.distributed_address,
+                          "--model-files", ",".join(str(p) for p in model_files),
+                          "--agent-start-port", str(free_port_range(len(model_files))), *extra])
+
+    def start(self, name: str, args: list[str]) -> None:
+        log_path = self.workdir / f"{name}.log"
+        self.logs[name] = log_path
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "zmserve.cli", *args], stdout=subprocess.DEVNULL,
+            stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
+        )
+
+    def client(self, method: str = "predict", servable: str | None = None, version: int = 0) -> Client:
+        return Client(self.client_address, servable or self.servable, method, version)
+
+    def wait_ready(self, instance: dict[str, Any], method: str = "predict",
+                   timeout: float = READY_TIMEOUT_S) -> None:
+        """Call until the servable answers something other than 'not there yet', or fail with the logs."""
+        deadline = time.monotonic() + timeout
+        with self.client(method) as client:
+            while True:
+                self.check_alive()
+                try:
+                    client.infer(instance, timeout=30)
+                    return
+                except ClientError as error:
+                    if error.code not in (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"not ready after {timeout} s: {error}\n{self.log_tails()}") from None
+                time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise AssertionError(f"{name} exited with {process.returncode}\n{self.log_tails()}")
+
+    def log_tails(self, lines: int = 15) -> str:
+        parts = []
+        for name, path in self.logs.items():
+            text = path.read_text().splitlines()[-lines:] if path.exists() else []
+            parts.append(f"--- {name} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM everything (launchers first), reap it, return the exit codes."""
+        codes = {}
+        launchers = [name for name in self.processes if name not in ("worker", "broker")]
+        for name in [*launchers, "worker", "broker"]:
+            codes[name] = reap(self.processes[name], timeout=20)
+        return codes
