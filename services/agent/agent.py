@@ -1,10 +1,11 @@
 """One agent process: one rank, one model shard, one member of its stage's MindSpore collective group.
 
-Two threads, so compute never waits on a socket and heartbeats flow while a model call runs:
-  - the main thread owns MindSpore: it joins the group, loads the MindIR shard, and runs model calls;
-  - `AgentIO` owns every socket: the control DEALER to the worker, the SUB its inputs arrive on, and where
-    its outputs go (PUSH to the worker from the last stage; XPUB to the next stage from other stage leaders).
-They talk through a queue (IO -> main) and an inproc PAIR (main -> IO).
+Two threads, so heartbeats flow while a model call runs:
+  - `ControlLink` (a thread) owns the control DEALER to the worker: registration, heartbeats both ways, the
+    configuration, shutdown. The main thread hands it messages through an inproc PAIR.
+  - the main thread owns MindSpore and the data plane (`DataPlane`): it reads a call from its SUB, runs the
+    shard, and sends the output on (PUSH to the worker from the last stage's leader, XPUB to the next stage
+    from other stage leaders). A call crosses no thread boundary inside the agent.
 
 Lifecycle: REGISTER -> (worker) CONFIGURE -> join group, load, warm up -> READY -> model calls ... The process
 exits with EXIT_RESTART when the worker says shut down or goes silent (its launcher starts a fresh one: a
@@ -49,123 +50,65 @@ EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_REJECTED = 2
 EXIT_RESTART = 3
+DOWNSTREAM_WAIT_S = 60.0
+"""How long a stage leader waits for the next stage to subscribe before it reports a failed start."""
 
 log = get_logger("agent")
 
 
-class AgentIO(threading.Thread):
-    """Every socket of the agent, in one thread. Delivers control and model calls to `inbox`."""
+class ControlLink(threading.Thread):
+    """The agent's control link to the worker, in its own thread. The configuration arrives on `inbox`;
+    shutdown, rejection and a silent worker end the process from here, even while the main thread is stuck
+    in a collective whose peer is gone."""
 
-    def __init__(self, context: zmq.Context, worker_address: str, rank: int, publish_address: str,
+    def __init__(self, context: zmq.Context, worker_address: str, rank: int,
                  heartbeat_interval: float, heartbeat_liveness: int) -> None:
-        super().__init__(name=f"agent-io-{rank}", daemon=True)
+        super().__init__(name=f"agent-control-{rank}", daemon=True)
         self.context = context
         self.worker_address = worker_address
         self.rank = rank
-        self.publish_address = publish_address
-        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        pipe = f"inproc://agent-{rank}-{id(self)}"
+        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        pipe = f"inproc://agent-control-{rank}"
         self.from_main = new_socket(context, zmq.PAIR)
         self.from_main.bind(pipe)
-        self.to_io = new_socket(context, zmq.PAIR)
-        self.to_io.connect(pipe)
+        self.to_link = new_socket(context, zmq.PAIR)
+        self.to_link.connect(pipe)
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.worker_liveness = Liveness(heartbeat_interval, heartbeat_liveness)
         self.worker_heard = False
-        self.stopping = threading.Event()
 
-    # called from the main thread --------------------------------------------------------------------------
-    def send(self, kind: bytes, *frames: Any) -> None:
-        self.to_io.send_multipart([kind, *frames], copy=False)
+    def send(self, header: bytes) -> None:
+        """Called from the main thread: a control message for the worker."""
+        self.to_link.send(header)
 
-    # the IO thread -----------------------------------------------------------------------------------------
     def run(self) -> None:
         structlog.contextvars.bind_contextvars(rank=self.rank)
         try:
-            self.serve_sockets()
+            self.control = new_socket(self.context, zmq.DEALER)
+            self.control.connect(self.worker_address)
+            poller = zmq.Poller()
+            poller.register(self.control, zmq.POLLIN)
+            poller.register(self.from_main, zmq.POLLIN)
+            while True:
+                poller.poll(timeout=100)
+                drain(self.control, self.handle_control)
+                drain(self.from_main, lambda frames: self.control.send_multipart(frames, copy=False))
+                self.do_chores()
         except Exception:
-            log.exception("agent_io_crashed")
+            log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
 
-    def serve_sockets(self) -> None:
-        self.control = new_socket(self.context, zmq.DEALER)
-        self.control.connect(self.worker_address)
-        self.inputs: zmq.Socket | None = None
-        self.outputs: zmq.Socket | None = None
-        self.downstream: zmq.Socket | None = None
-        self.expected_downstream: set[int] = set()
-        self.subscribed: set[int] = set()
-        self.ready_header: bytes | None = None
-        self.forward = "none"
-        self.poller = zmq.Poller()
-        self.poller.register(self.control, zmq.POLLIN)
-        self.poller.register(self.from_main, zmq.POLLIN)
-        try:
-            while not self.stopping.is_set():
-                self.poller.poll(timeout=100)
-                drain(self.control, self.handle_control)
-                drain(self.from_main, self.handle_main)
-                if self.inputs is not None:
-                    drain(self.inputs, lambda frames: self.inbox.put(("call", frames[1:])))
-                if self.downstream is not None:
-                    drain(self.downstream, self.handle_subscription)
-                if self.ready_header is not None and self.expected_downstream <= self.subscribed:
-                    self.control.send(self.ready_header)
-                    self.ready_header = None
-                self.do_chores()
-        finally:
-            for sock in (self.control, self.inputs, self.outputs, self.downstream, self.from_main):
-                if sock is not None:
-                    sock.close()
-
     def handle_control(self, frames: list[zmq.Frame]) -> None:
-        header = self.read_control(frames)
-        if header is None or header["type"] != MessageType.AGENT_CONFIGURE:
-            return
-        self.forward = header["forward"]
-        self.inputs = new_socket(self.context, zmq.SUB, RCVHWM=0)
-        self.inputs.connect(header["input_address"])
-        self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
-        self.inputs.setsockopt(zmq.SUBSCRIBE, SUBSCRIBER_TOPIC_PREFIX + str(self.rank).encode())
-        self.poller.register(self.inputs, zmq.POLLIN)
-        self.outputs = new_socket(self.context, zmq.PUSH, SNDHWM=0)
-        self.outputs.connect(header["result_address"])
-        if self.forward == "publish":
-            self.downstream = new_socket(self.context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
-            self.downstream.bind(self.publish_address)
-            self.poller.register(self.downstream, zmq.POLLIN)
-            self.expected_downstream = set(header["downstream_ranks"])
-
-    def handle_subscription(self, frames: list[zmq.Frame]) -> None:
-        message = frames[0].bytes
-        if message[:1] == b"\x01" and message[1:].startswith(SUBSCRIBER_TOPIC_PREFIX):
-            self.subscribed.add(int(message[1 + len(SUBSCRIBER_TOPIC_PREFIX):]))
-
-    def handle_main(self, frames: list[zmq.Frame]) -> None:
-        """What the main thread asks: control messages, its READY, and model outputs to forward."""
-        kind, rest = frames[0].bytes, frames[1:]
-        if kind == b"control":
-            self.control.send_multipart(rest, copy=False)
-        elif kind == b"ready":
-            self.ready_header = rest[0].bytes
-        elif kind == b"result" and self.forward == "publish" and self.downstream is not None:
-            self.downstream.send_multipart([MODEL_CALL_TOPIC, *rest], copy=False)
-        elif kind in (b"result", b"error") and self.outputs is not None:
-            self.outputs.send_multipart(rest, copy=False)
-        elif kind == b"exit":
-            self.exit(int(rest[0].bytes))
-
-    def read_control(self, frames: list[bytes]) -> dict[str, Any] | None:
         self.worker_liveness.heard()
         self.worker_heard = True
         try:
             header = unpack_header(frames[-1])
         except ServingError as error:
             log.warning("control_message_malformed", message=error.message)
-            return None
+            return
         kind = header["type"]
         if kind == MessageType.AGENT_CONFIGURE:
-            self.inbox.put((kind, header))
+            self.inbox.put(header)
         elif kind == MessageType.AGENT_REJECTED:
             retry = bool(header.get("retry"))
             log.error("agent_rejected", why=header.get("message"), retry=retry)
@@ -173,16 +116,6 @@ class AgentIO(threading.Thread):
         elif kind == MessageType.AGENT_SHUTDOWN:
             log.info("agent_shutdown", reason=header.get("reason"))
             self.exit(EXIT_RESTART)
-        return header
-
-    def exit(self, code: int) -> None:
-        """Leave from the IO thread: the main thread may be stuck in a collective whose peer is gone, and
-        MindSpore's exit hooks can wait on that group, so the process ends here without them."""
-        for sock in (self.control, self.inputs, self.outputs, self.downstream):
-            if sock is not None:
-                sock.close(linger=100)
-        sys.stderr.flush()
-        os._exit(code)
 
     def do_chores(self) -> None:
         if self.heartbeat.due():
@@ -191,6 +124,54 @@ class AgentIO(threading.Thread):
         if self.worker_heard and self.worker_liveness.expired():
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
+
+    def exit(self, code: int) -> None:
+        """End the process without MindSpore's exit hooks, which can wait on a group that is gone."""
+        self.control.close(linger=100)
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class DataPlane:
+    """Where this agent's calls come from and where its outputs go; used by the main thread only."""
+
+    def __init__(self, context: zmq.Context, config: dict[str, Any], rank: int, publish_address: str) -> None:
+        self.forward = config["forward"]
+        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0)
+        self.inputs.connect(config["input_address"])
+        self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
+        self.inputs.setsockopt(zmq.SUBSCRIBE, SUBSCRIBER_TOPIC_PREFIX + str(rank).encode())
+        self.results = new_socket(context, zmq.PUSH, SNDHWM=0)
+        self.results.connect(config["result_address"])
+        self.downstream: zmq.Socket | None = None
+        if self.forward == "publish":
+            self.downstream = new_socket(context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
+            self.downstream.bind(publish_address)
+
+    def wait_for_downstream(self, ranks: list[int], timeout: float) -> list[int]:
+        """Wait until every rank of the next stage subscribed (a PUB drops what it sends before); returns the
+        ranks still missing at the deadline."""
+        missing = set(ranks)
+        deadline = time.monotonic() + timeout
+        while missing and self.downstream is not None and time.monotonic() < deadline:
+            if self.downstream.poll(100):
+                message = self.downstream.recv()
+                if message[:1] == b"\x01" and message[1:].startswith(SUBSCRIBER_TOPIC_PREFIX):
+                    missing.discard(int(message[1 + len(SUBSCRIBER_TOPIC_PREFIX):]))
+        return sorted(missing)
+
+    def receive(self) -> list[zmq.Frame]:
+        """The next call: [header, *values] (the topic frame dropped)."""
+        return self.inputs.recv_multipart(copy=False)[1:]
+
+    def send_output(self, frames: list[Any]) -> None:
+        if self.forward == "publish" and self.downstream is not None:
+            self.downstream.send_multipart([MODEL_CALL_TOPIC, *frames], copy=False)
+        elif self.forward == "result":
+            self.results.send_multipart(frames, copy=False)
+
+    def send_error(self, header: bytes) -> None:
+        self.results.send(header)
 
 
 class ShardRunner:
@@ -239,37 +220,35 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     signature = read_signature(model_file, Path(args.group_config_file) if args.group_config_file else None)
     context = zmq.Context()
-    io = AgentIO(context, normalize_address(args.worker), args.rank, args.publish_address,
-                 args.heartbeat_interval, args.heartbeat_liveness)
-    io.start()
-    io.send(b"control", pack_header(MessageType.AGENT_REGISTER, rank=args.rank, host=args.host, pid=os.getpid(),
-                                    model_file=str(model_file), publish_address=args.publish_address,
-                                    replaces_pid=args.replaces_pid))
+    link = ControlLink(context, normalize_address(args.worker), args.rank, args.heartbeat_interval,
+                       args.heartbeat_liveness)
+    link.start()
+    link.send(pack_header(MessageType.AGENT_REGISTER, rank=args.rank, host=args.host, pid=os.getpid(),
+                          model_file=str(model_file), publish_address=args.publish_address,
+                          replaces_pid=args.replaces_pid))
     log.info("agent_registering", worker=args.worker, model_file=str(model_file))
     runner = ShardRunner(model_file, signature)
-    forward = "none"
+    config = link.inbox.get()
+    structlog.contextvars.bind_contextvars(stage=config["stage"])
+    started = time.monotonic()
+    try:
+        runner.join_group_and_load(config)
+        data = DataPlane(context, config, args.rank, args.publish_address)
+        missing = data.wait_for_downstream(config["downstream_ranks"], DOWNSTREAM_WAIT_S)
+        if missing:
+            raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")
+    except Exception as exc:
+        log.exception("agent_load_failed")
+        link.send(pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"))
+        return EXIT_RESTART
+    seconds = round(time.monotonic() - started, 2)
+    log.info("agent_loaded", seconds=seconds, forward=data.forward)
+    link.send(pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature, load_seconds=seconds))
     while True:
-        kind, payload = io.inbox.get()
-        if kind == MessageType.AGENT_CONFIGURE:
-            forward = payload["forward"]
-            structlog.contextvars.bind_contextvars(stage=payload["stage"])
-            started = time.monotonic()
-            try:
-                runner.join_group_and_load(payload)
-            except Exception as exc:
-                log.exception("agent_load_failed")
-                io.send(b"control", pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"))
-                io.send(b"exit", str(EXIT_RESTART).encode())
-                continue
-            seconds = round(time.monotonic() - started, 2)
-            log.info("agent_loaded", seconds=seconds, forward=forward)
-            io.send(b"ready", pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature,
-                                          load_seconds=seconds))
-        elif kind == "call":
-            run_call(runner, io, payload, args.rank, forward)
+        run_call(runner, data, data.receive(), args.rank)
 
 
-def run_call(runner: ShardRunner, io: AgentIO, frames: list[zmq.Frame], rank: int, forward: str) -> None:
+def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank: int) -> None:
     call_id = None
     try:
         header = unpack_header(frames[0])
@@ -279,15 +258,15 @@ def run_call(runner: ShardRunner, io: AgentIO, frames: list[zmq.Frame], rank: in
     except Exception as exc:
         code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
         log.warning("model_call_failed", call=call_id, error=str(exc))
-        io.send(b"error", pack_header(MessageType.MODEL_ERROR, call=call_id, rank=rank, code=str(code),
-                                      message=f"{type(exc).__name__}: {exc}"))
+        data.send_error(pack_header(MessageType.MODEL_ERROR, call=call_id, rank=rank, code=str(code),
+                                    message=f"{type(exc).__name__}: {exc}"))
         return
-    if forward == "none":
+    if data.forward == "none":
         return
     descriptors, out_frames = encode_values({f"input{i}": v for i, v in enumerate(outputs)})
-    kind = MessageType.MODEL_CALL if forward == "publish" else MessageType.MODEL_RESULT
-    io.send(b"result", pack_header(kind, call=call_id, rank=rank, request_id=header.get("request_id"),
-                                   values=descriptors), *out_frames)
+    kind = MessageType.MODEL_CALL if data.forward == "publish" else MessageType.MODEL_RESULT
+    data.send_output([pack_header(kind, call=call_id, rank=rank, request_id=header.get("request_id"),
+                                  values=descriptors), *out_frames])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     structlog.contextvars.bind_contextvars(rank=args.rank)
     try:
         code = serve(args)
+        sys.stderr.flush()
     except KeyboardInterrupt:
         code = EXIT_STOPPED
     except Exception:

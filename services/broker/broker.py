@@ -109,9 +109,11 @@ class Broker:
         poller.register(self.worker_socket, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
-                poller.poll(timeout=min(self.heartbeat_interval, 0.1) * 1000)
-                drain(self.worker_socket, self.process_worker)
-                drain(self.clients, self.process_client)
+                ready = dict(poller.poll(timeout=min(self.heartbeat_interval, 0.1) * 1000))
+                if self.worker_socket in ready:
+                    drain(self.worker_socket, self.process_worker)
+                if self.clients in ready:
+                    drain(self.clients, self.process_client)
                 self.do_chores()
         finally:
             self.shutdown()

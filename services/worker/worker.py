@@ -143,17 +143,18 @@ class Worker:
         log.info("worker_started", version=self.version, rank_size=self.model.rank_size,
                  stage_size=self.model.stage_size, methods=sorted(self.spec.methods))
         self.start_schedulers()
+        handlers = [(self.results, self.process_result), (self.agents, self.process_agent),
+                    (self.stage_input, self.process_subscription), (self.broker, self.process_broker)]
         poller = zmq.Poller()
-        for sock in (self.broker, self.agents, self.stage_input, self.results):
+        for sock, _ in handlers:
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop_event.is_set():
                 due = self.batcher.seconds_until_due() if self.batcher is not None else None
-                poller.poll(timeout=100 if due is None else min(100, due * 1000))
-                drain(self.results, self.process_result)
-                drain(self.agents, self.process_agent)
-                drain(self.stage_input, self.process_subscription)
-                drain(self.broker, self.process_broker)
+                ready = dict(poller.poll(timeout=100 if due is None else min(100, due * 1000)))
+                for sock, handle in handlers:
+                    if sock in ready:
+                        drain(sock, handle)
                 self.do_chores()
         finally:
             self.shutdown()
