@@ -1,0 +1,75 @@
+"""all-MiniLM-L6-v2 served for real (broker, worker, agents in TP x PP) against the independent numpy forward
+pass over the same safetensors: every embedding within 1e-5 per element, for every layout the example supports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster import REPO
+
+from zmserve.local import LocalCluster
+
+EXAMPLE = REPO / "examples" / "minilm"
+sys.path.insert(0, str(EXAMPLE))
+
+from reference import Reference  # noqa: E402
+
+CAT = "A cat sits on the mat."
+TEXTS = [
+    CAT,
+    " ".join(["The quick brown fox jumps over the lazy dog near the quiet riverbank."] * 30),
+    "Grüße aus Köln, 東京",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_embeddings() -> np.ndarray:
+    """Unpadded token ids of each text through the float64 numpy model."""
+    import assets
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(assets.model_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=256)
+    reference = Reference()
+    rows = []
+    for text in TEXTS:
+        ids = np.array(tokenizer.encode(text).ids, np.int64)[None]
+        rows.append(reference.embed(ids, np.ones_like(ids))[0])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize(("rank_size", "stage_size"), [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.ndarray, rank_size: int,
+                                       stage_size: int) -> None:
+    subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
+                    "--stage-size", str(stage_size), "--output-dir", str(tmp_path / "model")],
+                   check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    config = (EXAMPLE / "minilm" / "servable_config.py").read_text().replace(
+        "declare_servable(rank_size=4, stage_size=2,", f"declare_servable(rank_size={rank_size}, "
+                                                         f"stage_size={stage_size},")
+    assert f"rank_size={rank_size}" in config
+    (tmp_path / "servables" / "minilm").mkdir(parents=True)
+    (tmp_path / "servables" / "minilm" / "servable_config.py").write_text(config)
+    model_files = [tmp_path / "model" / f"device{r}" / "minilm.mindir" for r in range(rank_size)]
+    cluster = LocalCluster(tmp_path, tmp_path / "servables", "minilm", model_files)
+    try:
+        cluster.wait_ready({"text": "warm up"}, method="embed", timeout=300)
+        with cluster.client("embed") as client:
+            served = client.infer([{"text": text} for text in TEXTS], timeout=120)
+            alone = client.infer({"text": CAT}, timeout=60)[0]["embedding"]
+    finally:
+        codes = cluster.stop()
+    embeddings = np.stack([row["embedding"] for row in served])
+    assert embeddings.shape == (len(TEXTS), 384) and embeddings.dtype == np.float32
+    differences = np.abs(embeddings - reference_embeddings).max(axis=1)
+    assert (differences <= 1e-5).all(), dict(zip(["short", "long", "non_ascii", "empty"], differences, strict=True))
+    assert abs(float(np.linalg.norm(alone)) - 1.0) < 1e-6
+    np.testing.assert_allclose(alone, embeddings[0], atol=1e-6)
+    assert set(codes.values()) == {0}, codes
