@@ -21,6 +21,7 @@ from zmserve.protocol import (
     MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
+    MAX_REQUEST_BYTES,
 )
 
 log = get_logger("cli")
@@ -58,11 +59,14 @@ def main(log_level: str) -> None:
 @click.option("--worker-bind", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
               help="ROUTER that workers register on")
 @click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
-def broker(bind: str, worker_bind: str, heartbeat_interval: float) -> None:
+@click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
+              type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
+def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_mb: int) -> None:
     """Route client requests to the workers serving them."""
     from services.broker.broker import Broker
 
-    run_until_signalled(Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval))
+    run_until_signalled(Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
+                               max_request_bytes=max_request_mb * 2**20))
 
 
 @main.command()

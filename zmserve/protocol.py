@@ -98,6 +98,11 @@ EXECUTION_TIMEOUT_S = 30.0
 """A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
 MAX_QUEUED_REQUESTS = 1024
 """Requests a worker holds (running or waiting) before it answers RESOURCE_EXHAUSTED."""
+RECONNECT_MIN_MS = 100
+RECONNECT_MAX_MS = 2000
+"""Reconnection backoff to a lost peer: 100 ms, doubling up to 2 s."""
+MAX_REQUEST_BYTES = 1 << 30
+"""Requests larger than this (all frames) are refused by the broker with RESOURCE_EXHAUSTED."""
 LINGER_MS = 0
 """Sockets close without waiting for unsent messages: every request is answered before a close, so a message
 still queued at close belongs to a peer that is gone."""

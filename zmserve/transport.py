@@ -7,13 +7,23 @@ from collections.abc import Callable
 
 import zmq
 
-from zmserve.protocol import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS, LINGER_MS, ZERO_COPY_THRESHOLD_BYTES
+from zmserve.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    LINGER_MS,
+    RECONNECT_MAX_MS,
+    RECONNECT_MIN_MS,
+    ZERO_COPY_THRESHOLD_BYTES,
+)
 
 
 def new_socket(context: zmq.Context, kind: int, **options: int | bytes) -> zmq.Socket:
-    """A socket that closes promptly and sends big frames without copying."""
+    """A socket that closes promptly, reconnects to a lost peer with backoff (libzmq doubles the interval up to
+    the maximum), and sends big frames without copying."""
     socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, LINGER_MS)
+    socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
     socket.copy_threshold = ZERO_COPY_THRESHOLD_BYTES
     for name, value in options.items():
         socket.setsockopt(getattr(zmq, name), value)

@@ -28,6 +28,7 @@ from zmserve.transport import HeartbeatClock, new_socket
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 SUPERVISE_INTERVAL_S = 0.1
+FROZEN_LIMIT_S = 3.0
 
 
 class LauncherError(RuntimeError):
@@ -45,6 +46,7 @@ class AgentProcess:
     restart_at: float = 0.0
     restarts: int = 0
     previous_pid: int | None = None
+    frozen_since: float | None = None
 
 
 class AgentLauncher:
@@ -194,6 +196,7 @@ class AgentLauncher:
                 continue
             code = agent.process.poll()
             if code is None:
+                self.check_not_frozen(agent, now)
                 continue
             agent.previous_pid, agent.process = agent.process.pid, None
             if code == EXIT_REJECTED:
@@ -209,6 +212,23 @@ class AgentLauncher:
                 agent.crashes += 1
                 agent.restart_at = now + backoff
                 log.warning("agent_crashed", agent_rank=agent.rank, code=code, restart_in=backoff)
+
+    def check_not_frozen(self, agent: AgentProcess, now: float) -> None:
+        """A stopped agent (SIGSTOP, state T) cannot act on the worker's shutdown: after FROZEN_LIMIT_S, kill
+        it so the next supervise() restarts it."""
+        assert agent.process is not None
+        try:
+            state = Path(f"/proc/{agent.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state not in ("T", "t"):
+            agent.frozen_since = None
+        elif agent.frozen_since is None:
+            agent.frozen_since = now
+        elif now - agent.frozen_since > FROZEN_LIMIT_S:
+            log.warning("agent_frozen", agent_rank=agent.rank, pid=agent.process.pid, seconds=FROZEN_LIMIT_S)
+            agent.process.kill()
+            agent.frozen_since = None
 
     def stop(self) -> None:
         self.stop_requested = True

@@ -24,6 +24,7 @@ from zmserve.protocol import (
     DEFAULT_BROKER_WORKER_ADDRESS,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
+    MAX_REQUEST_BYTES,
     BrokerCommand,
     ErrorCode,
     MessageType,
@@ -85,9 +86,11 @@ class Broker:
         worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
         context: zmq.Context | None = None,
     ) -> None:
         self.context = context or zmq.Context.instance()
+        self.max_request_bytes = max_request_bytes
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.clients = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
@@ -128,6 +131,10 @@ class Broker:
         try:
             if len(frames) < 2:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs a header frame")
+            size = sum(len(frame) for frame in frames[1:])
+            if size > self.max_request_bytes:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
             header = unpack_header(frames[1])
             request_id = header.get("id")
             if header["type"] != MessageType.REQUEST:

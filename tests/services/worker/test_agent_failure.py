@@ -62,3 +62,17 @@ def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim:
     assert noticed - killed_at < 3.0, f"noticed after {noticed - killed_at:.1f} s"
     wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again", details=cluster.log_tails)
     assert sorted(child_pids(launcher)) != agents
+
+
+def test_frozen_agent_is_killed_and_replaced(cluster: Cluster) -> None:
+    """SIGSTOP: the worker sees the heartbeats stop, the launcher sees the stopped state and replaces it."""
+    launcher = cluster.processes["agents"].pid
+    agents = sorted(child_pids(launcher))
+    os.kill(agents[0], signal.SIGSTOP)
+    try:
+        wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=5, what="agent_lost")
+        wait_for(lambda: log_events(cluster.logs["agents"], "agent_frozen"), timeout=10, what="agent_frozen")
+        wait_for(lambda: serves(cluster), timeout=20, interval=0.2, what="serving again", details=cluster.log_tails)
+    finally:
+        if agents[0] in child_pids(launcher):
+            os.kill(agents[0], signal.SIGCONT)
