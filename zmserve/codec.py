@@ -8,6 +8,7 @@ no msgpack-numpy: putting arrays inside the msgpack body would copy them on both
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,13 @@ ALLOWED_DTYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
      "float16", "float32", "float64"}
 )
+_NAME_OF_DTYPE = {np.dtype(name): name for name in ALLOWED_DTYPES}
+_DTYPE_OF_NAME = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
+def dtype_name(dtype: np.dtype) -> str | None:
+    """The wire name of a native-order dtype, None if it is not allowed (a dict lookup: `dtype.name` is slow)."""
+    return _NAME_OF_DTYPE.get(dtype)
 
 
 def pack_header(message_type: MessageType, **fields: Any) -> bytes:
@@ -79,15 +87,16 @@ def encode_values(values: Instance) -> tuple[list[dict[str, Any]], list[Any]]:
             frames.append(bytes(value))
             continue
         array = np.asarray(value)
-        if array.dtype.name not in ALLOWED_DTYPES:
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        wire_dtype = dtype_name(array.dtype)
+        if wire_dtype is None:
             raise ServingError(
                 ErrorCode.INVALID_ARGUMENT, f"input {name!r} has unsupported dtype {array.dtype}"
             )
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
-        descriptors.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
+        descriptors.append({"name": name, "dtype": wire_dtype, "shape": list(array.shape)})
         frames.append(array.reshape(-1).view(np.uint8) if array.ndim == 0 else array)
     return descriptors, frames
 
@@ -113,13 +122,14 @@ def decode_values(descriptors: Any, frames: Sequence[Frame]) -> Instance:
         if dtype == BYTES_DTYPE:
             values[name] = bytes(buffer)
             continue
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        numpy_dtype = _DTYPE_OF_NAME[dtype]
+        expected = math.prod(shape) * numpy_dtype.itemsize
         if expected != buffer.nbytes:
             raise ServingError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"input {name!r}: {dtype}{tuple(shape)} needs {expected} bytes, frame has {buffer.nbytes}",
             )
-        values[name] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        values[name] = np.frombuffer(buffer, dtype=numpy_dtype).reshape(shape)
     return values
 
 

@@ -34,6 +34,7 @@ from services.worker.requests import MethodRun, ModelCall, RequestTable
 from zmserve.codec import (
     decode_instances,
     decode_values,
+    dtype_name,
     encode_instances,
     encode_values,
     pack_header,
@@ -576,7 +577,7 @@ def check_model_input(instance: int, value: Any, expected: dict[str, Any], batch
     if not isinstance(value, np.ndarray):
         raise ServingError(ErrorCode.INVALID_ARGUMENT,
                            f"instance {instance}: model input {name!r} must be a tensor, got {type(value).__name__}")
-    if value.dtype.name != expected["dtype"]:
+    if dtype_name(value.dtype) != expected["dtype"]:
         raise ServingError(ErrorCode.INVALID_ARGUMENT,
                            f"instance {instance}: model input {name!r} must be {expected['dtype']}, got {value.dtype}")
     shape = expected["shape"][1:] if batched else expected["shape"]
