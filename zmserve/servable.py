@@ -45,7 +45,6 @@ class DistributedModel:
     rank_size: int
     stage_size: int
     with_batch_dim: bool
-    without_batch_dim_inputs: tuple[int, ...] = ()
 
     @property
     def ranks_per_stage(self) -> int:
@@ -116,7 +115,7 @@ def declare_servable(
     `without_batch_dim_inputs` is not supported: with a batch dimension, every model input is batched.
     """
     spec = _require_loading("declare_servable")
-    if without_batch_dim_inputs:
+    if without_batch_dim_inputs not in (None, [], ()):
         raise ServableConfigError("without_batch_dim_inputs is not supported by zmserve: every model input of a "
                                   "with_batch_dim servable is batched")
     if spec.model is not None:
@@ -129,11 +128,7 @@ def declare_servable(
             f"rank_size {rank_size} is not divisible by stage_size {stage_size}: every stage needs the same "
             "number of agents"
         )
-    if without_batch_dim_inputs is None:
-        without_batch_dim_inputs = ()
-    elif isinstance(without_batch_dim_inputs, int):
-        without_batch_dim_inputs = (without_batch_dim_inputs,)
-    spec.model = DistributedModel(rank_size, stage_size, bool(with_batch_dim), tuple(without_batch_dim_inputs))
+    spec.model = DistributedModel(rank_size, stage_size, bool(with_batch_dim))
     return spec.model
 
 

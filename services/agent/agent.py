@@ -79,7 +79,13 @@ class ControlLink(threading.Thread):
 
     def send(self, header: bytes) -> None:
         """Called from the main thread: a control message for the worker."""
-        self.to_link.send(header)
+        self.to_link.send_multipart([b"send", header])
+
+    def send_and_exit(self, header: bytes, code: int) -> None:
+        """Called from the main thread: send a last message, then end the process from the link's thread (so
+        the message leaves before the process does)."""
+        self.to_link.send_multipart([b"exit", header, str(code).encode()])
+        self.join()
 
     def run(self) -> None:
         structlog.contextvars.bind_contextvars(rank=self.rank)
@@ -92,11 +98,17 @@ class ControlLink(threading.Thread):
             while True:
                 poller.poll(timeout=100)
                 drain(self.control, self.handle_control)
-                drain(self.from_main, lambda frames: self.control.send_multipart(frames, copy=False))
+                drain(self.from_main, self.handle_main)
                 self.do_chores()
         except Exception:
             log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
+
+    def handle_main(self, frames: list[zmq.Frame]) -> None:
+        kind = frames[0].bytes
+        self.control.send(frames[1].bytes)
+        if kind == b"exit":
+            self.exit(int(frames[2].bytes))
 
     def handle_control(self, frames: list[zmq.Frame]) -> None:
         self.worker_liveness.heard()
@@ -239,8 +251,8 @@ def serve(args: argparse.Namespace) -> int:
             raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")
     except Exception as exc:
         log.exception("agent_load_failed")
-        link.send(pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"))
-        return EXIT_RESTART
+        link.send_and_exit(pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"),
+                           EXIT_RESTART)
     seconds = round(time.monotonic() - started, 2)
     log.info("agent_loaded", seconds=seconds, forward=data.forward)
     link.send(pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature, load_seconds=seconds))

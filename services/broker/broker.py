@@ -331,5 +331,5 @@ def _is_hashable(value: Any) -> bool:
 
 
 def _check_hashable_id(request_id: Any) -> None:
-    if request_id is None or not _is_hashable(request_id):
+    if request_id is None or not _is_hashable(request_id) or request_id != request_id:  # NaN never matches its reply
         raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs an id (string or integer)")

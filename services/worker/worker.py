@@ -208,7 +208,8 @@ class Worker:
             self.send_to_agent(identity, pack_header(MessageType.AGENT_REJECTED, message=problem, retry=retry))
             return
         self.registry.add(AgentRecord(
-            rank=rank, identity=identity, host=str(header.get("host")), pid=int(header.get("pid", 0)),
+            rank=rank, identity=identity, host=str(header.get("host")),
+            pid=header["pid"] if isinstance(header.get("pid"), int) else 0,
             publish_address=str(header.get("publish_address", "")),
             liveness=Liveness(self.heartbeat_interval, self.heartbeat_liveness),
         ))
@@ -445,7 +446,7 @@ class Worker:
                 code = None
             except ServingError as error:
                 message = f"the model's result could not be read: {error.message}"
-        elif header.get("code") in ErrorCode.__members__:
+        elif isinstance(header.get("code"), str) and header["code"] in ErrorCode.__members__:
             code = ErrorCode(header["code"])
         if code is not None:
             for run in {run for run, _ in call.slots if not run.finished}:
@@ -461,6 +462,9 @@ class Worker:
                 run.finish_model_call(index, [output[position] for output in outputs] if call.batched else outputs)
             except ServingError as error:
                 self.fail_run(run, error.code, error.message)
+                continue
+            except (IndexError, TypeError) as error:
+                self.fail_run(run, ErrorCode.INTERNAL, f"the model's batched output does not fit the batch: {error}")
                 continue
             if run.awaiting == 0:
                 self.advance(run)
