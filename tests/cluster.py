@@ -1,10 +1,9 @@
-"""Real zmserve processes for tests: broker, worker and agent launcher started with the CLI on free loopback
-ports, waited on by condition (never by sleeping), and always torn down."""
+"""Test helpers around real zmserve processes: exports, servable folders, log reading, waiting on conditions.
+The processes themselves are started by zmserve.local.LocalCluster (re-exported here as Cluster)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from zmserve.client import Client, ClientError
-from zmserve.protocol import ErrorCode
-from zmserve.supervision import reap
+from zmserve.local import LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
+from zmserve.local import free_port, free_port_range  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 MATMUL_EXAMPLE = REPO / "examples" / "matmul_distributed"
-READY_TIMEOUT_S = 180.0
 
 MATMUL_CONFIG = """
 from zmserve.server import distributed, register
@@ -31,33 +28,6 @@ def predict(x):
     y = register.add_stage(model, x, outputs_count=1)
     return y
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports."""
-    for _ in range(100):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        try:
-            sockets = []
-            for port in range(base, base + count):
-                probe = socket.socket()
-                sockets.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for probe in sockets:
-                probe.close()
-    raise RuntimeError("no free port range")
 
 
 def export_matmul(output_dir: Path, rank_size: int) -> list[Path]:
@@ -73,79 +43,6 @@ def write_servable(servable_dir: Path, name: str, config: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "servable_config.py").write_text(config)
     return servable_dir
-
-
-class Cluster:
-    """A broker, a worker and one agent launcher, each a real `zmserve` process."""
-
-    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
-                 extra_worker_args: list[str] | None = None) -> None:
-        self.workdir = workdir
-        self.client_address = f"tcp://127.0.0.1:{free_port()}"
-        self.worker_address = f"tcp://127.0.0.1:{free_port()}"
-        self.distributed_address = f"127.0.0.1:{free_port()}"
-        self.servable = servable
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-        self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
-        self.start("worker", ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
-                              "--distributed-address", self.distributed_address,
-                              "--broker", self.worker_address, *(extra_worker_args or [])])
-        if model_files is not None:
-            self.start_agents("agents", model_files)
-
-    def start_agents(self, name: str, model_files: list[Path], *extra: str) -> None:
-        """One `zmserve agent` launcher for these model files (several launchers = several machines)."""
-        self.start(name, ["agent", "--worker", self.distributed_address,
-                          "--model-files", ",".join(str(p) for p in model_files),
-                          "--agent-start-port", str(free_port_range(len(model_files))), *extra])
-
-    def start(self, name: str, args: list[str]) -> None:
-        log_path = self.workdir / f"{name}.log"
-        self.logs[name] = log_path
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "zmserve.cli", *args], stdout=subprocess.DEVNULL,
-            stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
-        )
-
-    def client(self, method: str = "predict", servable: str | None = None, version: int = 0) -> Client:
-        return Client(self.client_address, servable or self.servable, method, version)
-
-    def wait_ready(self, instance: dict, method: str = "predict", timeout: float = READY_TIMEOUT_S) -> None:
-        """Call until the servable answers something other than 'not there yet', or fail with the logs."""
-        deadline = time.monotonic() + timeout
-        with self.client(method) as client:
-            while True:
-                self.check_alive()
-                try:
-                    client.infer(instance, timeout=30)
-                    return
-                except ClientError as error:
-                    if error.code not in (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"not ready after {timeout} s: {error}\n{self.log_tails()}") from None
-                time.sleep(0.2)
-
-    def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise AssertionError(f"{name} exited with {process.returncode}\n{self.log_tails()}")
-
-    def log_tails(self, lines: int = 15) -> str:
-        parts = []
-        for name, path in self.logs.items():
-            text = path.read_text().splitlines()[-lines:] if path.exists() else []
-            parts.append(f"--- {name} ---\n" + "\n".join(text))
-        return "\n".join(parts)
-
-    def stop(self) -> dict[str, int]:
-        """SIGTERM everything (agents first), reap it, return the exit codes."""
-        codes = {}
-        launchers = [name for name in self.processes if name not in ("worker", "broker")]
-        for name in [*launchers, "worker", "broker"]:
-            codes[name] = reap(self.processes[name], timeout=20)
-        return codes
 
 
 def matmul_reference(x: np.ndarray) -> np.ndarray:
