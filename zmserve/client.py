@@ -118,7 +118,10 @@ class Client:
             entry = self._pending.pop(header.get("id"), None)
         if entry is None:
             return
-        future = entry[0]
+        future, deadline = entry
+        if header["type"] != MessageType.ERROR and time.monotonic() > deadline:
+            future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline"))
+            return
         if header["type"] == MessageType.ERROR:
             future.set_exception(ClientError(str(header.get("code")), str(header.get("message"))))
             return

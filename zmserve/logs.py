@@ -31,7 +31,8 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level_name]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write() per line: agents of a launcher share its stderr, and print() writes the newline apart
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     _configured = True

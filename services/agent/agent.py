@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import queue
@@ -50,6 +51,8 @@ EXIT_STOPPED = 0
 EXIT_CRASHED = 1
 EXIT_REJECTED = 2
 EXIT_RESTART = 3
+JOIN_TIMEOUT_S = 90.0
+"""Longest an agent may take to join its group, load and warm up (8 agents on 2 cores take ~10-40 s)."""
 DOWNSTREAM_WAIT_S = 60.0
 """How long a stage leader waits for the next stage to subscribe before it reports a failed start."""
 
@@ -204,11 +207,17 @@ class ShardRunner:
                                             config["group_size"], config["node_id"]))
         from mindspore.communication import init
 
-        init()
-        self.cell = self.ms.nn.GraphCell(self.ms.load(str(self.model_file)))
-        if self.signature.get("inputs"):
-            self.run([np.zeros([d if d >= 0 else 1 for d in spec["shape"]], dtype=spec["dtype"])
-                      for spec in self.signature["inputs"]])
+        # init() holds the GIL while it waits for its group, so the control thread cannot act on a shutdown
+        # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
+        faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
+        try:
+            init()
+            self.cell = self.ms.nn.GraphCell(self.ms.load(str(self.model_file)))
+            if self.signature.get("inputs"):
+                self.run([np.zeros([d if d >= 0 else 1 for d in spec["shape"]], dtype=spec["dtype"])
+                          for spec in self.signature["inputs"]])
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         returned = self.cell(*(self.ms.Tensor(np.asarray(value)) for value in inputs))

@@ -100,6 +100,8 @@ class Broker:
         self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[bytes, WorkerRecord] = {}
+        self.seen_servables: set[str] = set()
+        """Servables some worker served: while none does, requests for them are UNAVAILABLE, not NOT_FOUND."""
         self.requests = RequestTable()
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.stop_event = threading.Event()
@@ -174,6 +176,9 @@ class Broker:
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
         """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""
         serving = [w for w in self.workers.values() if w.servable == servable]
+        if not serving and servable in self.seen_servables:
+            raise ServingError(ErrorCode.UNAVAILABLE,
+                               f"servable {servable!r} has no worker right now (its worker was lost); retry")
         if not serving:
             raise ServingError(ErrorCode.NOT_FOUND, f"servable {servable!r} is not served; {self.describe()}")
         versions = sorted({w.version for w in serving})
@@ -231,6 +236,9 @@ class Broker:
             return
         if record is not None:
             record.inflight.discard(key)
+        if pending.deadline is not None and time.monotonic() > pending.deadline:
+            self.reply_error(client, key[1], ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
+            return
         self.send_to_client(client, frames)
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: zmq.Frame) -> None:
@@ -255,6 +263,7 @@ class Broker:
             record = WorkerRecord(identity, servable, version, frozenset(methods), ready, reason,
                                   Liveness(self.heartbeat_interval, self.heartbeat_liveness))
             self.workers[identity] = record
+            self.seen_servables.add(servable)
             log.info("worker_registered", servable=servable, version=version, methods=sorted(methods),
                      ready=ready)
         elif record.ready != ready:
