@@ -2,7 +2,8 @@
 
 For a servable declared `with_batch_dim=True`, each instance at the model stage waits in the `Batcher` with
 other instances of the same input shapes (instances of different shapes are never mixed). A batch leaves when
-it is full (`max_batch_size`) or when its oldest instance has waited `max_delay` seconds, whichever is first.
+it is full (`max_batch_size`), when its oldest instance has waited `max_delay` seconds, or at once when the
+pipeline is empty: instances only wait for company while the model is busy anyway.
 A model exported with a fixed batch size gets its batches padded to that size.
 """
 
@@ -44,8 +45,9 @@ class Batcher:
         batch.rows.append(row)
         batch.arrived.append(time.monotonic())
 
-    def take_ready(self, now: float | None = None) -> list[ReadyBatch]:
-        """Full batches, and batches whose oldest instance has waited max_delay."""
+    def take_ready(self, now: float | None = None, idle: bool = False) -> list[ReadyBatch]:
+        """Full batches, and batches whose oldest instance has waited max_delay; everything when `idle` (the
+        pipeline is empty, so waiting would only add latency)."""
         now = now if now is not None else time.monotonic()
         ready = []
         for key, batch in list(self.pending.items()):
@@ -53,7 +55,7 @@ class Batcher:
             while len(batch.slots) >= size:
                 ready.append(self._stack(batch.slots[:size], batch.rows[:size]))
                 del batch.slots[:size], batch.rows[:size], batch.arrived[:size]
-            if batch.slots and now - batch.arrived[0] >= self.max_delay:
+            if batch.slots and (idle or now - batch.arrived[0] >= self.max_delay):
                 ready.append(self._stack(batch.slots, batch.rows))
                 batch.slots, batch.rows, batch.arrived = [], [], []
             if not batch.slots:

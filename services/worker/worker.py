@@ -413,7 +413,7 @@ class Worker:
         """Turn every batch that is full or has waited long enough into a model call."""
         if self.batcher is None:
             return
-        for batch in self.batcher.take_ready():
+        for batch in self.batcher.take_ready(idle=not self.requests.in_pipeline and not self.requests.queued_calls):
             if any(not run.finished for run, _ in batch.slots):
                 self.requests.new_call(batch.inputs, batch.slots, batched=True)
 

@@ -93,3 +93,10 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows(tmp_path: 
     (stats,) = log_events(cluster.logs["worker"], "worker_stopped")
     assert stats["model_rows"] == 11
     assert stats["model_calls"] <= 4, stats
+
+
+def test_an_idle_pipeline_takes_a_lone_instance_at_once() -> None:
+    batcher = Batcher(max_batch_size=8, max_delay=60)
+    batcher.add(("a", 0), row(1))
+    assert batcher.take_ready() == []
+    assert [b.slots for b in batcher.take_ready(idle=True)] == [[("a", 0)]]
