@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchlib import wait_quiet
 
 from zmserve.local import LocalCluster
 
@@ -39,7 +40,7 @@ def predict(x):
 def measure(workdir: Path, model_files: list[Path], max_inflight: int, requests: int, concurrency: int,
             x: np.ndarray) -> dict:
     servable_dir = workdir / f"servables-{max_inflight}"
-    (servable_dir / "mlp").mkdir(parents=True)
+    (servable_dir / "mlp").mkdir(parents=True, exist_ok=True)  # modes repeat (1, 64, 1, 64)
     (servable_dir / "mlp" / "servable_config.py").write_text(CONFIG)
     cluster = LocalCluster(workdir, servable_dir, "mlp", model_files, ["--max-inflight", str(max_inflight)],
                            ["--pin-cpus"])
@@ -55,13 +56,14 @@ def measure(workdir: Path, model_files: list[Path], max_inflight: int, requests:
                 client.infer({"x": x}, timeout=120)
                 latencies.append(time.perf_counter() - started)
 
+            load = wait_quiet()
             started = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 list(pool.map(one, range(requests)))
             elapsed = time.perf_counter() - started
     finally:
         cluster.stop()
-    return {"max_inflight": max_inflight, "requests": requests, "concurrency": concurrency,
+    return {"max_inflight": max_inflight, "load1": load, "requests": requests, "concurrency": concurrency,
             "seconds": round(elapsed, 3), "req_per_s": round(requests / elapsed, 1),
             "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 2),
             "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2)}

@@ -18,6 +18,7 @@ Sockets (who binds is in docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from enum import StrEnum
@@ -152,7 +153,7 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 due = self.batcher.seconds_until_due() if self.batcher is not None else None
-                ready = dict(poller.poll(timeout=100 if due is None else min(100, due * 1000)))
+                ready = dict(poller.poll(timeout=100 if due is None else min(100, math.ceil(due * 1000))))
                 for sock, handle in handlers:
                     if sock in ready:
                         drain(sock, handle)
