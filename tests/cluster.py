@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zmserve.local import LocalCluster as Cluster  # noqa: F401  (re-exported for the tests)
+from zmserve.local import LocalCluster as Cluster
 from zmserve.local import free_port, free_port_range  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,3 +107,17 @@ def log_events(path: Path, event: str) -> list[dict]:
             if record.get("event") == event:
                 events.append(record)
     return events
+
+
+def start_matmul_cluster(workdir: Path, rank_size: int) -> Cluster:
+    """Export a rank_size MatMul, start a cluster for it and wait until it serves (stopped again on failure)."""
+    model_files = export_matmul(workdir, rank_size)
+    servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=rank_size,
+                                                                                        stage_size=1))
+    cluster = Cluster(workdir, servable_dir, "matmul", model_files)
+    try:
+        cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -4,27 +4,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster import MATMUL_CONFIG, Cluster, export_matmul, write_servable
-
-ONES = {"x": np.ones((128, 96), np.float32)}
-
-
-def start_matmul_cluster(workdir: Path, rank_size: int) -> Cluster:
-    model_files = export_matmul(workdir, rank_size)
-    servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=rank_size,
-                                                                                        stage_size=1))
-    cluster = Cluster(workdir, servable_dir, "matmul", model_files)
-    try:
-        cluster.wait_ready(ONES)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+from cluster import Cluster, start_matmul_cluster
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster import MATMUL_CONFIG, child_pids, export_matmul, log_events, matmul_reference, write_servable
+from cluster import child_pids, log_events, matmul_reference, start_matmul_cluster
 
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
@@ -67,12 +67,8 @@ def id_key(value: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    workdir = tmp_path_factory.mktemp("fuzz")
-    model_files = export_matmul(workdir, 2)
-    servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
-    cluster = LocalCluster(workdir, servable_dir, "matmul", model_files)
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("fuzz"), 2)
     try:
-        cluster.wait_ready(ONES)
         yield cluster
     finally:
         cluster.stop()

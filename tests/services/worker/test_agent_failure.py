@@ -11,14 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster import (
-    MATMUL_CONFIG,
     Cluster,
     child_pids,
-    export_matmul,
     log_events,
     matmul_reference,
+    start_matmul_cluster,
     wait_for,
-    write_servable,
 )
 
 from zmserve.client import ClientError
@@ -28,11 +26,8 @@ ONES = {"x": np.ones((128, 96), np.float32)}
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    model_files = export_matmul(tmp_path, 2)
-    servable_dir = write_servable(tmp_path / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
-    cluster = Cluster(tmp_path, servable_dir, "matmul", model_files)
+    cluster = start_matmul_cluster(tmp_path, 2)
     try:
-        cluster.wait_ready(ONES)
         yield cluster
     finally:
         cluster.stop()
