@@ -156,14 +156,20 @@ def build_value(name: str, spec: Any, rng: np.random.Generator) -> np.ndarray:
     return make_array(shape, spec.get("dtype", "float32"), spec.get("fill", "ones"), rng)
 
 
-def parse_request(line: str, rng: np.random.Generator) -> RequestSpec:
-    """One JSON request line -> RequestSpec; raises ValueError saying what is wrong."""
+def _json_object(line: str, what: str) -> dict[str, Any]:
+    """Parse one JSON line that must be an object; ValueError says what is wrong."""
     try:
         document = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise ValueError("a request line must be a JSON object")
+        raise ValueError(f"{what} must be a JSON object")
+    return document
+
+
+def parse_request(line: str, rng: np.random.Generator) -> RequestSpec:
+    """One JSON request line -> RequestSpec; raises ValueError saying what is wrong."""
+    document = _json_object(line, "a request line")
     unknown = set(document) - REQUEST_KEYS
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(REQUEST_KEYS)}")
@@ -205,12 +211,7 @@ def make_record(request_id: int, send_time: float, latency_s: float, status: str
 
 def parse_record(line: str) -> dict[str, Any]:
     """One result line -> record; raises ValueError if it is not one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise ValueError("a result line must be a JSON object")
+    record = _json_object(line, "a result line")
     for key in ("send_time", "latency_ms"):
         if not isinstance(record.get(key), int | float) or isinstance(record.get(key), bool):
             raise ValueError(f"'{key}' must be a number, got {record.get(key)!r}")
