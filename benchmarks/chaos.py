@@ -34,9 +34,8 @@ import numpy as np
 import zmq
 
 from zmserve.client import Client, ClientError
-from zmserve.codec import unpack_header
 from zmserve.local import LocalCluster
-from zmserve.protocol import ServingError
+from zmserve.protocol import Error, Reply, ServingError, decode
 
 REPO = Path(__file__).resolve().parent.parent
 MATMUL_EXAMPLE = REPO / "examples" / "matmul_distributed"
@@ -75,7 +74,7 @@ class CountingClient(Client):
 
     def _resolve(self, frames: list[zmq.Frame]) -> None:
         try:
-            request_id = unpack_header(frames[0]).get("id")
+            request_id = decode(frames[0], Reply, Error).id
         except ServingError:
             request_id = "unreadable"
         with self._counting:

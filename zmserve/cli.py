@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any
 
@@ -23,24 +22,14 @@ from zmserve.protocol import (
     MAX_QUEUED_REQUESTS,
     MAX_REQUEST_BYTES,
 )
+from zmserve.supervision import handle_stop_signals
 
 log = get_logger("cli")
 
 
 def run_until_signalled(service: Any) -> None:
     """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly, a second one forces the exit."""
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if stopping:
-            os._exit(1)
-        stopping = True
-        log.info("stopping", signal=signal.Signals(signum).name)
-        service.stop()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+    handle_stop_signals(service.stop)
     result = service.run()
     sys.exit(result if isinstance(result, int) else 0)
 
@@ -64,9 +53,14 @@ def main(log_level: str) -> None:
 def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_mb: int) -> None:
     """Route client requests to the workers serving them."""
     from services.broker.broker import Broker
+    from zmserve.transport import BindError
 
-    run_until_signalled(Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
-                               max_request_bytes=max_request_mb * 2**20))
+    try:
+        service = Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
+                         max_request_bytes=max_request_mb * 2**20)
+    except BindError as error:
+        raise click.ClickException(str(error)) from None
+    run_until_signalled(service)
 
 
 @main.command()
@@ -96,16 +90,19 @@ def worker(servable_dir: str, servable: str, version_number: int, rank_table: st
            max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
            max_batch_delay_ms: float) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker."""
+    from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
     from zmserve.servable import ServableConfigError
+    from zmserve.transport import BindError
 
     try:
-        service = Worker(servable_dir, servable, version_number, rank_table, distributed_address, wait_agents,
-                         broker_address, heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight,
-                         max_queued_requests=max_queued, execution_timeout=execution_timeout,
-                         max_batch_size=max_batch_size, max_batch_delay=max_batch_delay_ms / 1000)
-    except (ServableConfigError, RankTableError) as error:
+        service = Worker(WorkerConfig(
+            servable_dir, servable, version_number, rank_table, distributed_address, broker_address, wait_agents,
+            heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
+            execution_timeout=execution_timeout, max_batch_size=max_batch_size,
+            max_batch_delay=max_batch_delay_ms / 1000))
+    except (ServableConfigError, RankTableError, BindError) as error:
         raise click.ClickException(str(error)) from None
     try:
         run_until_signalled(service)

@@ -15,8 +15,8 @@ from concurrent.futures import Future
 
 import zmq
 
-from zmserve.codec import Instance, decode_instances, encode_instances, pack_header, unpack_header
-from zmserve.protocol import ErrorCode, MessageType, ServingError, normalize_address
+from zmserve.codec import Instance, decode_instances, encode_instances
+from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode, normalize_address
 from zmserve.transport import new_socket
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -65,8 +65,8 @@ class Client:
             future.set_exception(ClientError(error.code, error.message))
             return future
         request_id = next(self._ids)
-        header = pack_header(MessageType.REQUEST, id=request_id, servable=self.servable, method=self.method,
-                             version=self.version, timeout_ms=int(timeout * 1000), instances=descriptors)
+        header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
+                                timeout_ms=timeout * 1000, instances=descriptors))
         with self._lock:
             self._pending[request_id] = (future, time.monotonic() + timeout)
             self._outbound.send_multipart([header, *frames], copy=False)
@@ -111,22 +111,22 @@ class Client:
 
     def _resolve(self, frames: list[zmq.Frame]) -> None:
         try:
-            header = unpack_header(frames[0])
+            reply = decode(frames[0], Reply, Error)
         except ServingError:
             return
         with self._lock:
-            entry = self._pending.pop(header.get("id"), None)
+            entry = self._pending.pop(reply.id, None)
         if entry is None:
             return
         future, deadline = entry
-        if header["type"] != MessageType.ERROR and time.monotonic() > deadline:
+        if isinstance(reply, Error):
+            future.set_exception(ClientError(reply.code, reply.message))
+            return
+        if time.monotonic() > deadline:
             future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline"))
             return
-        if header["type"] == MessageType.ERROR:
-            future.set_exception(ClientError(str(header.get("code")), str(header.get("message"))))
-            return
         try:
-            future.set_result(decode_instances(header.get("instances"), frames[1:]))
+            future.set_result(decode_instances(reply.instances, frames[1:]))
         except ServingError as error:
             future.set_exception(ClientError(error.code, error.message))
 

@@ -46,7 +46,8 @@ def free_port_range(count: int) -> int:
 
 
 class LocalCluster:
-    """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`."""
+    """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`, at debug level so that tests can
+    follow every membership event."""
 
     def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None) -> None:
@@ -74,7 +75,7 @@ class LocalCluster:
         log_path = self.workdir / f"{name}.log"
         self.logs[name] = log_path
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "zmserve.cli", *args], stdout=subprocess.DEVNULL,
+            [sys.executable, "-m", "zmserve.cli", "--log-level", "debug", *args], stdout=subprocess.DEVNULL,
             stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
         )
 

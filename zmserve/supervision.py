@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
+import threading
+from collections.abc import Callable
+
+from zmserve.logs import get_logger
+
+log = get_logger("supervision")
 
 PR_SET_PDEATHSIG = 1
 
@@ -25,3 +32,21 @@ def reap(process: subprocess.Popen, timeout: float = 5.0) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+def handle_stop_signals(stop: Callable[[], None]) -> None:
+    """SIGINT and SIGTERM call `stop` (which must only set flags: it runs inside a signal handler); a second
+    signal ends the process at once with exit code 1. Only the main thread can install handlers."""
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            os._exit(1)
+        stopping = True
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)

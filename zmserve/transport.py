@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Any
 
 import zmq
 
@@ -30,16 +32,58 @@ def new_socket(context: zmq.Context, kind: int, **options: int | bytes) -> zmq.S
     return socket
 
 
+class BindError(RuntimeError):
+    """An address this process must listen on is taken or invalid; the message is one line for the user."""
+
+
+def bind(socket: zmq.Socket, address: str, what: str) -> str:
+    """Bind `socket` to `address` (port 0 or `*` picks a free port) and return the endpoint it got; a failure
+    becomes one BindError line naming the address, `what` listens there, and the likely cause."""
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as error:
+        if error.errno == zmq.EADDRINUSE:
+            cause = "the address is already in use (another zmserve process, or another program, listens there)"
+        elif error.errno == zmq.EADDRNOTAVAIL:
+            cause = "no network interface of this machine has that address"
+        else:
+            cause = error.strerror
+        raise BindError(f"cannot bind the {what} to {address}: {cause}") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Delivery(Enum):
+    SENT = "sent"
+    WOULD_BLOCK = "would_block"
+    """The peer's queue is full (high-water mark): it is not reading."""
+    UNREACHABLE = "unreachable"
+    """A ROUTER_MANDATORY socket has no connected peer of that identity."""
+
+
+def send_nonblocking(socket: zmq.Socket, frames: Sequence[Any]) -> Delivery:
+    """Send without ever blocking the loop; the caller decides what an undelivered message means."""
+    try:
+        socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return Delivery.WOULD_BLOCK
+    except zmq.ZMQError as error:
+        if error.errno != zmq.EHOSTUNREACH:
+            raise
+        return Delivery.UNREACHABLE
+    return Delivery.SENT
+
+
 class Liveness:
     """A peer is alive while it was heard from within interval x liveness (any traffic counts)."""
 
-    def __init__(self, interval: float = HEARTBEAT_INTERVAL_S, liveness: int = HEARTBEAT_LIVENESS) -> None:
+    def __init__(self, interval: float = HEARTBEAT_INTERVAL_S, liveness: int = HEARTBEAT_LIVENESS,
+                 now: float | None = None) -> None:
         self.interval = interval
         self.timeout = interval * liveness
-        self.last_heard = time.monotonic()
+        self.last_heard = now if now is not None else time.monotonic()
 
-    def heard(self) -> None:
-        self.last_heard = time.monotonic()
+    def heard(self, now: float | None = None) -> None:
+        self.last_heard = now if now is not None else time.monotonic()
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.monotonic()) - self.last_heard > self.timeout

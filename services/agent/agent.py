@@ -14,35 +14,50 @@ MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import faulthandler
 import json
 import os
 import queue
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import structlog
 import zmq
 
-from zmserve.codec import decode_values, encode_values, pack_header, unpack_header
+from zmserve.codec import decode_values, encode_values
 from zmserve.collective import MEMBER_ROLE, group_environment
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MODEL_CALL_TOPIC,
-    SUBSCRIBER_TOPIC_PREFIX,
+    AgentConfigure,
+    AgentFailed,
+    AgentReady,
+    AgentRegister,
+    AgentRejected,
+    AgentShutdown,
     ErrorCode,
-    MessageType,
+    Forward,
+    Heartbeat,
+    Message,
+    ModelCall,
+    ModelError,
+    ModelResult,
+    ModelSignature,
     ServingError,
+    ShardInfo,
+    decode,
+    encode,
     normalize_address,
+    parse_subscription,
+    subscription_topic,
 )
 from zmserve.supervision import die_with_parent
 from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
@@ -59,6 +74,28 @@ DOWNSTREAM_WAIT_S = 60.0
 log = get_logger("agent")
 
 
+class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the launcher tells one agent process, passed as JSON in its only argument (the launcher read its own
+    options, flags or ZMSERVE_* variables, through click; the agent has no option parser of its own)."""
+
+    worker: str
+    rank: int
+    model_file: str
+    publish_address: str
+    host: str = "127.0.0.1"
+    group_config_file: str | None = None
+    replaces_pid: int | None = None
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+
+    def to_argument(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_argument(cls, text: str) -> AgentSettings:
+        return msgspec.json.decode(text, type=cls)
+
+
 class ControlLink(threading.Thread):
     """The agent's control link to the worker, in its own thread. The configuration arrives on `inbox`;
     shutdown, rejection and a silent worker end the process from here, even while the main thread is stuck
@@ -70,7 +107,7 @@ class ControlLink(threading.Thread):
         self.context = context
         self.worker_address = worker_address
         self.rank = rank
-        self.inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.inbox: queue.Queue[AgentConfigure] = queue.Queue()
         pipe = f"inproc://agent-control-{rank}"
         self.from_main = new_socket(context, zmq.PAIR)
         self.from_main.bind(pipe)
@@ -80,14 +117,14 @@ class ControlLink(threading.Thread):
         self.worker_liveness = Liveness(heartbeat_interval, heartbeat_liveness)
         self.worker_heard = False
 
-    def send(self, header: bytes) -> None:
+    def send(self, message: Message) -> None:
         """Called from the main thread: a control message for the worker."""
-        self.to_link.send_multipart([b"send", header])
+        self.to_link.send_multipart([b"send", encode(message)])
 
-    def send_and_exit(self, header: bytes, code: int) -> None:
+    def send_and_exit(self, message: Message, code: int) -> None:
         """Called from the main thread: send a last message, then end the process from the link's thread (so
         the message leaves before the process does)."""
-        self.to_link.send_multipart([b"exit", header, str(code).encode()])
+        self.to_link.send_multipart([b"exit", encode(message), str(code).encode()])
         self.join()
 
     def run(self) -> None:
@@ -117,25 +154,23 @@ class ControlLink(threading.Thread):
         self.worker_liveness.heard()
         self.worker_heard = True
         try:
-            header = unpack_header(frames[-1])
+            message = decode(frames[-1], AgentConfigure, AgentRejected, AgentShutdown, Heartbeat)
         except ServingError as error:
             log.warning("control_message_malformed", message=error.message)
             return
-        kind = header["type"]
-        if kind == MessageType.AGENT_CONFIGURE:
-            self.inbox.put(header)
-        elif kind == MessageType.AGENT_REJECTED:
-            retry = bool(header.get("retry"))
-            log.error("agent_rejected", why=header.get("message"), retry=retry)
-            self.exit(EXIT_CRASHED if retry else EXIT_REJECTED)
-        elif kind == MessageType.AGENT_SHUTDOWN:
-            log.info("agent_shutdown", reason=header.get("reason"))
+        if isinstance(message, AgentConfigure):
+            self.inbox.put(message)
+        elif isinstance(message, AgentRejected):
+            log.error("agent_rejected", why=message.message, retry=message.retry)
+            self.exit(EXIT_CRASHED if message.retry else EXIT_REJECTED)
+        elif isinstance(message, AgentShutdown):
+            log.info("agent_shutdown", reason=message.reason)
             self.exit(EXIT_RESTART)
 
     def do_chores(self) -> None:
         if self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
-                self.control.send(pack_header(MessageType.HEARTBEAT, rank=self.rank), flags=zmq.NOBLOCK)
+                self.control.send(encode(Heartbeat(rank=self.rank)), flags=zmq.NOBLOCK)
         if self.worker_heard and self.worker_liveness.expired():
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
@@ -150,16 +185,16 @@ class ControlLink(threading.Thread):
 class DataPlane:
     """Where this agent's calls come from and where its outputs go; used by the main thread only."""
 
-    def __init__(self, context: zmq.Context, config: dict[str, Any], rank: int, publish_address: str) -> None:
-        self.forward = config["forward"]
+    def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str) -> None:
+        self.forward = config.forward
         self.inputs = new_socket(context, zmq.SUB, RCVHWM=0)
-        self.inputs.connect(config["input_address"])
+        self.inputs.connect(config.input_address)
         self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
-        self.inputs.setsockopt(zmq.SUBSCRIBE, SUBSCRIBER_TOPIC_PREFIX + str(rank).encode())
+        self.inputs.setsockopt(zmq.SUBSCRIBE, subscription_topic(rank))
         self.results = new_socket(context, zmq.PUSH, SNDHWM=0)
-        self.results.connect(config["result_address"])
+        self.results.connect(config.result_address)
         self.downstream: zmq.Socket | None = None
-        if self.forward == "publish":
+        if self.forward == Forward.PUBLISH:
             self.downstream = new_socket(context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
             self.downstream.bind(publish_address)
 
@@ -170,9 +205,9 @@ class DataPlane:
         deadline = time.monotonic() + timeout
         while missing and self.downstream is not None and time.monotonic() < deadline:
             if self.downstream.poll(100):
-                message = self.downstream.recv()
-                if message[:1] == b"\x01" and message[1:].startswith(SUBSCRIBER_TOPIC_PREFIX):
-                    missing.discard(int(message[1 + len(SUBSCRIBER_TOPIC_PREFIX):]))
+                event = parse_subscription(self.downstream.recv())
+                if event is not None and event[0]:
+                    missing.discard(event[1])
         return sorted(missing)
 
     def receive(self) -> list[zmq.Frame]:
@@ -180,19 +215,19 @@ class DataPlane:
         return self.inputs.recv_multipart(copy=False)[1:]
 
     def send_output(self, frames: list[Any]) -> None:
-        if self.forward == "publish" and self.downstream is not None:
+        if self.forward == Forward.PUBLISH and self.downstream is not None:
             self.downstream.send_multipart([MODEL_CALL_TOPIC, *frames], copy=False)
-        elif self.forward == "result":
+        elif self.forward == Forward.RESULT:
             self.results.send_multipart(frames, copy=False)
 
-    def send_error(self, header: bytes) -> None:
-        self.results.send(header)
+    def send_error(self, error: ModelError) -> None:
+        self.results.send(encode(error))
 
 
 class ShardRunner:
     """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
 
-    def __init__(self, model_file: Path, signature: dict[str, Any]) -> None:
+    def __init__(self, model_file: Path, signature: ModelSignature) -> None:
         import mindspore as ms
 
         ms.set_context(mode=ms.GRAPH_MODE)
@@ -202,9 +237,9 @@ class ShardRunner:
         self.signature = signature
         self.cell: Any = None
 
-    def join_group_and_load(self, config: dict[str, Any]) -> None:
-        os.environ.update(group_environment(MEMBER_ROLE, config["scheduler_host"], config["scheduler_port"],
-                                            config["group_size"], config["node_id"]))
+    def join_group_and_load(self, config: AgentConfigure) -> None:
+        os.environ.update(group_environment(MEMBER_ROLE, config.scheduler_host, config.scheduler_port,
+                                            config.group_size, config.node_id))
         from mindspore.communication import init
 
         # init() holds the GIL while it waits for its group, so the control thread cannot act on a shutdown
@@ -213,9 +248,9 @@ class ShardRunner:
         try:
             init()
             self.cell = self.ms.nn.GraphCell(self.ms.load(str(self.model_file)))
-            if self.signature.get("inputs"):
-                self.run([np.zeros([d if d >= 0 else 1 for d in spec["shape"]], dtype=spec["dtype"])
-                          for spec in self.signature["inputs"]])
+            if self.signature.inputs:
+                self.run([np.zeros([d if d >= 0 else 1 for d in spec.shape], dtype=spec.dtype)
+                          for spec in self.signature.inputs])
         finally:
             faulthandler.cancel_dump_traceback_later()
 
@@ -225,93 +260,81 @@ class ShardRunner:
         return [output.asnumpy() for output in outputs]
 
 
-def read_signature(model_file: Path, group_config_file: Path | None) -> dict[str, Any]:
-    """The shard's input/output signature from its group config (written by the export), if there is one."""
+def read_shard_info(model_file: Path, group_config_file: Path | None) -> ShardInfo:
+    """What the shard's export says it is (its group_config.json next to the model file), if it says anything."""
     path = group_config_file or model_file.parent / "group_config.json"
     if not path.is_file():
-        return {}
+        return ShardInfo()
     document = json.loads(path.read_text())
-    return {"inputs": document.get("inputs"), "outputs": document.get("outputs")}
+    signature = msgspec.convert({"inputs": document.get("inputs"), "outputs": document.get("outputs")},
+                                ModelSignature)
+    known = {key: document.get(key) for key in ("rank", "rank_size", "stage", "stage_size")}
+    return ShardInfo(signature=signature, **{k: v for k, v in known.items() if isinstance(v, int)})
 
 
-def serve(args: argparse.Namespace) -> int:
-    model_file = Path(args.model_file)
+def serve(settings: AgentSettings) -> int:
+    model_file = Path(settings.model_file)
     if not model_file.is_file():
         log.error("model_file_missing", path=str(model_file))
         return EXIT_REJECTED
-    signature = read_signature(model_file, Path(args.group_config_file) if args.group_config_file else None)
+    shard = read_shard_info(model_file, Path(settings.group_config_file) if settings.group_config_file else None)
     context = zmq.Context()
-    link = ControlLink(context, normalize_address(args.worker), args.rank, args.heartbeat_interval,
-                       args.heartbeat_liveness)
+    link = ControlLink(context, normalize_address(settings.worker), settings.rank, settings.heartbeat_interval,
+                       settings.heartbeat_liveness)
     link.start()
-    link.send(pack_header(MessageType.AGENT_REGISTER, rank=args.rank, host=args.host, pid=os.getpid(),
-                          model_file=str(model_file), publish_address=args.publish_address,
-                          replaces_pid=args.replaces_pid))
-    log.info("agent_registering", worker=args.worker, model_file=str(model_file))
-    runner = ShardRunner(model_file, signature)
+    link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
+                            publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
+                            shard=shard))
+    log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
+    runner = ShardRunner(model_file, shard.signature)
     config = link.inbox.get()
-    structlog.contextvars.bind_contextvars(stage=config["stage"])
+    structlog.contextvars.bind_contextvars(stage=config.stage)
     started = time.monotonic()
     try:
         runner.join_group_and_load(config)
-        data = DataPlane(context, config, args.rank, args.publish_address)
-        missing = data.wait_for_downstream(config["downstream_ranks"], DOWNSTREAM_WAIT_S)
+        data = DataPlane(context, config, settings.rank, settings.publish_address)
+        missing = data.wait_for_downstream(config.downstream_ranks, DOWNSTREAM_WAIT_S)
         if missing:
             raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")
     except Exception as exc:
         log.exception("agent_load_failed")
-        link.send_and_exit(pack_header(MessageType.AGENT_FAILED, message=f"{type(exc).__name__}: {exc}"),
-                           EXIT_RESTART)
+        link.send_and_exit(AgentFailed(message=f"{type(exc).__name__}: {exc}"), EXIT_RESTART)
     seconds = round(time.monotonic() - started, 2)
-    log.info("agent_loaded", seconds=seconds, forward=data.forward)
-    link.send(pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature, load_seconds=seconds))
+    log.debug("agent_loaded", seconds=seconds, forward=data.forward)
+    link.send(AgentReady(rank=settings.rank, load_seconds=seconds))
     while True:
-        run_call(runner, data, data.receive(), args.rank)
+        run_call(runner, data, data.receive(), settings.rank)
 
 
 def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank: int) -> None:
     call_id = None
     try:
-        header = unpack_header(frames[0])
-        call_id = header.get("call")
-        inputs = list(decode_values(header.get("values"), frames[1:]).values())
+        call = decode(frames[0], ModelCall)
+        call_id = call.call
+        inputs = list(decode_values(call.values, frames[1:]).values())
         outputs = runner.run(inputs)
     except Exception as exc:
         code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
         log.warning("model_call_failed", call=call_id, error=str(exc))
-        data.send_error(pack_header(MessageType.MODEL_ERROR, call=call_id, rank=rank, code=str(code),
-                                    message=f"{type(exc).__name__}: {exc}"))
+        data.send_error(ModelError(call=call_id, rank=rank, code=code, message=f"{type(exc).__name__}: {exc}"))
         return
-    if data.forward == "none":
+    if data.forward == Forward.NONE:
         return
-    descriptors, out_frames = encode_values({f"input{i}": v for i, v in enumerate(outputs)})
-    kind = MessageType.MODEL_CALL if data.forward == "publish" else MessageType.MODEL_RESULT
-    data.send_output([pack_header(kind, call=call_id, rank=rank, request_id=header.get("request_id"),
-                                  values=descriptors), *out_frames])
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="one zmserve agent process (started by `zmserve agent`)")
-    parser.add_argument("--worker", required=True)
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--model-file", required=True)
-    parser.add_argument("--group-config-file")
-    parser.add_argument("--host", default=socket.gethostname())
-    parser.add_argument("--publish-address", required=True)
-    parser.add_argument("--replaces-pid", type=int, default=None,
-                        help="the pid of the agent this one restarts (lets the worker replace it at once)")
-    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S)
-    parser.add_argument("--heartbeat-liveness", type=int, default=HEARTBEAT_LIVENESS)
-    return parser.parse_args(argv)
+    specs, out_frames = encode_values({f"input{i}": v for i, v in enumerate(outputs)})
+    if data.forward == Forward.PUBLISH:
+        header = encode(ModelCall(call=call.call, rank=rank, request_id=call.request_id, values=specs))
+    else:
+        header = encode(ModelResult(call=call.call, rank=rank, request_id=call.request_id, values=specs))
+    data.send_output([header, *out_frames])
 
 
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()
-    args = parse_args(argv)
+    settings = AgentSettings.from_argument((argv if argv is not None else sys.argv[1:])[0])
     configure_logging()
-    structlog.contextvars.bind_contextvars(rank=args.rank)
+    structlog.contextvars.bind_contextvars(rank=settings.rank)
     try:
-        code = serve(args)
+        code = serve(settings)
         sys.stderr.flush()
     except KeyboardInterrupt:
         code = EXIT_STOPPED

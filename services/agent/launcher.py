@@ -17,10 +17,19 @@ from pathlib import Path
 
 import zmq
 
-from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED
-from zmserve.codec import pack_header, unpack_header
+from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, AgentSettings
 from zmserve.logs import get_logger
-from zmserve.protocol import DEFAULT_AGENT_START_PORT, DEFAULT_DISTRIBUTED_ADDRESS, MessageType, normalize_address
+from zmserve.protocol import (
+    DEFAULT_AGENT_START_PORT,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    RankTableAnswer,
+    RankTableQuery,
+    ServingError,
+    decode,
+    encode,
+    normalize_address,
+)
 from zmserve.ranktable import RankTable
 from zmserve.supervision import die_with_parent, reap
 from zmserve.transport import HeartbeatClock, new_socket
@@ -84,16 +93,13 @@ class AgentLauncher:
         self.failure: str | None = None
 
     def command(self, agent: AgentProcess) -> list[str]:
-        command = [sys.executable, "-m", "services.agent.agent", "--worker", self.worker_address,
-                   "--rank", str(agent.rank), "--model-file", str(agent.model_file),
-                   "--host", self.agent_ip or "127.0.0.1", "--publish-address", agent.publish_address]
-        if agent.group_config_file is not None:
-            command += ["--group-config-file", str(agent.group_config_file)]
-        if self.heartbeat_interval is not None:
-            command += ["--heartbeat-interval", str(self.heartbeat_interval)]
-        if agent.previous_pid is not None:
-            command += ["--replaces-pid", str(agent.previous_pid)]
-        return command
+        settings = AgentSettings(
+            worker=self.worker_address, rank=agent.rank, model_file=str(agent.model_file),
+            publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
+            group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
+            replaces_pid=agent.previous_pid, heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+        )
+        return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
 
     def assign_ranks(self) -> bool:
         """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's
@@ -138,11 +144,14 @@ class AgentLauncher:
             while not self.stop_requested:
                 if waiting.due():
                     log.info("asking_worker_for_rank_table", worker=self.worker_address)
-                    sock.send(pack_header(MessageType.RANK_TABLE_QUERY))
+                    sock.send(encode(RankTableQuery()))
                 if sock.poll(100):
-                    header = unpack_header(sock.recv())
-                    if header["type"] == MessageType.RANK_TABLE:
-                        return header.get("table"), int(header["rank_size"])
+                    try:
+                        answer = decode(sock.recv(), RankTableAnswer)
+                    except ServingError as error:
+                        raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
+                                            f"query with something else: {error.message}") from None
+                    return answer.table, answer.rank_size
             return None
         finally:
             sock.close()

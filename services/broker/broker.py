@@ -2,7 +2,7 @@
 
 One class, one poll loop (Majordomo style). State is three plain containers:
   - `workers`: identity -> WorkerRecord (what it serves, whether it is ready, when it was last heard from);
-  - `requests`: a RequestTable of (client identity, request id) -> the worker holding it and its deadline;
+  - `requests`: `InFlight`, (client identity, request id) -> the worker holding it and its deadline;
   - nothing else. A request is answered exactly once: by the worker's reply, or by the broker with
     UNAVAILABLE (worker lost) or DEADLINE_EXCEEDED (deadline passed), whichever comes first.
 """
@@ -17,7 +17,6 @@ from typing import Any
 import structlog
 import zmq
 
-from zmserve.codec import pack_header, peek_request_id, unpack_header
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -26,12 +25,23 @@ from zmserve.protocol import (
     HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
     BrokerCommand,
+    Error,
     ErrorCode,
-    MessageType,
+    Heartbeat,
+    Reply,
+    Request,
+    RequestId,
     ServingError,
+    WorkerDisconnect,
+    WorkerStatus,
+    deadline_of,
+    decode,
+    encode,
+    error_frame,
     normalize_address,
+    peek_request_id,
 )
-from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
+from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, drain, new_socket, send_nonblocking
 
 log = get_logger("broker")
 
@@ -57,7 +67,7 @@ class PendingRequest:
     servable: str
 
 
-class RequestTable:
+class InFlight:
     """Requests handed to workers and not answered yet."""
 
     def __init__(self) -> None:
@@ -95,14 +105,18 @@ class Broker:
         self.heartbeat_liveness = heartbeat_liveness
         self.clients = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
         self.worker_socket = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
-        self.clients.bind(normalize_address(client_address))
-        self.worker_socket.bind(normalize_address(worker_address))
-        self.client_endpoint = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.client_endpoint = bind(self.clients, normalize_address(client_address), "broker's client socket")
+            self.worker_endpoint = bind(self.worker_socket, normalize_address(worker_address),
+                                        "broker's worker socket")
+        except BaseException:
+            self.clients.close()
+            self.worker_socket.close()
+            raise
         self.workers: dict[bytes, WorkerRecord] = {}
         self.seen_servables: set[str] = set()
         """Servables some worker served: while none does, requests for them are UNAVAILABLE, not NOT_FOUND."""
-        self.requests = RequestTable()
+        self.requests = InFlight()
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.stop_event = threading.Event()
 
@@ -129,7 +143,7 @@ class Broker:
     # ---- client -> broker -> worker -------------------------------------------------------------------------
     def process_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
-        request_id = None
+        request_id: RequestId | None = None
         try:
             if len(frames) < 2:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs a header frame")
@@ -137,36 +151,26 @@ class Broker:
             if size > self.max_request_bytes:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
-            header = unpack_header(frames[1])
-            request_id = header.get("id")
-            if header["type"] != MessageType.REQUEST:
-                raise ServingError(ErrorCode.INVALID_ARGUMENT, f"clients send requests, not {header['type']}")
-            _check_hashable_id(request_id)
-            servable, method, version = header.get("servable"), header.get("method"), header.get("version", 0)
-            if not isinstance(servable, str) or not isinstance(method, str) or not isinstance(version, int):
-                raise ServingError(
-                    ErrorCode.INVALID_ARGUMENT, "a request needs servable (str), method (str), version (int)"
-                )
+            request = decode(frames[1], Request)
+            request_id = request.id
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
-            worker = self.choose_worker(servable, method, version)
-            timeout_ms = header.get("timeout_ms")
-            deadline = time.monotonic() + timeout_ms / 1000 if isinstance(timeout_ms, int | float) else None
-            try:
-                self.worker_socket.send_multipart(
-                    [worker.identity, BrokerCommand.REQUEST, client, *frames[1:]], flags=zmq.NOBLOCK, copy=False
-                )
-            except zmq.Again:
-                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
-                                   f"the worker serving {servable!r} is not taking requests fast enough") from None
-            except zmq.ZMQError as error:
-                if error.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.remove_worker(worker, "worker connection closed")
-                raise ServingError(ErrorCode.UNAVAILABLE, f"the worker serving {servable!r} is gone") from None
-            self.requests.add(key, PendingRequest(worker.identity, deadline, servable))
+            worker = self.choose_worker(request.servable, request.method, request.version)
+            self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms),
+                                                  request.servable))
             worker.inflight.add(key)
+            delivery = send_nonblocking(self.worker_socket,
+                                        [worker.identity, BrokerCommand.REQUEST, client, *frames[1:]])
+            if delivery is not Delivery.SENT:
+                self.requests.pop(key)
+                worker.inflight.discard(key)
+            if delivery is Delivery.WOULD_BLOCK:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"the worker serving {request.servable!r} is not taking requests fast enough")
+            if delivery is Delivery.UNREACHABLE:
+                self.remove_worker(worker, "worker connection closed")
+                raise ServingError(ErrorCode.UNAVAILABLE, f"the worker serving {request.servable!r} is gone")
         except ServingError as error:
             if request_id is None and len(frames) >= 2:
                 request_id = peek_request_id(frames[1])
@@ -225,50 +229,45 @@ class Broker:
 
     def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[zmq.Frame]) -> None:
         try:
-            header = unpack_header(frames[0])
+            reply = decode(frames[0], Reply, Error)
         except ServingError as error:
             log.warning("worker_reply_malformed", message=error.message)
             return
-        key = (client, header.get("id"))
-        pending = self.requests.pop(key) if _is_hashable(key[1]) else None
+        key = (client, reply.id)
+        pending = self.requests.pop(key) if reply.id is not None else None
         if pending is None:
-            log.info("late_reply_dropped", request_id=header.get("id"))
+            log.info("late_reply_dropped", request_id=reply.id)
             return
         if record is not None:
             record.inflight.discard(key)
         if pending.deadline is not None and time.monotonic() > pending.deadline:
-            self.reply_error(client, key[1], ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
+            self.reply_error(client, reply.id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
             return
         self.send_to_client(client, frames)
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: zmq.Frame) -> None:
         try:
-            header = unpack_header(frame)
+            message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
         except ServingError as error:
             log.warning("worker_control_malformed", message=error.message)
             return
-        kind = header["type"]
-        if kind == MessageType.WORKER_STATUS:
-            self.update_worker(identity, record, header)
-        elif kind == MessageType.WORKER_DISCONNECT and record is not None:
+        if isinstance(message, WorkerStatus):
+            self.update_worker(identity, record, message)
+        elif isinstance(message, WorkerDisconnect) and record is not None:
             self.remove_worker(record, "worker disconnected")
 
-    def update_worker(self, identity: bytes, record: WorkerRecord | None, status: dict[str, Any]) -> None:
-        servable, version, methods = status.get("servable"), status.get("version"), status.get("methods")
-        if not isinstance(servable, str) or not isinstance(version, int) or not isinstance(methods, list):
-            log.warning("worker_status_malformed")
-            return
-        ready, reason = bool(status.get("ready")), str(status.get("reason", ""))
+    def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         if record is None:
-            record = WorkerRecord(identity, servable, version, frozenset(methods), ready, reason,
+            record = WorkerRecord(identity, status.servable, status.version, frozenset(status.methods),
+                                  status.ready, status.reason,
                                   Liveness(self.heartbeat_interval, self.heartbeat_liveness))
             self.workers[identity] = record
-            self.seen_servables.add(servable)
-            log.info("worker_registered", servable=servable, version=version, methods=sorted(methods),
-                     ready=ready)
-        elif record.ready != ready:
-            log.info("worker_readiness_changed", servable=servable, ready=ready, reason=reason)
-        record.ready, record.reason, record.methods = ready, reason, frozenset(methods)
+            self.seen_servables.add(status.servable)
+            log.info("worker_registered", servable=status.servable, version=status.version,
+                     methods=sorted(status.methods), ready=status.ready)
+        elif record.ready != status.ready:
+            log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
+        record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
 
     def remove_worker(self, record: WorkerRecord, why: str) -> None:
         """Forget a worker and answer everything it held: the client must never wait on a dead peer."""
@@ -291,36 +290,27 @@ class Broker:
             self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED,
                              "the request's deadline passed before a reply arrived")
         if self.heartbeat.due(now):
-            heartbeat = pack_header(MessageType.HEARTBEAT)
+            heartbeat = encode(Heartbeat())
             for identity in list(self.workers):
                 self.send_to_worker(identity, [BrokerCommand.CONTROL, heartbeat])
 
     # ---- sending --------------------------------------------------------------------------------------------
-    def reply_error(self, client: bytes, request_id: Any, code: ErrorCode, message: str) -> None:
-        header = pack_header(MessageType.ERROR, id=request_id, code=str(code), message=message)
-        self.send_to_client(client, [header])
+    def reply_error(self, client: bytes, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
+        self.send_to_client(client, [error_frame(request_id, code, message)])
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
-        try:
-            self.clients.send_multipart([client, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        delivery = send_nonblocking(self.clients, [client, *frames])
+        if delivery is Delivery.WOULD_BLOCK:
             log.warning("client_not_reading", client=client.hex())
-        except zmq.ZMQError as error:
-            if error.errno != zmq.EHOSTUNREACH:
-                raise
+        elif delivery is Delivery.UNREACHABLE:
             log.info("client_gone", client=client.hex())
 
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
-        try:
-            self.worker_socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        delivery = send_nonblocking(self.worker_socket, [identity, *frames])
+        if delivery is Delivery.WOULD_BLOCK:
             log.warning("worker_not_reading", worker=identity.hex())
-        except zmq.ZMQError as error:
-            if error.errno != zmq.EHOSTUNREACH:
-                raise
-            record = self.workers.get(identity)
-            if record is not None:
-                self.remove_worker(record, "worker connection closed")
+        elif delivery is Delivery.UNREACHABLE and (record := self.workers.get(identity)) is not None:
+            self.remove_worker(record, "worker connection closed")
 
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
@@ -329,16 +319,3 @@ class Broker:
         self.worker_socket.close(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")
-
-
-def _is_hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
-
-
-def _check_hashable_id(request_id: Any) -> None:
-    if request_id is None or not _is_hashable(request_id) or request_id != request_id:  # NaN never matches its reply
-        raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs an id (string or integer)")

@@ -3,7 +3,8 @@
 A `MethodRun` walks the method's stages in order. Python stages run at once, per instance. At the model stage
 each instance becomes a row of a `ModelCall`: one call per instance, or, when the model has a batch dimension,
 rows of a batch that the `Batcher` fills with instances of any request. The run waits until every instance's
-outputs are back, then walks on. `RequestTable` holds runs by request id and calls by call id.
+outputs are back, then walks on. `RunTable` holds runs by request id and calls by call id; `pipeline.Pipeline`
+moves them.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class MethodRun:
         ]
 
 
-class RequestTable:
+class RunTable:
     """Runs by request id, model calls by call id, and the calls waiting for room in the pipeline.
 
     `in_pipeline` counts calls published to the agents and not yet answered, even when their runs were dropped

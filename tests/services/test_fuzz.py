@@ -39,6 +39,7 @@ HEADER_TYPES = ("request", "reply", "error", "worker_status", "worker_disconnect
                 "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown",
                 "rank_table_query", "rank_table", "model_call", "model_result", "model_error")
 """The message types of PROTOCOL.md 1.1, spelled out here so the test does not trust the code's own list."""
+VERSION = 2
 
 
 def packb(value: Any) -> bytes:
@@ -46,18 +47,23 @@ def packb(value: Any) -> bytes:
 
 
 def read_header(frame: bytes) -> tuple[dict | None, Any]:
-    """What PROTOCOL.md says a receiver reads from a header frame: (the header if it is valid, else None; the id
-    an error reply carries: any value of a valid header, an int or str id of a map that failed the checks)."""
+    """What PROTOCOL.md says a receiver reads from a header frame: (the header if its version and type are
+    valid, else None; the id an error reply carries: an int or str `id` of a msgpack map, else None)."""
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception:
         return None, None
     if not isinstance(header, dict):
         return None, None
-    if header.get("v") == 1 and header.get("type") in HEADER_TYPES:
-        return header, header.get("id")
     request_id = header.get("id")
-    return None, request_id if isinstance(request_id, int | str) else None
+    request_id = request_id if is_int(request_id) or isinstance(request_id, str) else None
+    if is_int(header.get("v")) and header["v"] == VERSION and header.get("type") in HEADER_TYPES:
+        return header, request_id
+    return None, request_id
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def id_key(value: Any) -> bytes:
@@ -111,7 +117,7 @@ class Garbage:
         if choice == 1:
             return packb({r.randint(0, 9): self.value() for _ in range(r.randint(1, 3))})
         if choice == 2:
-            return packb({"v": 1, "type": r.choice(HEADER_TYPES), **{f"k{i}": self.value() for i in range(3)}})
+            return packb({"v": VERSION, "type": r.choice(HEADER_TYPES), **{f"k{i}": self.value() for i in range(3)}})
         if choice == 3:
             return bytes([r.choice([0x80 + r.randint(0, 15), 0xDE, 0xDF, 0xC4, 0xD9, 0xDD])]) + self.blob(0, 12)
         return b"\x91" * r.randint(100, 3000) + b"\x00"  # deep nesting
@@ -140,7 +146,7 @@ class BrokerFuzzer:
 
     def valid(self, request_id: Any) -> tuple[dict, list[bytes], np.ndarray]:
         x = self.x_rng.standard_normal((128, 96)).astype(np.float32)
-        header = {"v": 1, "type": "request", "id": request_id, "servable": "matmul", "method": "predict",
+        header = {"v": VERSION, "type": "request", "id": request_id, "servable": "matmul", "method": "predict",
                   "version": 0, "timeout_ms": 20000,
                   "instances": [[{"name": "x", "dtype": "float32", "shape": [128, 96]}]]}
         return header, [x.tobytes()], x
@@ -176,7 +182,7 @@ class BrokerFuzzer:
     def protocol(self, header: Any, frames: list[bytes]) -> tuple[Any, list[bytes]]:
         if isinstance(header, dict):
             r = self.rng
-            header = {**header, "v": r.choice([0, 2, 99, "1", None, 1.0, True])} if r.random() < 0.5 else \
+            header = {**header, "v": r.choice([0, 1, 99, "2", None, 2.0, True])} if r.random() < 0.5 else \
                 {**header, "type": r.choice([*HEADER_TYPES, "REQUEST", "request ", "", "nope"])}
         return header, frames
 
@@ -310,7 +316,7 @@ class AgentFuzzer:
             {"type": "rank_table_query"},
             {"type": r.choice(HEADER_TYPES)},
         ])
-        header = {"v": 1, **header}
+        header = {"v": VERSION, **header}
         for _ in range(r.randint(0, 2)):
             key = r.choice(["v", "type", "rank", "pid", "replaces_pid", "signature", "extra"])
             if key in ("pid", "replaces_pid"):
@@ -328,14 +334,27 @@ class AgentFuzzer:
 
 
 def expected_agent_reply(frames: list[bytes]) -> str | None:
-    """The worker answers a 2-frame readable AGENT_REGISTER (with AGENT_REJECTED, while it serves) and a readable
-    RANK_TABLE_QUERY (with RANK_TABLE); everything else is dropped (PROTOCOL.md 4.3, 4.4)."""
+    """The worker answers a 2-frame AGENT_REGISTER whose fields have their types (with AGENT_REJECTED, while it
+    serves) and a readable RANK_TABLE_QUERY (with RANK_TABLE); everything else is dropped (PROTOCOL.md 1.3, 4.3,
+    4.4)."""
     if len(frames) != 1:
         return None
     header, _ = read_header(frames[0])
     if header is None:
         return None
-    return {"agent_register": "agent_rejected", "rank_table_query": "rank_table"}.get(header["type"])
+    if header["type"] == "rank_table_query":
+        return "rank_table"
+    if header["type"] == "agent_register" and register_fields_valid(header):
+        return "agent_rejected"
+    return None
+
+
+def register_fields_valid(header: dict) -> bool:
+    """AGENT_REGISTER's field types, as PROTOCOL.md's message reference lists them."""
+    return (is_int(header.get("rank")) and isinstance(header.get("host"), str) and is_int(header.get("pid"))
+            and isinstance(header.get("model_file"), str) and isinstance(header.get("publish_address"), str)
+            and (header.get("replaces_pid") is None or is_int(header.get("replaces_pid")))
+            and "shard" not in header)
 
 
 def check_broker_reply(expect: Expectations, frames: list[bytes]) -> None:
@@ -478,7 +497,7 @@ def assert_still_serving(cluster: LocalCluster) -> None:
 def test_shape_whose_size_overflows_int64_is_invalid_argument(cluster: LocalCluster) -> None:
     """[2**32, 2**32] has 2**64 elements, 0 in int64 arithmetic: an empty frame must not pass for it (it used to
     reach `reshape`, whose ValueError killed the worker)."""
-    header = {"v": 1, "type": "request", "id": 1, "servable": "matmul", "method": "predict", "timeout_ms": 5000,
+    header = {"v": VERSION, "type": "request", "id": 1, "servable": "matmul", "method": "predict", "timeout_ms": 5000,
               "instances": [[{"name": "x", "dtype": "float32", "shape": [2**32, 2**32]}]]}
     reply = raw_request(cluster, header, [b""])
     assert reply["type"] == "error" and reply["code"] == "INVALID_ARGUMENT", reply
@@ -487,11 +506,12 @@ def test_shape_whose_size_overflows_int64_is_invalid_argument(cluster: LocalClus
 
 def test_nan_request_id_is_refused_at_once(cluster: LocalCluster) -> None:
     """NaN != NaN, so the broker could never match the worker's reply to a NaN id: the request would wait for
-    its deadline (or forever, without one) although the worker answered."""
+    its deadline (or forever, without one) although the worker answered. Ids are ints or strs (PROTOCOL.md 1.3):
+    the error comes at once, with a nil id because the request's own cannot be read."""
     header, frames, _ = BrokerFuzzer(random.Random(SEED)).valid(math.nan)
     del header["timeout_ms"]
     started = time.monotonic()
     reply = raw_request(cluster, header, frames)
     assert reply["type"] == "error" and reply["code"] == "INVALID_ARGUMENT", reply
-    assert math.isnan(reply["id"]) and time.monotonic() - started < 5
+    assert reply["id"] is None and "at `$.id`" in reply["message"] and time.monotonic() - started < 5
     assert_still_serving(cluster)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
 
-from zmserve.codec import (
-    ALLOWED_DTYPES,
-    decode_instances,
-    decode_values,
-    encode_instances,
-    encode_values,
-    pack_header,
-    unpack_header,
-)
-from zmserve.protocol import PROTOCOL_VERSION, ErrorCode, MessageType, ServingError
+from zmserve.codec import ALLOWED_DTYPES, decode_instances, decode_values, encode_instances, encode_values
+from zmserve.protocol import ErrorCode, ModelCall, ServingError, TensorSpec, decode, encode
 
 
 def round_trip(values: dict) -> dict:
@@ -69,9 +60,9 @@ def test_large_tensor_is_received_without_copy_through_zmq() -> None:
         sender.connect("inproc://codec-test")
         array = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
         descriptors, frames = encode_values({"big": array})
-        sender.send_multipart([pack_header(MessageType.MODEL_CALL, values=descriptors), *frames], copy=False)
+        sender.send_multipart([encode(ModelCall(call=1, values=descriptors)), *frames], copy=False)
         header_frame, *value_frames = receiver.recv_multipart(copy=False)
-        back = decode_values(unpack_header(header_frame)["values"], value_frames)["big"]
+        back = decode_values(decode(header_frame, ModelCall).values, value_frames)["big"]
         assert not back.flags.owndata and back.base is not None
         np.testing.assert_array_equal(back, array)
     finally:
@@ -83,13 +74,11 @@ def test_large_tensor_is_received_without_copy_through_zmq() -> None:
 @pytest.mark.parametrize(
     ("descriptors", "frames", "fragment"),
     [
-        ([{"name": "a", "dtype": "float32", "shape": [2]}], [b"\x00" * 7], "needs 8 bytes"),
-        ([{"name": "a", "dtype": "float32", "shape": [2]}], [], "0 value frames"),
-        ([{"name": "a", "dtype": "object", "shape": []}], [b""], "unsupported dtype"),
-        ([{"name": "a", "dtype": "int8", "shape": [-1]}], [b""], "invalid shape"),
-        ([{"name": 5, "dtype": "int8", "shape": []}], [b"\x00"], "name must be a string"),
-        (["nonsense"], [b""], "must be a map"),
-        ([{"name": "s", "dtype": "str", "shape": []}], [b"\xff\xfe"], "not UTF-8"),
+        ([TensorSpec("a", "float32", [2])], [b"\x00" * 7], "needs 8 bytes"),
+        ([TensorSpec("a", "float32", [2])], [], "0 value frames"),
+        ([TensorSpec("a", "object", [])], [b""], "unsupported dtype"),
+        ([TensorSpec("a", "int8", [-1])], [b""], "invalid shape"),
+        ([TensorSpec("s", "str", [])], [b"\xff\xfe"], "not UTF-8"),
     ],
 )
 def test_malformed_values_are_invalid_argument(descriptors: list, frames: list, fragment: str) -> None:
@@ -103,24 +92,3 @@ def test_object_arrays_are_refused_on_encode() -> None:
     with pytest.raises(ServingError) as caught:
         encode_values({"a": np.array([object()])})
     assert caught.value.code == ErrorCode.INVALID_ARGUMENT
-
-
-@pytest.mark.parametrize(
-    ("frame", "fragment"),
-    [
-        (b"\xc1garbage", "not valid msgpack"),
-        (msgpack.packb([1, 2]), "must be a msgpack map"),
-        (msgpack.packb({"v": PROTOCOL_VERSION + 1, "type": "request"}), "unsupported protocol version"),
-        (msgpack.packb({"v": PROTOCOL_VERSION, "type": "gossip"}), "unknown message type"),
-    ],
-)
-def test_bad_headers_are_invalid_argument(frame: bytes, fragment: str) -> None:
-    with pytest.raises(ServingError) as caught:
-        unpack_header(frame)
-    assert caught.value.code == ErrorCode.INVALID_ARGUMENT and fragment in caught.value.message
-
-
-def test_header_round_trip() -> None:
-    header = unpack_header(pack_header(MessageType.REQUEST, id=9, servable="s", method="m", version=0))
-    assert header == {"v": PROTOCOL_VERSION, "type": "request", "id": 9, "servable": "s", "method": "m",
-                      "version": 0}

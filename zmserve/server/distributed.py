@@ -12,7 +12,8 @@ from zmserve.protocol import (
     DEFAULT_DISTRIBUTED_ADDRESS,
 )
 from zmserve.servable import declare_servable
-from zmserve.server.running import install_signal_handlers, run_in_background
+from zmserve.server.running import run_in_background
+from zmserve.supervision import handle_stop_signals
 
 __all__ = ["declare_servable", "start_servable", "startup_agents"]
 
@@ -30,10 +31,11 @@ def start_servable(
 
     A broken servable_config.py or rank table raises here, before anything starts.
     """
+    from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
 
-    worker = Worker(servable_directory, servable_name, version_number, rank_table_json_file,
-                    distributed_address, wait_agents_time_in_seconds, broker_address)
+    worker = Worker(WorkerConfig(servable_directory, servable_name, version_number, rank_table_json_file,
+                                 distributed_address, broker_address, wait_agents_time_in_seconds))
     run_in_background("worker", worker)
 
 
@@ -46,13 +48,9 @@ def startup_agents(
     rank_start: int | None = None,
 ) -> int:
     """Start one agent per model file on this machine and supervise them until SIGINT/SIGTERM."""
-    import signal
-
     from services.agent.launcher import AgentLauncher
 
     launcher = AgentLauncher(distributed_address, model_files, group_config_files, agent_start_port,
                              agent_ip, rank_start)
-    install_signal_handlers()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: launcher.stop())
+    handle_stop_signals(launcher.stop)
     return launcher.run()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import threading
 from typing import Protocol
 
 from zmserve.logs import get_logger
+from zmserve.supervision import handle_stop_signals
 
 log = get_logger("server")
 
@@ -36,18 +36,7 @@ def stop() -> None:
 
 
 def install_signal_handlers() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _on_signal)
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    if _stopping.is_set():
-        log.warning("forced_exit", signal=signal.Signals(signum).name)
-        os._exit(1)
-    log.info("stopping", signal=signal.Signals(signum).name)
-    stop()
+    handle_stop_signals(stop)
 
 
 def _run(name: str, service: Service) -> None:

@@ -1,0 +1,39 @@
+"""Everything a worker is told at start, in one place (the CLI, the Python API and tests all build one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from zmserve.protocol import (
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+    EXECUTION_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    MAX_BATCH_DELAY_S,
+    MAX_BATCH_SIZE,
+    MAX_INFLIGHT_MODEL_CALLS,
+    MAX_QUEUED_REQUESTS,
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    servable_directory: str | Path
+    """The folder that holds the servable's folder (the servable is `servable_directory/servable_name`)."""
+    servable_name: str
+    version_number: int = 1
+    rank_table_file: str | Path | None = None
+    distributed_address: str = DEFAULT_DISTRIBUTED_ADDRESS
+    """Where agents register (host:port); the worker's data sockets bind on the same host."""
+    broker_address: str = DEFAULT_BROKER_WORKER_ADDRESS
+    wait_agents_seconds: float = 0.0
+    """Give up (exit) when not every rank registered within this many seconds; 0 waits forever."""
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    max_inflight_calls: int = MAX_INFLIGHT_MODEL_CALLS
+    max_queued_requests: int = MAX_QUEUED_REQUESTS
+    execution_timeout: float = EXECUTION_TIMEOUT_S
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_batch_delay: float = MAX_BATCH_DELAY_S

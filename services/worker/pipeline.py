@@ -1,0 +1,218 @@
+"""The request pipeline of a worker: requests in, Python stages here, model calls out to the agents, replies back.
+
+A request becomes a `MethodRun` that walks its method's stages (`advance`). At the model stage its instances
+become model calls: one per instance, or rows of batches (`Batcher`) when the model has a batch dimension. Calls
+are published while the pipeline has room (`max_inflight_calls`); results come back in `take_result`, and the
+runs they complete walk on. Every run ends in exactly one `answer`: its reply or an error.
+
+No sockets here: the worker gives the two ways out (`publish` a model call to stage 0, `answer` a client).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from services.worker.batching import Batcher
+from services.worker.requests import MethodRun, ModelCall, RunTable
+from zmserve.codec import decode_values, dtype_name, encode_instances, encode_values
+from zmserve.logs import get_logger
+from zmserve.protocol import (
+    ErrorCode,
+    ModelError,
+    ModelResult,
+    ModelSignature,
+    Reply,
+    ServingError,
+    TensorSpec,
+    encode,
+    error_frame,
+)
+from zmserve.protocol import ModelCall as ModelCallMessage
+from zmserve.servable import DistributedModel
+
+log = get_logger("worker")
+
+Publish = Callable[[list[Any]], None]
+"""Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
+Answer = Callable[[bytes, list[Any]], None]
+"""Send [header, *values] of a REPLY or ERROR to the client with this routing identity."""
+
+
+class Pipeline:
+    def __init__(self, model: DistributedModel, max_inflight_calls: int, max_queued_requests: int,
+                 publish: Publish, answer: Answer) -> None:
+        self.model = model
+        self.max_queued_requests = max_queued_requests
+        self.publish, self.answer = publish, answer
+        self.table = RunTable(max_inflight_calls)
+        self.signature = ModelSignature()
+        self.batcher: Batcher | None = None
+        self.stats = {"requests": 0, "model_calls": 0, "model_rows": 0}
+
+    def start(self, signature: ModelSignature, max_batch_size: int, max_batch_delay: float) -> None:
+        """The agents serve: check inputs against their signature from now on, and batch if the model can."""
+        self.signature = signature
+        self.batcher = None
+        if self.model.with_batch_dim:
+            fixed = (signature.inputs or [TensorSpec("", "", [-1])])[0].shape[0]
+            self.batcher = Batcher(max_batch_size, max_batch_delay, pad_to=fixed if fixed > 0 else None)
+
+    # ---- requests in ----------------------------------------------------------------------------------------
+    def check_room(self) -> None:
+        """Refuse a new request while the worker holds too many (checked before its values are decoded)."""
+        if len(self.table) >= self.max_queued_requests:
+            raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                               f"{len(self.table)} requests are queued, the limit is {self.max_queued_requests}")
+
+    def admit(self, run: MethodRun) -> None:
+        """Take a new request and walk it as far as it goes now."""
+        self.table.add_run(run)
+        self.stats["requests"] += 1
+        self.advance(run)
+
+    def advance(self, run: MethodRun) -> None:
+        """Walk a run through its stages until it waits on the model or is done."""
+        try:
+            while (stage := run.current_stage) is not None:
+                if not stage.is_model:
+                    run.run_python_stage(stage)
+                    continue
+                if run.deadline is not None and time.monotonic() >= run.deadline:
+                    raise ServingError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the model stage")
+                self.queue_model_calls(run, run.model_inputs(stage))
+                self.publish_calls()
+                return
+            specs, frames = encode_instances(run.results())
+        except ServingError as error:
+            self.fail(run, error.code, error.message)
+            return
+        except Exception as exc:
+            log.exception("request_crashed", request_id=run.request_id)
+            self.fail(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        self.table.remove_run(run)
+        self.answer(run.client, [encode(Reply(id=run.request_id, instances=specs)), *frames])
+
+    def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
+        """Check inputs against the model's signature, then queue one call per instance, or hand the instances
+        to the batcher when the model has a batch dimension."""
+        expected = self.signature.inputs or []
+        for index, inputs in enumerate(per_instance):
+            for position, value in enumerate(inputs):
+                if position < len(expected):
+                    check_model_input(index, value, expected[position], self.model.with_batch_dim)
+                elif not isinstance(value, np.ndarray):
+                    raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                                       f"instance {index}: model input {position} must be a tensor")
+        run.awaiting = len(per_instance)
+        for index, inputs in enumerate(per_instance):
+            if self.batcher is None:
+                self.table.new_call(list(inputs), [(run, index)], batched=False)
+            else:
+                self.batcher.add((run, index), list(inputs))
+        self.flush_batches()
+
+    def flush_batches(self) -> None:
+        """Turn every batch that is full or has waited long enough into a model call."""
+        if self.batcher is None:
+            return
+        for batch in self.batcher.take_ready(idle=not self.table.in_pipeline and not self.table.queued_calls):
+            if any(not run.finished for run, _ in batch.slots):
+                self.table.new_call(batch.inputs, batch.slots, batched=True)
+
+    def publish_calls(self) -> None:
+        """Send queued calls while the pipeline has room; PUB never drops because the room is bounded."""
+        while (call := self.table.next_sendable()) is not None:
+            specs, frames = encode_values({f"input{i}": v for i, v in enumerate(call.inputs)})
+            header = encode(ModelCallMessage(call=call.call_id, request_id=call.slots[0][0].request_id,
+                                             values=specs))
+            self.publish([header, *frames])
+            self.stats["model_calls"] += 1
+            self.stats["model_rows"] += len(call.slots)
+
+    # ---- results in -----------------------------------------------------------------------------------------
+    def take_result(self, message: ModelResult | ModelError, value_frames: list[Any]) -> None:
+        """A result or an error from the agents: finish the call's runs, or fail them."""
+        call = self.table.take_result(message.call) if message.call is not None else None
+        if call is None:
+            log.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
+            return
+        if isinstance(message, ModelError):
+            self.fail_call(call, message.code, f"rank {message.rank}: {message.message}")
+        else:
+            try:
+                outputs = list(decode_values(message.values, value_frames).values())
+            except ServingError as error:
+                self.fail_call(call, ErrorCode.INTERNAL, f"the model's result could not be read: {error.message}")
+            else:
+                self.finish_call(call, outputs)
+        self.publish_calls()
+
+    def finish_call(self, call: ModelCall, outputs: list[Any]) -> None:
+        """Hand each row of the result to its run; runs whose last awaited instance this was walk on."""
+        for position, (run, index) in enumerate(call.slots):
+            if run.finished:
+                continue
+            try:
+                run.finish_model_call(index, [output[position] for output in outputs] if call.batched else outputs)
+            except ServingError as error:
+                self.fail(run, error.code, error.message)
+                continue
+            except (IndexError, TypeError) as error:
+                self.fail(run, ErrorCode.INTERNAL, f"the model's batched output does not fit the batch: {error}")
+                continue
+            if run.awaiting == 0:
+                self.advance(run)
+
+    def fail_call(self, call: ModelCall, code: ErrorCode, message: str) -> None:
+        for run in {run for run, _ in call.slots if not run.finished}:
+            self.fail(run, code, message)
+
+    # ---- periodic chores and endings ------------------------------------------------------------------------
+    def seconds_until_due(self) -> float | None:
+        """When the oldest waiting batch must leave (None: nothing waits)."""
+        return self.batcher.seconds_until_due() if self.batcher is not None else None
+
+    def do_chores(self, now: float) -> None:
+        if self.batcher is not None and self.batcher.pending:
+            self.flush_batches()
+            self.publish_calls()
+        for run in self.table.expired(now):
+            self.fail(run, ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the pipeline has held calls without a result coming back (0 when it holds none)."""
+        return now - self.table.last_progress if self.table.in_pipeline else 0.0
+
+    def fail(self, run: MethodRun, code: ErrorCode, message: str) -> None:
+        if run.finished:
+            return
+        self.table.remove_run(run)
+        log.info("request_failed", request_id=run.request_id, code=code, message=message)
+        self.answer(run.client, [error_frame(run.request_id, code, message)])
+
+    def fail_all(self, code: ErrorCode, message: str) -> None:
+        """The agents are gone: answer every run, and forget every call (nothing published will come back)."""
+        for run in list(self.table.runs.values()):
+            self.fail(run, code, message)
+        self.table.forget_pipeline()
+
+
+def check_model_input(instance: int, value: Any, expected: TensorSpec, batched: bool) -> None:
+    """Reject an input the model cannot take before it reaches any agent."""
+    name = expected.name or "?"
+    if not isinstance(value, np.ndarray):
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must be a tensor, got {type(value).__name__}")
+    if dtype_name(value.dtype) != expected.dtype:
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must be {expected.dtype}, got {value.dtype}")
+    shape = expected.shape[1:] if batched else expected.shape
+    if len(shape) != value.ndim or any(e >= 0 and e != d for e, d in zip(shape, value.shape, strict=True)):
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must have shape {tuple(shape)} "
+                           f"(-1 = any), got {value.shape}")

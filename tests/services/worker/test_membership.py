@@ -1,0 +1,197 @@
+"""The worker's membership rules, driven event by event with no sockets and no MindSpore."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.worker.membership import (
+    AgentState,
+    Membership,
+    RestartGroups,
+    SendToAgent,
+    StartServing,
+    WorkerState,
+)
+from zmserve.protocol import (
+    AgentConfigure,
+    AgentRegister,
+    AgentRejected,
+    AgentShutdown,
+    Forward,
+    ModelSignature,
+    ShardInfo,
+    TensorSpec,
+)
+from zmserve.servable import DistributedModel
+
+STAGE_INPUT, RESULTS = "tcp://127.0.0.1:9000", "tcp://127.0.0.1:9001"
+INPUTS = [TensorSpec("x", "float32", [4, 8])]
+OUTPUTS = [TensorSpec("y", "float32", [4, 2])]
+
+
+def membership(rank_size: int = 4, stage_size: int = 2) -> Membership:
+    machine = Membership(DistributedModel(rank_size, stage_size, with_batch_dim=False), heartbeat_interval=1.0,
+                         heartbeat_liveness=3, stage_input_address=STAGE_INPUT, results_address=RESULTS,
+                         forming_timeout=120.0)
+    machine.schedulers_started([("127.0.0.1", 6000 + k) for k in range(stage_size)], now=0.0)
+    return machine
+
+
+def identity(rank: int, generation: int = 0) -> bytes:
+    return f"agent-{rank}-{generation}".encode()
+
+
+def register(rank: int, pid: int | None = None, replaces: int | None = None, shard: ShardInfo | None = None,
+             model: DistributedModel | None = None) -> AgentRegister:
+    if shard is None and model is not None:
+        shard = ShardInfo(rank=rank, rank_size=model.rank_size, stage=model.stage_of(rank),
+                          stage_size=model.stage_size, signature=ModelSignature(INPUTS, OUTPUTS))
+    return AgentRegister(rank=rank, host="127.0.0.1", pid=pid or 100 + rank, model_file=f"d{rank}.mindir",
+                         publish_address=f"tcp://127.0.0.1:{7000 + rank}", replaces_pid=replaces,
+                         shard=shard or ShardInfo())
+
+
+def sends(actions: list) -> list[tuple[bytes, object]]:
+    return [(a.identity, a.message) for a in actions if isinstance(a, SendToAgent)]
+
+
+def bring_to_serving(machine: Membership, now: float = 1.0) -> list:
+    actions: list = []
+    for rank in range(machine.model.rank_size):
+        actions += machine.register(identity(rank), register(rank, model=machine.model), now)
+    for rank in range(machine.model.rank_size):
+        actions += machine.ready(machine.agents[rank], load_seconds=1.0)
+    for rank in machine.stages[0].ranks:
+        actions += machine.subscription(True, rank)
+    return actions
+
+
+def test_configures_every_agent_when_the_last_rank_registers() -> None:
+    machine = membership()
+    assert machine.register(identity(0), register(0), 1.0) == []
+    assert machine.register(identity(2), register(2), 1.0) == []
+    assert machine.missing() == [1, 3]
+    assert "2/4 registered, missing ranks [1, 3]" in machine.status_reason()
+    machine.register(identity(1), register(1), 1.0)
+    configures = dict(sends(machine.register(identity(3), register(3), 2.0)))
+    assert machine.state == WorkerState.FORMING_GROUPS
+    assert set(configures) == {identity(r) for r in range(4)}
+    first, second = configures[identity(0)], configures[identity(2)]
+    assert isinstance(first, AgentConfigure) and isinstance(second, AgentConfigure)
+    assert (first.stage, first.node_id, first.forward, first.downstream_ranks) == (0, 0, Forward.PUBLISH, [2, 3])
+    assert first.input_address == STAGE_INPUT and first.scheduler_port == 6000
+    assert configures[identity(1)].forward == Forward.NONE
+    assert (second.stage, second.node_id, second.forward) == (1, 0, Forward.RESULT)
+    assert second.input_address == "tcp://127.0.0.1:7000"  # stage 0's leader publishes to stage 1
+    assert second.scheduler_port == 6001 and configures[identity(3)].node_id == 1
+    assert all(c.result_address == RESULTS for c in configures.values())
+
+
+def test_serves_only_when_every_agent_is_ready_and_stage_zero_subscribed() -> None:
+    machine = membership()
+    for rank in range(4):
+        machine.register(identity(rank), register(rank, model=machine.model), 1.0)
+    for rank in range(4):
+        assert machine.ready(machine.agents[rank], 2.0) == []
+    assert machine.subscription(True, 0) == []
+    assert machine.subscription(False, 0) == []
+    assert machine.subscription(True, 1) == []
+    actions = machine.subscription(True, 0)
+    assert actions == [StartServing(ModelSignature(INPUTS, OUTPUTS))]
+    assert machine.state == WorkerState.SERVING and machine.status_reason() == ""
+
+
+def test_a_silent_agent_restarts_every_group_only_while_serving() -> None:
+    machine = membership()
+    bring_to_serving(machine, now=1.0)
+    for agent in machine.agents.values():
+        agent.liveness.heard(10.0)
+    assert machine.tick(12.9) == []
+    machine.heard(identity(0), 12.0)
+    machine.heard(identity(1), 12.0)
+    machine.heard(identity(3), 12.0)
+    actions = machine.tick(13.5)  # rank 2 was last heard at 10.0: 3.5 s > 3 s
+    assert isinstance(actions[-1], RestartGroups) and "agent rank 2 was lost (no heartbeat" in actions[-1].why
+    shut_down = {ident for ident, message in sends(actions) if isinstance(message, AgentShutdown)}
+    assert shut_down == {identity(0), identity(1), identity(3)}
+    assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
+
+
+def test_silence_while_forming_is_not_judged_but_the_forming_timeout_is() -> None:
+    machine = membership()
+    for rank in range(4):
+        machine.register(identity(rank), register(rank), 1.0)
+    machine.ready(machine.agents[0], 1.0)
+    assert machine.tick(100.0) == []  # heartbeats stall while MindSpore imports and joins
+    actions = machine.tick(121.5)
+    assert isinstance(actions[-1], RestartGroups)
+    assert "ranks [1, 2, 3] were not ready and ranks [0, 1] had not subscribed" in actions[-1].why
+
+
+def test_a_restarted_rank_naming_the_dead_pid_replaces_it_while_serving() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    actions = machine.register(identity(1, generation=1), register(1, pid=555, replaces=101), 5.0)
+    assert isinstance(actions[-1], RestartGroups)
+    assert next(a for a in actions if isinstance(a, RestartGroups)).why.startswith("agent rank 1 was lost")
+    assert machine.agents.keys() == {1} and machine.agents[1].pid == 555
+    assert machine.state == WorkerState.WAITING_FOR_AGENTS
+
+
+def test_a_second_process_for_a_held_rank_is_refused_while_serving() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    actions = machine.register(identity(1, generation=1), register(1, pid=999, replaces=None), 5.0)
+    [(who, message)] = sends(actions)
+    assert who == identity(1, generation=1)
+    assert isinstance(message, AgentRejected) and message.retry
+    assert "already held by the agent with pid 101" in message.message
+    assert machine.state == WorkerState.SERVING and machine.agents[1].identity == identity(1)
+
+
+def test_a_held_rank_registering_again_while_forming_restarts_the_groups() -> None:
+    machine = membership()
+    for rank in range(4):
+        machine.register(identity(rank), register(rank), 1.0)
+    actions = machine.register(identity(2, generation=1), register(2, pid=777), 3.0)
+    assert any(isinstance(a, RestartGroups) for a in actions)
+    assert machine.agents.keys() == {2} and machine.state == WorkerState.WAITING_FOR_AGENTS
+
+
+@pytest.mark.parametrize(
+    ("shard", "fragment"),
+    [
+        (ShardInfo(rank=0, rank_size=8, stage=0, stage_size=1), "rank_size 8 (servable: 4), stage_size 1"),
+        (ShardInfo(rank=3, rank_size=4, stage=1, stage_size=2), "rank 3 (servable: 1)"),
+        (ShardInfo(rank=1, rank_size=4, stage=1, stage_size=2), "stage 1 (servable: 0)"),
+    ],
+)
+def test_a_shard_of_another_model_is_refused_for_good(shard: ShardInfo, fragment: str) -> None:
+    machine = membership()
+    [(_, message)] = sends(machine.register(identity(1), register(1, shard=shard), 1.0))
+    assert isinstance(message, AgentRejected) and not message.retry
+    assert fragment in message.message and "does not belong to rank 1 of this servable" in message.message
+    assert machine.agents == {}
+
+
+def test_a_rank_outside_the_servable_is_refused_for_good() -> None:
+    machine = membership()
+    [(_, message)] = sends(machine.register(identity(9), register(9), 1.0))
+    assert isinstance(message, AgentRejected) and not message.retry and "outside" in message.message
+
+
+def test_an_agent_that_failed_restarts_every_group() -> None:
+    machine = membership()
+    for rank in range(4):
+        machine.register(identity(rank), register(rank), 1.0)
+    actions = machine.failed(machine.agents[3], "RuntimeError: join failed", 2.0)
+    assert isinstance(actions[-1], RestartGroups) and "agent failed: RuntimeError: join failed" in actions[-1].why
+    assert len(sends(actions)) == 3
+
+
+def test_stop_tells_every_agent_to_shut_down() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    assert {ident for ident, m in sends(machine.stop("worker stopping")) if isinstance(m, AgentShutdown)} == {
+        identity(r) for r in range(4)}
+    assert all(a.state == AgentState.READY for a in machine.agents.values())
