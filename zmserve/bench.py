@@ -17,13 +17,11 @@ default "linear" method (Hyndman-Fan type 7) over the requests that succeeded.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,8 @@ import click
 import numpy as np
 
 from zmserve.codec import ALLOWED_DTYPES, Instance
+from zmserve.collective import ShardModel, join_group, start_scheduler
+from zmserve.local import free_port
 from zmserve.protocol import ErrorCode
 
 OK = "OK"
@@ -557,31 +557,6 @@ def timed_calls(call: CallFn, requests: Sequence[Sequence[list[np.ndarray]]], ca
     return True
 
 
-@functools.cache
-def import_mindspore() -> Any:
-    """MindSpore set up for CPU graph mode, as the agents run it (once per process: the device cannot be set
-    twice)."""
-    os.environ.setdefault("GLOG_v", "3")
-    import mindspore as ms
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
-    return ms
-
-
-def load_graph_cell(model_file: str) -> CallFn:
-    """Load one MindIR as a GraphCell; the call takes and returns numpy (conversions included, as in an agent)."""
-    ms = import_mindspore()
-    cell = ms.nn.GraphCell(ms.load(model_file))
-
-    def call(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        returned = cell(*(ms.Tensor(value) for value in inputs))
-        outputs = returned if isinstance(returned, tuple | list) else (returned,)
-        return [output.asnumpy() for output in outputs]
-
-    return call
-
-
 def positional(requests: Sequence[RequestSpec]) -> list[list[list[np.ndarray]]]:
     """Requests as lists of positional inputs (a GraphCell takes its inputs in order, not by name)."""
     return [[[np.asarray(v) for v in instance.values()] for instance in spec.instances] for spec in requests]
@@ -592,7 +567,7 @@ def run_direct_in_process(model_file: str, requests: list[RequestSpec], calls: i
     """rank_size 1: the GraphCell in this very process."""
     if not Path(model_file).is_file():
         raise BenchError(f"model file {model_file} does not exist")
-    call = load_graph_cell(model_file)
+    call = ShardModel.load(model_file).run
 
     def emit(record: dict[str, Any]) -> None:
         writer.sent = record["id"] + 1
@@ -605,7 +580,6 @@ def run_direct_group(model_files: list[str], requests: list[RequestSpec], calls:
                      timeout: float, startup_timeout: float, writer: ResultWriter) -> None:
     """rank_size > 1: a scheduler plus one process per rank, the same calls on the same inputs in lock-step (the
     AllReduce inside each call keeps them there); rank 0 appends one record per call to a file read here."""
-    from zmserve.collective import SCHEDULER_ROLE, group_environment
     from zmserve.supervision import die_with_parent, reap
 
     for path in model_files:
@@ -618,12 +592,8 @@ def run_direct_group(model_files: list[str], requests: list[RequestSpec], calls:
         with contextlib.ExitStack() as logs:
             plan = write_plan(workdir, model_files, requests, calls, warmup)
             env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
-            scheduler_env = group_environment(SCHEDULER_ROLE, plan["scheduler_host"], plan["scheduler_port"],
-                                              len(model_files))
-            scheduler = subprocess.Popen(
-                [sys.executable, "-m", "services.worker.scheduler"], env={**env, **scheduler_env},
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=logs.enter_context((workdir / "scheduler.log").open("w")), preexec_fn=die_with_parent)
+            scheduler = start_scheduler(plan["scheduler_host"], plan["scheduler_port"], len(model_files), env=env,
+                                        stderr=logs.enter_context((workdir / "scheduler.log").open("w")))
             for rank in range(len(model_files)):
                 ranks.append((f"rank {rank}", subprocess.Popen(
                     [sys.executable, "-c", "from zmserve.bench import rank_process_main; rank_process_main()",
@@ -641,13 +611,6 @@ def run_direct_group(model_files: list[str], requests: list[RequestSpec], calls:
         if scheduler is not None:
             reap(scheduler, timeout=1.0)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def write_plan(workdir: Path, model_files: list[str], requests: list[RequestSpec], calls: int,
@@ -740,15 +703,8 @@ def rank_process_main(argv: Sequence[str] | None = None) -> None:
             out.flush()
 
     try:
-        from zmserve.collective import MEMBER_ROLE, group_environment
-
-        os.environ.update(group_environment(MEMBER_ROLE, plan["scheduler_host"], plan["scheduler_port"],
-                                            len(plan["model_files"]), rank))
-        import_mindspore()
-        from mindspore.communication import init
-
-        init()
-        call = load_graph_cell(plan["model_files"][rank])
+        join_group(plan["scheduler_host"], plan["scheduler_port"], len(plan["model_files"]), rank)
+        call = ShardModel.load(plan["model_files"][rank]).run
         with np.load(plan["inputs"], allow_pickle=False) as stored:
             requests = [[[stored[key] for key in keys] for keys in instances] for instances in plan["layout"]]
         if timed_calls(call, requests, plan["calls"], max(1, plan["warmup"]), emit,

@@ -18,9 +18,10 @@ from zmserve.supervision import reap
 READY_TIMEOUT_S = 180.0
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (the OS picks it; someone else may take it before it is bound again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 

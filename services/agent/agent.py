@@ -32,7 +32,7 @@ import structlog
 import zmq
 
 from zmserve.codec import decode_values, encode_values, pack_header, unpack_header
-from zmserve.collective import MEMBER_ROLE, group_environment
+from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -193,36 +193,26 @@ class ShardRunner:
     """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
 
     def __init__(self, model_file: Path, signature: dict[str, Any]) -> None:
-        import mindspore as ms
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        ms.set_device("CPU")
-        self.ms = ms
+        import_mindspore()
         self.model_file = model_file
         self.signature = signature
-        self.cell: Any = None
+        self.shard: ShardModel | None = None
 
     def join_group_and_load(self, config: dict[str, Any]) -> None:
-        os.environ.update(group_environment(MEMBER_ROLE, config["scheduler_host"], config["scheduler_port"],
-                                            config["group_size"], config["node_id"]))
-        from mindspore.communication import init
-
         # init() holds the GIL while it waits for its group, so the control thread cannot act on a shutdown
         # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
-            init()
-            self.cell = self.ms.nn.GraphCell(self.ms.load(str(self.model_file)))
+            join_group(config["scheduler_host"], config["scheduler_port"], config["group_size"], config["node_id"])
+            self.shard = ShardModel.load(self.model_file)
             if self.signature.get("inputs"):
-                self.run([np.zeros([d if d >= 0 else 1 for d in spec["shape"]], dtype=spec["dtype"])
-                          for spec in self.signature["inputs"]])
+                self.shard.warm_up(self.signature["inputs"])
         finally:
             faulthandler.cancel_dump_traceback_later()
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        returned = self.cell(*(self.ms.Tensor(np.asarray(value)) for value in inputs))
-        outputs = returned if isinstance(returned, tuple | list) else (returned,)
-        return [output.asnumpy() for output in outputs]
+        assert self.shard is not None, "run before join_group_and_load"
+        return self.shard.run(inputs)
 
 
 def read_signature(model_file: Path, group_config_file: Path | None) -> dict[str, Any]:

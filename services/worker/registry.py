@@ -7,17 +7,15 @@ and goes to.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from zmserve.collective import SCHEDULER_ROLE, group_environment
+from zmserve.collective import start_scheduler
+from zmserve.local import free_port
 from zmserve.servable import DistributedModel
-from zmserve.supervision import die_with_parent, reap
+from zmserve.supervision import reap
 from zmserve.transport import Liveness
 
 
@@ -91,21 +89,9 @@ class StageGroup:
 
     def start_scheduler(self) -> None:
         self.scheduler_port = free_port(self.scheduler_host)
-        env = {**os.environ, **group_environment(SCHEDULER_ROLE, self.scheduler_host, self.scheduler_port,
-                                                 len(self.ranks))}
-        self.scheduler = subprocess.Popen(
-            [sys.executable, "-m", "services.worker.scheduler"], env=env,
-            stdout=subprocess.DEVNULL, preexec_fn=die_with_parent,
-        )
+        self.scheduler = start_scheduler(self.scheduler_host, self.scheduler_port, len(self.ranks))
 
     def stop_scheduler(self) -> None:
         if self.scheduler is not None:
             reap(self.scheduler, timeout=2.0)
             self.scheduler = None
-
-
-def free_port(host: str) -> int:
-    """A port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]

@@ -182,7 +182,7 @@ def test_second_sigint_forces_the_exit(tmp_path: Path) -> None:
 
     held: dict[int, list[int]] = {}
     try:
-        scheduler = wait_for(lambda: started(worker.pid, "services.worker.scheduler", 1), timeout=60)[0]
+        scheduler = wait_for(lambda: started(worker.pid, "zmserve.collective", 1), timeout=60)[0]
         agents = wait_for(lambda: started(launcher.pid, "services.agent.agent", 2), timeout=60)
         held = {pid: hold_signals(pid) for pid in (scheduler, agents[0])}
         os.kill(worker.pid, signal.SIGINT)
