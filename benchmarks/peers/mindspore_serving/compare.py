@@ -5,8 +5,9 @@
 First zmserve's rows (each cluster started and stopped here): rank_size 1 p50 with 1 client (no batch dim);
 rank_size 1 with dynamic batching, throughput at 16 and 32 clients; a 16 MiB Neg input (rank_size 1); and the
 same latency/throughput rows at rank_size 2 and 8 to show what sharding costs. Then the peer's own harness, run
-where it is installed (`/work/shared/peers/mindspore-serving/bench.sh`, RUNS=1, DUR=--duration), whose
-results.jsonl is read back for its gRPC p50, best gRPC throughput and 16 MiB (neg_big) rate; ratios follow.
+where it is installed (`../shared/peers/mindspore-serving/bench.sh` from the project root, or $PEER_DIR; RUNS=1,
+DUR=--duration), whose results.jsonl is read back for its gRPC p50, best gRPC throughput and 16 MiB (neg_big)
+rate; ratios follow.
 The peer harness is not copied here: it is run in place, and binds 127.0.0.1:5500/1500 only.
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import numpy as np
 from benchlib import (
+    REPO,
     bench,
     cluster,
     cmdline,
@@ -36,7 +38,7 @@ from benchlib import (
 )
 from export_identity import export as export_neg
 
-PEER_DIR = Path(os.environ.get("PEER_DIR", "/work/shared/peers/mindspore-serving"))
+PEER_DIR = Path(os.environ.get("PEER_DIR") or (REPO / ".." / "shared" / "peers" / "mindspore-serving").resolve())
 PEER_PYENV = "3.11.7:3.9.18:3.7.16"
 NEG_16MIB = "4096x1024"
 
