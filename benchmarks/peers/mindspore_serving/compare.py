@@ -1,6 +1,6 @@
 """Row 5: zmserve next to MindSpore Serving 2.0.2 (the peer), same machine, same session, same 128x96·96x16 MatMul.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/compare.py [--duration 10] [--skip-peer]
+    .venv/bin/python benchmarks/peers/mindspore_serving/compare.py [--duration 10] [--skip-peer] [--client-processes N]
 
 First zmserve's rows (each cluster started and stopped here): rank_size 1 p50 with 1 client (no batch dim);
 rank_size 1 with dynamic batching, throughput at 16 and 32 clients; a 16 MiB Neg input (rank_size 1); and the
@@ -43,8 +43,10 @@ PEER_PYENV = "3.11.7:3.9.18:3.7.16"
 NEG_16MIB = "4096x1024"
 
 
-def zmserve_rows(work: Path, duration: float, ranks_list: list[int]) -> dict:
-    """Every zmserve number the comparison needs, keyed like `r1_p50_ms`."""
+def zmserve_rows(work: Path, duration: float, ranks_list: list[int], client_processes: int = 0) -> dict:
+    """Every zmserve number the comparison needs, keyed like `r1_p50_ms`. `client_processes` > 0 spreads the
+    throughput rows' clients over that many bench processes (`zmserve bench run --processes`), as the peer's
+    bench_client.py spreads its clients over processes; 0 keeps them in one process's threads."""
     x = np.ones((128, 96), np.float32)
     out: dict = {}
     for ranks in ranks_list:
@@ -62,12 +64,14 @@ def zmserve_rows(work: Path, duration: float, ranks_list: list[int]) -> dict:
                                                                  batch=True),
                      "matmul", files, {"x": x}, ["--max-batch-size", "32", "--max-batch-delay-ms", "2"]) as local:
             for clients in (16, 32):
-                bench([*service_args(local), "--shape", "128x96", "-c", str(clients), "--duration", "3",
+                spread = ["--processes", str(min(client_processes, clients))] if client_processes else []
+                bench([*service_args(local), *spread, "--shape", "128x96", "-c", str(clients), "--duration", "3",
                        "--timeout", "30"])  # unrecorded: compiles each batch size this load makes
                 load = wait_quiet()
-                result = bench([*service_args(local), "--shape", "128x96", "-c", str(clients), "--duration",
+                result = bench([*service_args(local), *spread, "--shape", "128x96", "-c", str(clients), "--duration",
                                 str(duration), "--warmup", "20", "--timeout", "30"])
                 emit({"row": "zmserve_throughput", "rank_size": ranks, "batching": "on", "clients": clients,
+                      "client_processes": min(client_processes, clients) or 1,
                       "load1": load, **result})
                 out[f"r{ranks}_c{clients}_rps"] = result["req_per_s"]
     neg = export_neg(work / "neg")
@@ -109,9 +113,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--ranks", default="1,2,8")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="spread the 16/32-client throughput rows over this many bench processes (0: threads)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        zm = zmserve_rows(Path(tmp), args.duration, [int(r) for r in args.ranks.split(",")])
+        zm = zmserve_rows(Path(tmp), args.duration, [int(r) for r in args.ranks.split(",")], args.client_processes)
     if args.skip_peer:
         return
     peer = run_peer(args.duration)
