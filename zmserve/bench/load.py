@@ -105,8 +105,13 @@ class ServiceLoad:
         self.requests = requests
         self.offset, self.stride = offset, stride
         self.targets = request_targets(requests, target.servable, target.method)
-        self.clients = {each: Client(target.address, each[0], each[1], target.version)
-                        for each in dict.fromkeys(self.targets)}
+        self.clients: dict[tuple[str, str], Any] = {}
+        try:
+            for each in dict.fromkeys(self.targets):
+                self.clients[each] = Client(target.address, each[0], each[1], target.version)
+        except ValueError as exc:  # an address the client refuses
+            self.close()
+            raise BenchError(f"--address {target.address!r}: {exc}") from None
         self._outstanding: dict[int, tuple[Future, float, float, RequestSpec]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
