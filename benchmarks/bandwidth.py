@@ -23,7 +23,7 @@ import zmq
 from benchlib import bench, cluster, cmdline, emit, service_args, wait_quiet, write_servable
 from export_identity import export
 
-from zmserve.local import free_port
+from zmserve.transport import free_port
 
 
 def echo_server(address: str) -> None:

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from zmserve.bench import parse_record, summarize  # noqa: E402
+from zmserve.bench.records import Record  # noqa: E402
+from zmserve.bench.summary import summarize  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 
 MATMUL_EXPORT = REPO / "examples" / "matmul_distributed" / "export_model.py"
@@ -98,12 +99,13 @@ def cluster(workdir: Path, servable_dir: Path, servable: str, model_files: list[
 
 
 def bench(args: Sequence[str], timeout: float = 900) -> dict[str, Any]:
-    """`zmserve bench run ARGS` in its own process (its client threads do not share our GIL); the summary."""
-    done = subprocess.run([sys.executable, "-m", "zmserve.cli", "bench", "run", *args], capture_output=True,
-                          text=True, timeout=timeout, env=GLOG_ENV, cwd=REPO)
+    """`zmserve bench run ARGS` in its own process (its client threads do not share our GIL); the summary.
+    Failed requests do not fail the row (--allow-errors): they are counted in its "errors"."""
+    done = subprocess.run([sys.executable, "-m", "zmserve.cli", "bench", "run", "--allow-errors", *args],
+                          capture_output=True, text=True, timeout=timeout, env=GLOG_ENV, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"bench failed ({done.returncode}): {done.stderr[-2000:]}")
-    records = [parse_record(line) for line in done.stdout.splitlines() if line.strip()]
+    records = [Record.from_json(line) for line in done.stdout.splitlines() if line.strip()]
     summary = summarize(records)
     return {"requests": summary.requests, "ok": summary.ok, "errors": summary.errors,
             "req_per_s": round(summary.throughput_rps, 1),

@@ -104,7 +104,7 @@ def servable_functions() -> types.ModuleType:
 def direct(files: list[Path], args) -> None:
     """The (1,1) export in this process: the servable's tokenize and pool around one GraphCell call."""
     servable = servable_functions()
-    from zmserve.bench import import_mindspore
+    from zmserve.collective import import_mindspore
 
     ms = import_mindspore()
     cell = ms.nn.GraphCell(ms.load(str(files[0])))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from zmserve.local import LocalCluster as Cluster
-from zmserve.local import free_port, free_port_range  # noqa: F401
+from zmserve.transport import free_port, free_port_range  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 MATMUL_EXAMPLE = REPO / "examples" / "matmul_distributed"

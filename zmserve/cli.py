@@ -145,7 +145,7 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
         raise click.ClickException(str(error)) from None
 
 
-from zmserve.bench import bench  # noqa: E402
+from zmserve.bench.cli import bench  # noqa: E402
 
 main.add_command(bench)
 

@@ -1,13 +1,30 @@
-"""How a process joins a MindSpore CPU collective group: the environment of the dynamic-cluster launch.
+"""Running a sharded model on MindSpore's CPU collectives: the scheduler, joining a group, the shard itself.
 
-MindSpore reads these variables in `mindspore.communication.init()`. Node ids are numeric, so each process gets
-the rank it is told regardless of start order. The retry interval is cut from MindSpore's default so a group
-forms in seconds, not tens of seconds.
+Every process that forms or joins a group comes through here: the worker's per-stage schedulers
+(`StageGroup.start_scheduler`), the agents (`ShardRunner`), `zmserve bench run --direct` and the tests' runners.
+
+A group forms around a scheduler, a process of its own started with `MS_ROLE=MS_SCHED` whose `init()` blocks
+until every member has joined and later left (`start_scheduler`, which runs this module). Members set the
+environment of the dynamic-cluster launch and call `init()` (`join_group`). Node ids are numeric, so each member
+gets the rank it is told regardless of start order. The retry interval is cut from MindSpore's default so a
+group forms in seconds, not tens of seconds. A loaded shard's graph contains collectives, so it may only be
+called once its process is in the group (outside one, MindSpore segfaults).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zmserve.protocol import TensorSpec
+from zmserve.supervision import die_with_parent
 
 SCHEDULER_ROLE = "MS_SCHED"
 MEMBER_ROLE = "MS_WORKER"
@@ -28,3 +45,74 @@ def group_environment(role: str, scheduler_host: str, scheduler_port: int, group
     if node_id is not None:
         env["MS_NODE_ID"] = str(node_id)
     return env
+
+
+def start_scheduler(host: str, port: int, group_size: int, **popen_kwargs: Any) -> subprocess.Popen:
+    """A scheduler process for a group of `group_size` on host:port; it dies with this process. `popen_kwargs`
+    go to Popen (an `env` given there is the base the group variables are added to; stdout defaults to
+    /dev/null)."""
+    base = popen_kwargs.pop("env", None)
+    env = {**(os.environ if base is None else base), **group_environment(SCHEDULER_ROLE, host, port, group_size)}
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "zmserve.collective"], env=env, preexec_fn=die_with_parent,
+                            **popen_kwargs)
+
+
+@functools.cache
+def import_mindspore() -> Any:
+    """MindSpore set up for CPU graph mode (once per process: the device cannot be set twice)."""
+    os.environ.setdefault("GLOG_v", "3")
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    return ms
+
+
+def join_group(scheduler_host: str, scheduler_port: int, group_size: int, node_id: int) -> None:
+    """Become member `node_id` of the group around scheduler_host:scheduler_port; blocks until the group is
+    whole (MindSpore holds the GIL meanwhile: a caller that needs a deadline sets one outside Python)."""
+    os.environ.update(group_environment(MEMBER_ROLE, scheduler_host, scheduler_port, group_size, node_id))
+    import_mindspore()
+    from mindspore.communication import init
+
+    init()
+
+
+class ShardModel:
+    """One rank's MindIR as a GraphCell, called with numpy arrays and answering numpy arrays."""
+
+    def __init__(self, cell: Any) -> None:
+        self.ms = import_mindspore()
+        self.cell = cell
+
+    @classmethod
+    def load(cls, model_file: str | Path) -> ShardModel:
+        ms = import_mindspore()
+        return cls(ms.nn.GraphCell(ms.load(str(model_file))))
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        returned = self.cell(*(self.tensor(value) for value in inputs))
+        outputs = returned if isinstance(returned, tuple | list) else (returned,)
+        return [output.asnumpy() for output in outputs]
+
+    def tensor(self, value: Any) -> Any:
+        """A MindSpore tensor over the array's own memory when it is a C-contiguous numeric array (no copy of
+        the input), else a copy."""
+        array = np.asarray(value)
+        if array.flags.c_contiguous and array.dtype.kind in "biuf":
+            return self.ms.Tensor.from_numpy(array)
+        return self.ms.Tensor(array)
+
+    def warm_up(self, input_specs: Sequence[TensorSpec]) -> None:
+        """One call on zeros of the signature's shapes (a dynamic dimension, -1, as 1), so the first real call
+        does not pay for compiling the graph."""
+        self.run([np.zeros([d if d >= 0 else 1 for d in spec.shape], dtype=spec.dtype) for spec in input_specs])
+
+
+if __name__ == "__main__":
+    # A scheduler process (start_scheduler): the group's MS_* environment is set by the parent.
+    from mindspore.communication import init
+
+    init()

@@ -19,6 +19,8 @@ from zmserve.ranktable import RankEntry, write_document
 
 WORLD_GROUP = "mccl_world_group"
 """The only group AllGather and Broadcast run on with MindSpore's CPU collectives; one per pipeline stage."""
+GROUP_CONFIG_FILE = "group_config.json"
+"""Beside each exported shard: its rank, the model's rank_size/stage_size, and the shard's signature."""
 
 
 def tensor_spec(name: str, array_or_shape: Any, dtype: str = "float32") -> dict[str, Any]:
@@ -35,8 +37,23 @@ def export_rank(cell: Any, example_inputs: list[Any], output_dir: Path, rank: in
     device_dir = output_dir / f"device{rank}"
     device_dir.mkdir(parents=True, exist_ok=True)
     ms.export(cell, *example_inputs, file_name=str(device_dir / model_name), file_format="MINDIR")
-    (device_dir / "group_config.json").write_text(json.dumps({"rank": rank, **group_config}, indent=2))
+    (device_dir / GROUP_CONFIG_FILE).write_text(json.dumps({"rank": rank, **group_config}, indent=2))
     return device_dir / f"{model_name}.mindir"
+
+
+def read_group_config(model_file: Path, config_file: Path | None = None) -> dict[str, Any] | None:
+    """The group config exported beside `model_file` (or `config_file` when given), or None when there is none;
+    ValueError when it is not a JSON object."""
+    path = config_file or model_file.parent / GROUP_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return document
 
 
 def write_rank_table(path: Path, rank_size: int, server_id: str = "127.0.0.1") -> None:

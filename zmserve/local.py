@@ -4,7 +4,6 @@ free loopback ports. Tests and benchmarks use it; every process is reaped by `st
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,35 +13,9 @@ from typing import Any
 from zmserve.client import Client, ClientError
 from zmserve.protocol import ErrorCode
 from zmserve.supervision import reap
+from zmserve.transport import free_port, free_port_range
 
 READY_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports (agents publish on agent-start-port + i)."""
-    for _ in range(100):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        probes: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise RuntimeError("no free port range")
 
 
 class LocalCluster:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -116,3 +117,31 @@ def drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: 
         except zmq.Again:
             return
         handle(frames)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (the OS picks it; someone else may take it before it is bound again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports (agents publish on agent-start-port + i)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        probes: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError("no free port range")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import json
 import os
 import queue
 import sys
@@ -31,7 +30,8 @@ import structlog
 import zmq
 
 from zmserve.codec import decode_values, encode_values
-from zmserve.collective import MEMBER_ROLE, group_environment
+from zmserve.collective import ShardModel, import_mindspore, join_group
+from zmserve.export import read_group_config
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -228,44 +228,31 @@ class ShardRunner:
     """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
 
     def __init__(self, model_file: Path, signature: ModelSignature) -> None:
-        import mindspore as ms
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        ms.set_device("CPU")
-        self.ms = ms
+        import_mindspore()
         self.model_file = model_file
         self.signature = signature
-        self.cell: Any = None
+        self.shard: ShardModel | None = None
 
     def join_group_and_load(self, config: AgentConfigure) -> None:
-        os.environ.update(group_environment(MEMBER_ROLE, config.scheduler_host, config.scheduler_port,
-                                            config.group_size, config.node_id))
-        from mindspore.communication import init
-
         # init() holds the GIL while it waits for its group, so the control thread cannot act on a shutdown
         # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
-            init()
-            self.cell = self.ms.nn.GraphCell(self.ms.load(str(self.model_file)))
+            join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id)
+            self.shard = ShardModel.load(self.model_file)
             if self.signature.inputs:
-                self.run([np.zeros([d if d >= 0 else 1 for d in spec.shape], dtype=spec.dtype)
-                          for spec in self.signature.inputs])
+                self.shard.warm_up(self.signature.inputs)
         finally:
             faulthandler.cancel_dump_traceback_later()
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        returned = self.cell(*(self.ms.Tensor(np.asarray(value)) for value in inputs))
-        outputs = returned if isinstance(returned, tuple | list) else (returned,)
-        return [output.asnumpy() for output in outputs]
+        assert self.shard is not None, "run before join_group_and_load"
+        return self.shard.run(inputs)
 
 
 def read_shard_info(model_file: Path, group_config_file: Path | None) -> ShardInfo:
-    """What the shard's export says it is (its group_config.json next to the model file), if it says anything."""
-    path = group_config_file or model_file.parent / "group_config.json"
-    if not path.is_file():
-        return ShardInfo()
-    document = json.loads(path.read_text())
+    """What the shard's export says it is (its group_config.json), if it says anything."""
+    document = read_group_config(model_file, group_config_file) or {}
     signature = msgspec.convert({"inputs": document.get("inputs"), "outputs": document.get("outputs")},
                                 ModelSignature)
     known = {key: document.get(key) for key in ("rank", "rank_size", "stage", "stage_size")}

@@ -34,8 +34,8 @@ from services.worker.membership import (
     WorkerState,
 )
 from services.worker.pipeline import Pipeline
-from services.worker.registry import StageGroup
 from services.worker.requests import MethodRun
+from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import get_logger
 from zmserve.protocol import (
@@ -104,7 +104,7 @@ class Worker:
                                      stage_input_endpoint, results_endpoint)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer)
-        self.schedulers = [StageGroup(stage.index, stage.ranks, host) for stage in self.membership.stages]
+        self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
         self.broker_lost = False
         self.heartbeat = HeartbeatClock(config.heartbeat_interval)
@@ -180,7 +180,7 @@ class Worker:
             elif isinstance(action, RestartGroups):
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
                 for scheduler in self.schedulers:
-                    scheduler.stop_scheduler()
+                    scheduler.stop()
                 self.start_schedulers()
                 self.waiting_since = time.monotonic()
                 self.send_status()
@@ -194,9 +194,8 @@ class Worker:
 
     def start_schedulers(self) -> None:
         for scheduler in self.schedulers:
-            scheduler.start_scheduler()
-        self.membership.schedulers_started([(s.scheduler_host, s.scheduler_port) for s in self.schedulers],
-                                           time.monotonic())
+            scheduler.start()
+        self.membership.schedulers_started([(s.host, s.port) for s in self.schedulers], time.monotonic())
 
     def check_methods_against_model(self, signature: ModelSignature) -> None:
         inputs, outputs = signature.inputs, signature.outputs
@@ -313,7 +312,7 @@ class Worker:
         self.send_to_broker([BrokerCommand.CONTROL, encode(WorkerDisconnect())])
         self.carry_out(self.membership.stop("worker stopping"))
         for scheduler in self.schedulers:
-            scheduler.stop_scheduler()
+            scheduler.stop()
         self.close_sockets(linger=200)
         log.info("worker_stopped", **self.pipeline.stats)
 

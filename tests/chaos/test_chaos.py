@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from cluster import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def load_chaos() -> ModuleType:

@@ -1,9 +1,9 @@
 """Run an exported minilm model tree for real, stage after stage, without the serving plumbing.
 
-A stage with tp > 1 runs as a real MindSpore CPU collective group: one scheduler process (zmserve's
-`services.worker.scheduler`) plus one process per tensor-parallel rank, each started with the group environment
-of `zmserve.collective.group_environment`. A stage with tp == 1 is one plain process in no group (its graph holds
-no collective). Every rank loads its MindIR with `nn.GraphCell(ms.load(path))` and runs every batch; the stage's
+A stage with tp > 1 runs as a real MindSpore CPU collective group: one scheduler process
+(`zmserve.collective.start_scheduler`) plus one process per tensor-parallel rank, each joining with
+`zmserve.collective.join_group`. A stage with tp == 1 is one plain process in no group (its graph holds no
+collective). Every rank loads its MindIR as a `zmserve.collective.ShardModel` and runs every batch; the stage's
 rank 0 saves the outputs (an .npz of .npy arrays), which become the next stage's inputs.
 
 Every wait has a deadline, every process is reaped. Run as a script, this module is the rank process itself
@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from zmserve.collective import MEMBER_ROLE, SCHEDULER_ROLE, group_environment
+from zmserve.collective import ShardModel, import_mindspore, join_group, start_scheduler
 from zmserve.supervision import reap
+from zmserve.transport import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_GROUP = "mccl_world_group"
@@ -51,12 +51,6 @@ class PipelineRun:
     stage_outputs: list[list[list[np.ndarray]]] = field(default_factory=list)
     reports: list[RankReport] = field(default_factory=list)
     stage_seconds: list[float] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def save_batches(path: Path, batches: list[list[np.ndarray]]) -> None:
@@ -92,26 +86,25 @@ def run_stage(model_files: list[Path], inputs: Path, outputs: Path, workdir: Pat
     processes: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
 
-    def start(name: str, command: list[str], env: dict[str, str]) -> None:
+    def log_file(name: str) -> IO[str]:
         logs[name] = workdir / f"{name}.log"
-        with logs[name].open("w") as log:
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return logs[name].open("w")
 
+    options: dict[str, Any] = {"stderr": subprocess.STDOUT, "env": base_environment(), "cwd": REPO}
     try:
         port = free_port()
         if tp > 1:
-            start("scheduler", [sys.executable, "-m", "services.worker.scheduler"],
-                  {**base_environment(), **group_environment(SCHEDULER_ROLE, "127.0.0.1", port, tp)})
+            with log_file("scheduler") as log:
+                processes["scheduler"] = start_scheduler("127.0.0.1", port, tp, stdout=log, **options)
         for tp_rank, model_file in enumerate(model_files):
             command = [sys.executable, __file__, "rank", "--rank", str(tp_rank), "--model", str(model_file),
                        "--inputs", str(inputs), "--report", str(workdir / f"rank{tp_rank}.json")]
             if tp_rank == 0:
                 command += ["--outputs", str(outputs)]
-            env = base_environment()
             if tp > 1:
-                command.append("--group")
-                env.update(group_environment(MEMBER_ROLE, "127.0.0.1", port, tp, tp_rank))
-            start(f"rank{tp_rank}", command, env)
+                command += ["--group-port", str(port), "--group-size", str(tp)]
+            with log_file(f"rank{tp_rank}") as log:
+                processes[f"rank{tp_rank}"] = subprocess.Popen(command, stdout=log, **options)
         wait_all(processes, logs, time.monotonic() + timeout)
         return [RankReport(**json.loads((workdir / f"rank{tp_rank}.json").read_text())) for tp_rank in range(tp)]
     finally:
@@ -171,27 +164,21 @@ def inspect_mindirs(paths: list[Path]) -> dict[str, Any]:
 
 
 def rank_main(args: argparse.Namespace) -> None:
-    import mindspore as ms
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    ms = import_mindspore()
     started = time.perf_counter()
-    if args.group:
-        from mindspore.communication import init
-
-        init()
+    if args.group_port is not None:
+        join_group("127.0.0.1", args.group_port, args.group_size, args.rank)
     init_s = time.perf_counter() - started
     started = time.perf_counter()
-    cell = ms.nn.GraphCell(ms.load(args.model))
+    shard = ShardModel.load(args.model)
     load_s = time.perf_counter() - started
     outputs, call_s = [], []
     for inputs in load_batches(Path(args.inputs)):
         started = time.perf_counter()
-        returned = cell(*(ms.Tensor(array) for array in inputs))
-        arrays = [t.asnumpy() for t in (returned if isinstance(returned, tuple | list) else (returned,))]
+        arrays = shard.run(inputs)
         call_s.append(time.perf_counter() - started)
         outputs.append(arrays)
-    if args.group:
+    if args.group_port is not None:
         # Leave together: a rank exiting right after its last collective can strand its peer.
         ms.ops.AllReduce(group=WORLD_GROUP)(ms.Tensor(np.ones(1, np.float32))).asnumpy()
     if args.outputs:
@@ -221,7 +208,8 @@ def main() -> None:
     rank.add_argument("--inputs", required=True)
     rank.add_argument("--outputs")
     rank.add_argument("--report", required=True, help="where to write the timings (JSON)")
-    rank.add_argument("--group", action="store_true", help="join the collective group of the MS_* environment")
+    rank.add_argument("--group-port", type=int, help="join the collective group around 127.0.0.1:PORT")
+    rank.add_argument("--group-size", type=int, help="the group's member count (with --group-port)")
     inspect = commands.add_parser("inspect", help="print parameter dims and operator types of MindIR files")
     inspect.add_argument("paths", nargs="+")
     args = parser.parse_args()

@@ -8,6 +8,8 @@ from cluster import Cluster, matmul_reference
 
 from zmserve.client import ClientError
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(params=["matmul_tp2", "matmul_tp8"])
 def cluster(request: pytest.FixtureRequest) -> Cluster:

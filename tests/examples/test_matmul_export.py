@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from cluster import export_matmul
 
+pytestmark = pytest.mark.slow
+
 CHECK = """
 import json, sys
 import numpy as np

@@ -29,6 +29,8 @@ from reference import Reference, mean_pool, normalize  # noqa: E402
 
 from zmserve.servable import MethodSpec, load_servable  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = [(1, 1), (2, 1), (2, 2), (4, 2)]
 EMBEDDING_TOLERANCE = 1e-5
 HIDDEN_REAL_BOUND = 1e-5

@@ -19,6 +19,8 @@ sys.path.insert(0, str(EXAMPLE))
 
 from reference import Reference  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CAT = "A cat sits on the mat."
 TEXTS = [
     CAT,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, load_example_module, write_servable
 
+pytestmark = pytest.mark.slow
+
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export")
 
 

@@ -26,6 +26,8 @@ from cluster import child_pids, log_events, matmul_reference, start_matmul_clust
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 SEED = 20240604
 BROKER_MESSAGES = 12000
 AGENT_MESSAGES = 4000

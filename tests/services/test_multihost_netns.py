@@ -24,6 +24,8 @@ from cluster import MATMUL_CONFIG, MLP_EXAMPLE, export_mlp, write_servable
 
 from zmserve.supervision import reap
 
+pytestmark = pytest.mark.slow
+
 SUBNET = "10.231.0"
 
 

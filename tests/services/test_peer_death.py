@@ -33,6 +33,8 @@ from services.agent.agent import JOIN_TIMEOUT_S
 from zmserve.client import Client, ClientError
 from zmserve.local import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export_for_peer_death")
 ONES = {"x": np.ones((128, 96), np.float32)}
 SLOW = {"batch": 512, "hidden": 1024, "ffn": 4096}

@@ -30,6 +30,8 @@ from cluster import (
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
+pytestmark = pytest.mark.slow
+
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export_for_shutdown")
 SLOW = {"batch": 256, "hidden": 1024, "ffn": 4096}
 """About 0.1 s per call on 2 cores: long enough that requests queue up behind each other."""
@@ -182,7 +184,7 @@ def test_second_sigint_forces_the_exit(tmp_path: Path) -> None:
 
     held: dict[int, list[int]] = {}
     try:
-        scheduler = wait_for(lambda: started(worker.pid, "services.worker.scheduler", 1), timeout=60)[0]
+        scheduler = wait_for(lambda: started(worker.pid, "zmserve.collective", 1), timeout=60)[0]
         agents = wait_for(lambda: started(launcher.pid, "services.agent.agent", 2), timeout=60)
         held = {pid: hold_signals(pid) for pid in (scheduler, agents[0])}
         os.kill(worker.pid, signal.SIGINT)

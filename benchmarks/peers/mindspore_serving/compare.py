@@ -1,12 +1,13 @@
 """Row 5: zmserve next to MindSpore Serving 2.0.2 (the peer), same machine, same session, same 128x96·96x16 MatMul.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/compare.py [--duration 10] [--skip-peer]
+    .venv/bin/python benchmarks/peers/mindspore_serving/compare.py [--duration 10] [--skip-peer] [--client-processes N]
 
 First zmserve's rows (each cluster started and stopped here): rank_size 1 p50 with 1 client (no batch dim);
 rank_size 1 with dynamic batching, throughput at 16 and 32 clients; a 16 MiB Neg input (rank_size 1); and the
 same latency/throughput rows at rank_size 2 and 8 to show what sharding costs. Then the peer's own harness, run
-where it is installed (`/work/shared/peers/mindspore-serving/bench.sh`, RUNS=1, DUR=--duration), whose
-results.jsonl is read back for its gRPC p50, best gRPC throughput and 16 MiB (neg_big) rate; ratios follow.
+where it is installed (`../shared/peers/mindspore-serving/bench.sh` from the project root, or $PEER_DIR; RUNS=1,
+DUR=--duration), whose results.jsonl is read back for its gRPC p50, best gRPC throughput and 16 MiB (neg_big)
+rate; ratios follow.
 The peer harness is not copied here: it is run in place, and binds 127.0.0.1:5500/1500 only.
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import numpy as np
 from benchlib import (
+    REPO,
     bench,
     cluster,
     cmdline,
@@ -36,13 +38,15 @@ from benchlib import (
 )
 from export_identity import export as export_neg
 
-PEER_DIR = Path(os.environ.get("PEER_DIR", "/work/shared/peers/mindspore-serving"))
+PEER_DIR = Path(os.environ.get("PEER_DIR") or (REPO / ".." / "shared" / "peers" / "mindspore-serving").resolve())
 PEER_PYENV = "3.11.7:3.9.18:3.7.16"
 NEG_16MIB = "4096x1024"
 
 
-def zmserve_rows(work: Path, duration: float, ranks_list: list[int]) -> dict:
-    """Every zmserve number the comparison needs, keyed like `r1_p50_ms`."""
+def zmserve_rows(work: Path, duration: float, ranks_list: list[int], client_processes: int = 0) -> dict:
+    """Every zmserve number the comparison needs, keyed like `r1_p50_ms`. `client_processes` > 0 spreads the
+    throughput rows' clients over that many bench processes (`zmserve bench run --processes`), as the peer's
+    bench_client.py spreads its clients over processes; 0 keeps them in one process's threads."""
     x = np.ones((128, 96), np.float32)
     out: dict = {}
     for ranks in ranks_list:
@@ -60,12 +64,14 @@ def zmserve_rows(work: Path, duration: float, ranks_list: list[int]) -> dict:
                                                                  batch=True),
                      "matmul", files, {"x": x}, ["--max-batch-size", "32", "--max-batch-delay-ms", "2"]) as local:
             for clients in (16, 32):
-                bench([*service_args(local), "--shape", "128x96", "-c", str(clients), "--duration", "3",
+                spread = ["--processes", str(min(client_processes, clients))] if client_processes else []
+                bench([*service_args(local), *spread, "--shape", "128x96", "-c", str(clients), "--duration", "3",
                        "--timeout", "30"])  # unrecorded: compiles each batch size this load makes
                 load = wait_quiet()
-                result = bench([*service_args(local), "--shape", "128x96", "-c", str(clients), "--duration",
+                result = bench([*service_args(local), *spread, "--shape", "128x96", "-c", str(clients), "--duration",
                                 str(duration), "--warmup", "20", "--timeout", "30"])
                 emit({"row": "zmserve_throughput", "rank_size": ranks, "batching": "on", "clients": clients,
+                      "client_processes": min(client_processes, clients) or 1,
                       "load1": load, **result})
                 out[f"r{ranks}_c{clients}_rps"] = result["req_per_s"]
     neg = export_neg(work / "neg")
@@ -107,9 +113,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--ranks", default="1,2,8")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="spread the 16/32-client throughput rows over this many bench processes (0: threads)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        zm = zmserve_rows(Path(tmp), args.duration, [int(r) for r in args.ranks.split(",")])
+        zm = zmserve_rows(Path(tmp), args.duration, [int(r) for r in args.ranks.split(",")], args.client_processes)
     if args.skip_peer:
         return
     peer = run_peer(args.duration)

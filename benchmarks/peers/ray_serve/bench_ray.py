@@ -123,7 +123,7 @@ def measure(models: Path, duration: float, clients: list[int], command: str) -> 
     import ray
     from ray import serve
 
-    from_port = int(os.environ.get("RAY_SERVE_PORT", "0")) or free_port()
+    from_port = int(os.environ["RAY_SERVE_PORT"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": from_port})
@@ -142,14 +142,6 @@ def measure(models: Path, duration: float, clients: list[int], command: str) -> 
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def export_models(models: Path) -> None:
@@ -173,10 +165,13 @@ def main() -> None:
         if not RAY_PYTHON.exists():
             sys.exit(f"no Ray venv: python3.11 -m venv {HERE / '.venv'} && "
                      f"{HERE / '.venv/bin/pip'} install 'ray[serve]' mindspore==2.10.0")
+        from zmserve.transport import free_port
+
+        env = {**os.environ, "RAY_SERVE_PORT": os.environ.get("RAY_SERVE_PORT") or str(free_port())}
         with tempfile.TemporaryDirectory() as tmp:
             export_models(Path(tmp))
             done = subprocess.run([str(RAY_PYTHON), __file__, "--models", tmp, "--duration", str(args.duration),
-                                   "--clients", args.clients, "--command", command])
+                                   "--clients", args.clients, "--command", command], env=env)
         sys.exit(done.returncode)
     measure(args.models, args.duration, [int(c) for c in args.clients.split(",")], command)
 

@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, load_example_module, log_events, write_servable
+
+pytestmark = pytest.mark.slow
 
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export_for_launchers")
 X = np.random.default_rng(5).standard_normal((mlp.DEFAULT_BATCH, mlp.DEFAULT_HIDDEN)).astype(np.float32)

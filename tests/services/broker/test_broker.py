@@ -8,6 +8,8 @@ from cluster import Cluster
 
 from zmserve.client import Client, ClientError
 
+pytestmark = pytest.mark.slow
+
 ONES = {"x": np.ones((128, 96), np.float32)}
 
 

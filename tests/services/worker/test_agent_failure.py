@@ -21,6 +21,8 @@ from cluster import (
 
 from zmserve.client import ClientError
 
+pytestmark = pytest.mark.slow
+
 ONES = {"x": np.ones((128, 96), np.float32)}
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cluster import MATMUL_EXAMPLE, Cluster, log_events, matmul_reference, write_servable
 
 from services.worker.batching import Batcher
@@ -69,6 +70,7 @@ def predict(x):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_model_calls_and_get_their_own_rows(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(MATMUL_EXAMPLE / "export_model.py"), "--rank-size", "2", "--batch-dim",
                     "--output-dir", str(tmp_path / "model"), "--rank-table", str(tmp_path / "table.json")],

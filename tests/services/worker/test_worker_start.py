@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from cluster import MATMUL_CONFIG, free_port, write_servable
 
+pytestmark = pytest.mark.slow
+
 
 def start_worker(servable_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(

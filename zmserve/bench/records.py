@@ -1,0 +1,83 @@
+"""One result line per request: `{"id", "send_time", "latency_ms", "status", "bytes_out", "bytes_in"}`, plus
+`"message"` (why) when the request failed.
+
+`send_time` is wall-clock seconds (so lines from several processes line up), `latency_ms` the time from just
+before the send to the moment the answer arrived, `status` "OK" or the error code, `bytes_out`/`bytes_in` the
+tensor payload (value frames, not headers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from zmserve.bench.lines import json_object, parse_lines
+
+OK = "OK"
+RECORD_FIELDS = ("id", "send_time", "latency_ms", "status", "bytes_out", "bytes_in")
+"""The fields of every record; a failed one adds "message"."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: int
+    send_time: float
+    latency_ms: float
+    status: str
+    bytes_out: int = 0
+    bytes_in: int = 0
+    message: str | None = None
+
+    @classmethod
+    def measured(cls, request_id: int, send_time: float, latency_s: float, status: str, bytes_out: int,
+                 bytes_in: int, message: str | None = None) -> Record:
+        """A record from raw measurements (seconds), rounded as written."""
+        return cls(request_id, round(send_time, 6), round(latency_s * 1000.0, 4), status, bytes_out, bytes_in,
+                   None if status == OK else (message or status))
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def end_time(self) -> float:
+        return self.send_time + self.latency_ms / 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        if fields["message"] is None:
+            del fields["message"]
+        return fields
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, line: str) -> Record:
+        """One result line -> Record; ValueError says why it is not one. Missing byte counts are 0 and a
+        missing id is -1 (lines written by other tools)."""
+        document = json_object(line, "a result line")
+        for key in ("send_time", "latency_ms"):
+            if not _is_number(document.get(key)):
+                raise ValueError(f"'{key}' must be a number, got {document.get(key)!r}")
+        if not isinstance(document.get("status"), str):
+            raise ValueError(f"'status' must be a string, got {document.get('status')!r}")
+        for key in ("id", "bytes_out", "bytes_in"):
+            if key in document and (not isinstance(document[key], int) or isinstance(document[key], bool)):
+                raise ValueError(f"'{key}' must be an integer, got {document[key]!r}")
+        message = document.get("message")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"'message' must be a string, got {message!r}")
+        return cls(document.get("id", -1), float(document["send_time"]), float(document["latency_ms"]),
+                   document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_records(lines: Iterable[str], source: str) -> list[Record]:
+    """Every record of a JSON-lines stream (blank lines skipped); a bad line fails with `source:line: why`."""
+    return parse_lines(lines, source, Record.from_json)
