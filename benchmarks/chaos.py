@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from zmserve.client import Client, ClientError
+from zmserve.client import Client, ClientError, IOThread
 from zmserve.local import LocalCluster
 from zmserve.protocol import Error, Reply, ServingError, decode
 
@@ -62,28 +62,37 @@ def matmul_reference(x: np.ndarray) -> np.ndarray:
     return -(x.astype(np.float64) @ np.full((96, 16), 0.5)).astype(np.float32)
 
 
-class CountingClient(Client):
-    """A Client that also counts, by request id, every answer that reaches its socket, including answers to
-    requests its own deadline already ended: "exactly one reply" is a property of the wire, and a future
-    resolves once whatever arrives after it."""
+class CountingIOThread(IOThread):
+    """The async client's IO thread, counting by request id every answer that reaches its socket, including
+    answers to requests its own deadline already ended: "exactly one reply" is a property of the wire, and a
+    future resolves once whatever arrives after it."""
 
-    def __init__(self, address: str, servable: str, method: str) -> None:
+    def __init__(self, *args: Any) -> None:
         self.wire_answers: Counter[Any] = Counter()
-        self._counting = threading.Lock()
-        super().__init__(address, servable, method)
+        self.counting = threading.Lock()
+        super().__init__(*args)
 
-    def _resolve(self, frames: list[zmq.Frame]) -> None:
+    def resolve(self, frames: list[zmq.Frame]) -> None:
         try:
             request_id = decode(frames[0], Reply, Error).id
         except ServingError:
             request_id = "unreadable"
-        with self._counting:
+        with self.counting:
             self.wire_answers[request_id] += 1
-        super()._resolve(frames)
+        super().resolve(frames)
+
+
+class CountingClient(Client):
+    """A Client whose async path counts every answer on the wire (`answers`)."""
+
+    io_thread_class = CountingIOThread
 
     def answers(self) -> Counter[Any]:
-        with self._counting:
-            return Counter(self.wire_answers)
+        io = self._io
+        if not isinstance(io, CountingIOThread):
+            return Counter()
+        with io.counting:
+            return Counter(io.wire_answers)
 
 
 @dataclass

@@ -109,12 +109,12 @@ def log_events(path: Path, event: str) -> list[dict]:
     return events
 
 
-def start_matmul_cluster(workdir: Path, rank_size: int) -> Cluster:
+def start_matmul_cluster(workdir: Path, rank_size: int, colocated: bool = False) -> Cluster:
     """Export a rank_size MatMul, start a cluster for it and wait until it serves (stopped again on failure)."""
     model_files = export_matmul(workdir, rank_size)
     servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=rank_size,
                                                                                         stage_size=1))
-    cluster = Cluster(workdir, servable_dir, "matmul", model_files)
+    cluster = Cluster(workdir, servable_dir, "matmul", model_files, colocated=colocated)
     try:
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
     except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -63,33 +64,40 @@ def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_m
     run_until_signalled(service)
 
 
-@main.command()
-@click.option("--servable-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--servable", required=True, help="folder inside --servable-dir holding servable_config.py")
-@click.option("--version", "version_number", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--rank-table", type=click.Path(exists=True, dir_okay=False))
-@click.option("--distributed-address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
-              help="where agents register (host:port)")
-@click.option("--wait-agents", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="seconds to wait for all agents; 0 = forever")
-@click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
-              help="the broker's worker-facing address")
-@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
-@click.option("--max-inflight", default=MAX_INFLIGHT_MODEL_CALLS, show_default=True, type=click.IntRange(min=1),
-              help="model calls in the pipeline at once")
-@click.option("--max-queued", default=MAX_QUEUED_REQUESTS, show_default=True, type=click.IntRange(min=1),
-              help="requests held before RESOURCE_EXHAUSTED")
-@click.option("--execution-timeout", default=EXECUTION_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.1),
-              help="seconds without a model result (calls in flight) before the agents are restarted")
-@click.option("--max-batch-size", default=MAX_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
-              help="instances per model call (servables with_batch_dim=True)")
-@click.option("--max-batch-delay-ms", default=MAX_BATCH_DELAY_S * 1000, show_default=True,
-              type=click.FloatRange(min=0), help="how long a batch's first instance waits for more")
-def worker(servable_dir: str, servable: str, version_number: int, rank_table: str | None,
-           distributed_address: str, wait_agents: float, broker_address: str, heartbeat_interval: float,
-           max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-           max_batch_delay_ms: float) -> None:
-    """Serve one servable: wait for its agents, then take requests from the broker."""
+def worker_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of one servable's worker, shared by `zmserve worker` and `zmserve serve`."""
+    options = [
+        click.option("--servable-dir", required=True, type=click.Path(exists=True, file_okay=False)),
+        click.option("--servable", required=True, help="folder inside --servable-dir holding servable_config.py"),
+        click.option("--version", "version_number", default=1, show_default=True, type=click.IntRange(min=1)),
+        click.option("--rank-table", type=click.Path(exists=True, dir_okay=False)),
+        click.option("--distributed-address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
+                     help="where agents register (host:port)"),
+        click.option("--wait-agents", default=0.0, show_default=True, type=click.FloatRange(min=0),
+                     help="seconds to wait for all agents; 0 = forever"),
+        click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float),
+        click.option("--max-inflight", default=MAX_INFLIGHT_MODEL_CALLS, show_default=True,
+                     type=click.IntRange(min=1), help="model calls in the pipeline at once"),
+        click.option("--max-queued", default=MAX_QUEUED_REQUESTS, show_default=True, type=click.IntRange(min=1),
+                     help="requests held before RESOURCE_EXHAUSTED"),
+        click.option("--execution-timeout", default=EXECUTION_TIMEOUT_S, show_default=True,
+                     type=click.FloatRange(min=0.1),
+                     help="seconds without a model result (calls in flight) before the agents are restarted"),
+        click.option("--max-batch-size", default=MAX_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
+                     help="instances per model call (servables with_batch_dim=True)"),
+        click.option("--max-batch-delay-ms", default=MAX_BATCH_DELAY_S * 1000, show_default=True,
+                     type=click.FloatRange(min=0), help="how long a batch's first instance waits for more"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_worker(broker_address: str | None, servable_dir: str, servable: str, version_number: int,
+                rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
+                max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
+                max_batch_delay_ms: float) -> Any:
+    """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
@@ -97,17 +105,57 @@ def worker(servable_dir: str, servable: str, version_number: int, rank_table: st
     from zmserve.transport import BindError
 
     try:
-        service = Worker(WorkerConfig(
+        return Worker(WorkerConfig(
             servable_dir, servable, version_number, rank_table, distributed_address, broker_address, wait_agents,
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000))
     except (ServableConfigError, RankTableError, BindError) as error:
         raise click.ClickException(str(error)) from None
+
+
+def run_service(service: Any) -> None:
+    """Run until signalled; a service that cannot go on (e.g. its agents never came) is one line, exit 1."""
     try:
         run_until_signalled(service)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@worker_options
+@click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
+              help="the broker's worker-facing address")
+def worker(broker_address: str, **options: Any) -> None:
+    """Serve one servable: wait for its agents, then take requests from the broker."""
+    run_service(make_worker(broker_address, **options))
+
+
+@main.command()
+@click.option("--bind", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True,
+              help="where clients connect (the broker's client address)")
+@click.option("--worker-bind", default=None,
+              help="also take workers of other processes or machines here (default: none, only this one)")
+@click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
+              type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
+@worker_options
+def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: Any) -> None:
+    """Broker and worker in one process: one machine, one servable, the shortest path for a request.
+
+    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`.
+    """
+    from services.broker.broker import Broker
+    from services.colocated import Colocated
+    from zmserve.transport import BindError
+
+    worker_service = make_worker(None, **options)
+    try:
+        broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
+                                max_request_bytes=max_request_mb * 2**20)
+    except BindError as error:
+        worker_service.close_sockets()
+        raise click.ClickException(str(error)) from None
+    run_service(Colocated(broker_service, worker_service))
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

@@ -1,83 +1,148 @@
-"""The zmserve client: a DEALER socket to the broker, owned by one background thread.
+"""The zmserve client.
 
-`infer` is `infer_async(...).result()`: both share one core. Every request carries its timeout; the broker and
-the worker enforce it, and the client enforces it too, so a dead broker still yields DEADLINE_EXCEEDED instead
-of a hang.
+`infer` talks on a DEALER of the calling thread's own, from the calling thread: a request crosses no thread
+hand-off on its way out or back. `infer_async` hands requests to one background IO thread, which owns its own
+DEALER and resolves futures. Both send the same REQUEST and read the same answers (`Request` out; `Reply` or
+`Error` in, matched by id).
+
+Every request carries its timeout; the broker and the worker enforce it, and the client ends the call at the
+deadline itself, so a dead broker still yields DEADLINE_EXCEEDED instead of a hang. Anything that goes wrong
+inside the client (a bad address, a failed IO thread, a closed client) is a `ClientError` or a `ValueError`
+at once, never a call that waits forever.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode, normalize_address
+from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode
 from zmserve.transport import new_socket
 
 DEFAULT_TIMEOUT_S = 60.0
+_ADDRESS = re.compile(r"^(?:tcp://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
 class ClientError(Exception):
-    """A request that failed: `.code` is an ErrorCode name, `.message` says why."""
+    """A request that failed: `.code` is an ErrorCode, `.message` says why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
 
 
+def broker_endpoint(address: str) -> str:
+    """The ZeroMQ endpoint of a broker address given as `host:port`, `tcp://host:port` or `ipc://path`; anything
+    else is a ValueError that names the accepted forms."""
+    if address.startswith("ipc://") and len(address) > len("ipc://"):
+        return address
+    match = _ADDRESS.match(address.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"broker address {address!r} is not one of host:port, tcp://host:port or ipc://path "
+                         "(for example 127.0.0.1:5500)")
+    return f"tcp://{match['host']}:{match['port']}"
+
+
 class Client:
+    """Calls one method of one servable through a broker. Thread-safe: each thread that calls `infer` gets its
+    own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`."""
+
+    io_thread_class: type[IOThread]
+
     def __init__(self, address: str, servable: str, method: str, version: int = 0,
                  context: zmq.Context | None = None) -> None:
-        self.address = normalize_address(address)
+        self.address = broker_endpoint(address)
         self.servable, self.method, self.version = servable, method, version
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._pending: dict[int, tuple[Future, float]] = {}
-        pipe = f"inproc://zmserve-client-{uuid.uuid4().hex}"
-        self._inbound = new_socket(self._context, zmq.PAIR)
-        self._inbound.bind(pipe)
-        self._outbound = new_socket(self._context, zmq.PAIR)
-        self._outbound.connect(pipe)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="zmserve-client", daemon=True)
-        self._thread.start()
+        self._sockets: list[zmq.Socket] = []
+        self._per_thread = threading.local()
+        self._io: IOThread | None = None
+        self._closed = False
 
+    # ---- the synchronous path: the calling thread's own socket ----------------------------------------------
     def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> list[Instance]:
         """Run the method on one instance (a dict) or a list of them; returns one dict per instance."""
-        return self.infer_async(instances, timeout).result()
+        request_id, frames, deadline = self._request(instances, timeout)
+        sock = self._thread_socket()
+        sock.send_multipart(frames, copy=False)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+                raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
+            answer = sock.recv_multipart(copy=False)
+            outcome = read_answer(answer, request_id)
+            if outcome is not None:  # anything else answers an earlier request that this thread gave up on
+                return outcome.result()
 
+    def _thread_socket(self) -> zmq.Socket:
+        sock = getattr(self._per_thread, "socket", None)
+        if sock is None:
+            sock = new_socket(self._context, zmq.DEALER)
+            sock.connect(self.address)
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
+                self._sockets.append(sock)
+            self._per_thread.socket = sock
+        return sock
+
+    # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
     def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
+        """Like `infer`, but returns a concurrent.futures.Future at once."""
         future: Future = Future()
-        if self._closed.is_set():
-            future.set_exception(ClientError(ErrorCode.UNAVAILABLE, "the client is closed"))
-            return future
-        batch = [instances] if isinstance(instances, dict) else list(instances)
         try:
-            descriptors, frames = encode_instances(batch)
-        except ServingError as error:
-            future.set_exception(ClientError(error.code, error.message))
-            return future
-        request_id = next(self._ids)
-        header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=descriptors))
-        with self._lock:
-            self._pending[request_id] = (future, time.monotonic() + timeout)
-            self._outbound.send_multipart([header, *frames], copy=False)
+            request_id, frames, deadline = self._request(instances, timeout)
+            with self._lock:
+                if self._io is None:
+                    self._io = self.io_thread_class(self._context, self.address)
+                io = self._io
+            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
+        except (ClientError, ValueError) as error:
+            future.set_exception(error)
         return future
 
+    # ---- shared -----------------------------------------------------------------------------------------------
+    def _request(self, instances: Instance | list[Instance], timeout: float) -> tuple[int, list[Any], float]:
+        if self._closed:
+            raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        batch = [instances] if isinstance(instances, dict) else list(instances)
+        try:
+            specs, value_frames = encode_instances(batch)
+        except ServingError as error:
+            raise ClientError(error.code, error.message) from None
+        request_id = next(self._ids)
+        header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
+                                timeout_ms=timeout * 1000, instances=specs))
+        return request_id, [header, *value_frames], time.monotonic() + timeout
+
+    def _no_reply(self, timeout: float) -> str:
+        return f"no reply within {timeout:g} s from {self.address} (is a broker listening there?)"
+
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._thread.join()
-        self._outbound.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sockets, self._sockets, io = self._sockets, [], self._io
+        if io is not None:
+            io.close()
+        for sock in sockets:
+            sock.close()
 
     def __enter__(self) -> Client:
         return self
@@ -85,57 +150,149 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- the client's IO thread -----------------------------------------------------------------------------
-    def _run(self) -> None:
-        broker = new_socket(self._context, zmq.DEALER)
-        broker.connect(self.address)
+
+class _Outcome:
+    """A decoded answer: a result, or the ClientError to raise."""
+
+    def __init__(self, result: list[Instance] | None = None, error: ClientError | None = None) -> None:
+        self._result, self.error = result, error
+
+    def result(self) -> list[Instance]:
+        if self.error is not None:
+            raise self.error
+        assert self._result is not None
+        return self._result
+
+
+def read_answer(frames: list[zmq.Frame], request_id: int | None = None) -> _Outcome | None:
+    """The outcome of an answer frame set; None when it does not answer `request_id` (given) or is unreadable."""
+    answer = _decode_answer(frames)
+    if answer is None or (request_id is not None and answer.id != request_id):
+        return None
+    return _outcome(answer, frames)
+
+
+def _decode_answer(frames: list[zmq.Frame]) -> Reply | Error | None:
+    try:
+        return decode(frames[0], Reply, Error)
+    except ServingError:
+        return None
+
+
+def _outcome(answer: Reply | Error, frames: list[zmq.Frame]) -> _Outcome:
+    if isinstance(answer, Error):
+        return _Outcome(error=ClientError(answer.code, answer.message))
+    try:
+        return _Outcome(result=decode_instances(answer.instances, frames[1:]))
+    except ServingError as error:
+        return _Outcome(error=ClientError(error.code, error.message))
+
+
+@dataclass
+class _Pending:
+    future: Future
+    deadline: float
+    no_reply: str
+    """What DEADLINE_EXCEEDED says when no answer came."""
+
+
+class IOThread(threading.Thread):
+    """Owns the async path's DEALER: sends what `submit` queues, resolves futures by id, expires deadlines. If
+    it fails, every pending and later future fails with UNAVAILABLE naming the cause."""
+
+    def __init__(self, context: zmq.Context, address: str) -> None:
+        super().__init__(name="zmserve-client", daemon=True)
+        self.context, self.address = context, address
+        self.lock = threading.Lock()
+        self.pending: dict[int, _Pending] = {}
+        self.failure: str | None = None
+        pipe = f"inproc://zmserve-client-{uuid.uuid4().hex}"
+        self.inbound = new_socket(context, zmq.PAIR)
+        self.inbound.bind(pipe)
+        self.outbound = new_socket(context, zmq.PAIR)
+        self.outbound.connect(pipe)
+        self.closing = threading.Event()
+        self.start()
+
+    def submit(self, request_id: int, pending: _Pending, frames: list[Any]) -> None:
+        with self.lock:
+            if self.failure is not None or self.closing.is_set():
+                raise ClientError(ErrorCode.UNAVAILABLE, self.failure or "the client is closed")
+            self.pending[request_id] = pending
+            self.outbound.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.join()
+        with self.lock:
+            self.outbound.close()
+
+    def run(self) -> None:
+        try:
+            broker = new_socket(self.context, zmq.DEALER)
+            try:
+                broker.connect(self.address)
+                self.serve(broker)
+            finally:
+                broker.close()
+        except Exception as exc:  # the promise is one answer per request, so a crash must answer them all
+            self.fail_all(f"the client's IO thread failed: {type(exc).__name__}: {exc}")
+        else:
+            self.fail_all("the client was closed")
+        finally:
+            self.inbound.close()
+
+    def serve(self, broker: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(broker, zmq.POLLIN)
-        poller.register(self._inbound, zmq.POLLIN)
-        try:
-            while not self._closed.is_set():
-                events = dict(poller.poll(timeout=50))
-                if self._inbound in events:
-                    broker.send_multipart(self._inbound.recv_multipart(copy=False), copy=False)
-                if broker in events:
-                    self._resolve(broker.recv_multipart(copy=False))
-                self._expire()
-        finally:
-            broker.close()
-            self._inbound.close()
-            with self._lock:
-                pending, self._pending = self._pending, {}
-            for future, _ in pending.values():
-                if not future.done():
-                    future.set_exception(ClientError(ErrorCode.UNAVAILABLE, "the client was closed"))
+        poller.register(self.inbound, zmq.POLLIN)
+        while not self.closing.is_set():
+            events = dict(poller.poll(timeout=self.poll_timeout_ms()))
+            if self.inbound in events:
+                while self.inbound.poll(0):
+                    broker.send_multipart(self.inbound.recv_multipart(copy=False), copy=False)
+            if broker in events:
+                while broker.poll(0):
+                    self.resolve(broker.recv_multipart(copy=False))
+            self.expire()
 
-    def _resolve(self, frames: list[zmq.Frame]) -> None:
-        try:
-            reply = decode(frames[0], Reply, Error)
-        except ServingError:
-            return
-        with self._lock:
-            entry = self._pending.pop(reply.id, None)
-        if entry is None:
-            return
-        future, deadline = entry
-        if isinstance(reply, Error):
-            future.set_exception(ClientError(reply.code, reply.message))
-            return
-        if time.monotonic() > deadline:
-            future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline"))
-            return
-        try:
-            future.set_result(decode_instances(reply.instances, frames[1:]))
-        except ServingError as error:
-            future.set_exception(ClientError(error.code, error.message))
+    def poll_timeout_ms(self) -> int:
+        with self.lock:
+            earliest = min((p.deadline for p in self.pending.values()), default=None)
+        if earliest is None:
+            return 50
+        return max(0, min(50, int((earliest - time.monotonic()) * 1000) + 1))
 
-    def _expire(self) -> None:
+    def resolve(self, frames: list[zmq.Frame]) -> None:
+        answer = _decode_answer(frames)
+        if answer is None or not isinstance(answer.id, int):
+            return
+        with self.lock:
+            pending = self.pending.pop(answer.id, None)
+        if pending is None or pending.future.done():  # a cancelled future stays cancelled
+            return
+        outcome = _outcome(answer, frames)
+        if outcome.error is not None:
+            pending.future.set_exception(outcome.error)
+        else:
+            pending.future.set_result(outcome.result())
+
+    def expire(self) -> None:
         now = time.monotonic()
-        with self._lock:
-            late = [rid for rid, (_, deadline) in self._pending.items() if deadline + 0.05 <= now]
-            expired = [self._pending.pop(rid)[0] for rid in late]
-        for future in expired:
-            future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED,
-                                             "no reply before the deadline (is the broker running?)"))
+        with self.lock:
+            late = [rid for rid, pending in self.pending.items() if pending.deadline <= now]
+            expired = [self.pending.pop(rid) for rid in late]
+        for pending in expired:
+            if not pending.future.done():
+                pending.future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED, pending.no_reply))
 
+    def fail_all(self, why: str) -> None:
+        with self.lock:
+            self.failure = self.failure or why
+            pending, self.pending = self.pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(ClientError(ErrorCode.UNAVAILABLE, why))
+
+
+Client.io_thread_class = IOThread

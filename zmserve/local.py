@@ -20,10 +20,14 @@ READY_TIMEOUT_S = 180.0
 
 class LocalCluster:
     """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`, at debug level so that tests can
-    follow every membership event."""
+    follow every membership event.
+
+    `colocated=True` runs `zmserve serve` (broker and worker in one process) instead of `zmserve broker` +
+    `zmserve worker`; its process and log are then both `worker` and `broker`."""
 
     def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
-                 extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None) -> None:
+                 extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
+                 colocated: bool = False) -> None:
         self.workdir = workdir
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
         self.worker_address = f"tcp://127.0.0.1:{free_port()}"
@@ -31,10 +35,14 @@ class LocalCluster:
         self.servable = servable
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
-        self.start("worker", ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
-                              "--distributed-address", self.distributed_address,
-                              "--broker", self.worker_address, *(extra_worker_args or [])])
+        worker_args = ["--servable-dir", str(servable_dir), "--servable", servable,
+                       "--distributed-address", self.distributed_address, *(extra_worker_args or [])]
+        if colocated:
+            self.start("worker", ["serve", "--bind", self.client_address, *worker_args])
+            self.processes["broker"], self.logs["broker"] = self.processes["worker"], self.logs["worker"]
+        else:
+            self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
+            self.start("worker", ["worker", *worker_args, "--broker", self.worker_address])
         if model_files is not None:
             self.start_agents("agents", model_files, *(extra_agent_args or []))
 

@@ -53,6 +53,11 @@ def bind(socket: zmq.Socket, address: str, what: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def frame_bytes(frame: zmq.Frame | bytes) -> bytes:
+    """A frame's bytes, whether it came from a socket (zmq.Frame) or from a service in the same process."""
+    return frame.bytes if isinstance(frame, zmq.Frame) else frame
+
+
 class Delivery(Enum):
     SENT = "sent"
     WOULD_BLOCK = "would_block"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import structlog
 import zmq
 
 from zmserve.logs import get_logger
+from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
@@ -41,7 +43,7 @@ from zmserve.protocol import (
     normalize_address,
     peek_request_id,
 )
-from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, drain, new_socket, send_nonblocking
+from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("broker")
 
@@ -93,7 +95,7 @@ class Broker:
     def __init__(
         self,
         client_address: str = DEFAULT_BROKER_CLIENT_ADDRESS,
-        worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS,
+        worker_address: str | None = DEFAULT_BROKER_WORKER_ADDRESS,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         heartbeat_liveness: int = HEARTBEAT_LIVENESS,
         max_request_bytes: int = MAX_REQUEST_BYTES,
@@ -104,41 +106,46 @@ class Broker:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.clients = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
-        self.worker_socket = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
+        self.worker_socket: zmq.Socket | None = None
+        """Workers in other processes register here; None when only an in-process worker serves."""
+        self.worker_endpoint = "none"
         try:
             self.client_endpoint = bind(self.clients, normalize_address(client_address), "broker's client socket")
-            self.worker_endpoint = bind(self.worker_socket, normalize_address(worker_address),
-                                        "broker's worker socket")
+            if worker_address:
+                self.worker_socket = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
+                self.worker_endpoint = bind(self.worker_socket, normalize_address(worker_address),
+                                            "broker's worker socket")
         except BaseException:
-            self.clients.close()
-            self.worker_socket.close()
+            self.close_sockets()
             raise
         self.workers: dict[bytes, WorkerRecord] = {}
         self.seen_servables: set[str] = set()
         """Servables some worker served: while none does, requests for them are UNAVAILABLE, not NOT_FOUND."""
         self.requests = InFlight()
+        self.in_process_workers: dict[bytes, Callable[[list[Any]], None]] = {}
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.stop_event = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        log.info("broker_started", clients=self.client_endpoint, workers=self.worker_endpoint)
-        poller = zmq.Poller()
-        poller.register(self.clients, zmq.POLLIN)
-        poller.register(self.worker_socket, zmq.POLLIN)
+        self.announce()
         try:
-            while not self.stop_event.is_set():
-                ready = dict(poller.poll(timeout=min(self.heartbeat_interval, 0.1) * 1000))
-                if self.worker_socket in ready:
-                    drain(self.worker_socket, self.process_worker)
-                if self.clients in ready:
-                    drain(self.clients, self.process_client)
-                self.do_chores()
+            run_services([self], self.stop_event)
         finally:
             self.shutdown()
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def announce(self) -> None:
+        log.info("broker_started", clients=self.client_endpoint, workers=self.worker_endpoint)
+
+    def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
+        workers = [(self.worker_socket, self.process_worker)] if self.worker_socket is not None else []
+        return [*workers, (self.clients, self.process_client)]
+
+    def poll_timeout(self) -> float:
+        return min(self.heartbeat_interval, 0.1)
 
     # ---- client -> broker -> worker -------------------------------------------------------------------------
     def process_client(self, frames: list[zmq.Frame]) -> None:
@@ -160,8 +167,7 @@ class Broker:
             self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms),
                                                   request.servable))
             worker.inflight.add(key)
-            delivery = send_nonblocking(self.worker_socket,
-                                        [worker.identity, BrokerCommand.REQUEST, client, *frames[1:]])
+            delivery = self.deliver_to_worker(worker.identity, [BrokerCommand.REQUEST, client, *frames[1:]])
             if delivery is not Delivery.SENT:
                 self.requests.pop(key)
                 worker.inflight.discard(key)
@@ -211,23 +217,23 @@ class Broker:
         return "served: " + ", ".join(served)
 
     # ---- worker -> broker -> client -------------------------------------------------------------------------
-    def process_worker(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
+    def process_worker(self, frames: list[Any]) -> None:
+        """[worker identity][command][...]: from the worker ROUTER, or straight from an in-process worker."""
         if len(frames) < 3:
             log.warning("worker_message_malformed", frames=len(frames))
             return
-        command = frames[1].bytes
+        identity, command = frame_bytes(frames[0]), frame_bytes(frames[1])
         record = self.workers.get(identity)
         if record is not None:
             record.liveness.heard()
         if command == BrokerCommand.REPLY and len(frames) >= 4:
-            self.forward_reply(record, frames[2].bytes, frames[3:])
+            self.forward_reply(record, frame_bytes(frames[2]), frames[3:])
         elif command == BrokerCommand.CONTROL:
             self.process_worker_control(identity, record, frames[2])
         else:
             log.warning("worker_message_malformed", command=command.hex())
 
-    def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[zmq.Frame]) -> None:
+    def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[Any]) -> None:
         try:
             reply = decode(frames[0], Reply, Error)
         except ServingError as error:
@@ -245,7 +251,7 @@ class Broker:
             return
         self.send_to_client(client, frames)
 
-    def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: zmq.Frame) -> None:
+    def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: Any) -> None:
         try:
             message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
         except ServingError as error:
@@ -305,8 +311,23 @@ class Broker:
         elif delivery is Delivery.UNREACHABLE:
             log.info("client_gone", client=client.hex())
 
+    def deliver_to_worker(self, identity: bytes, frames: list[Any]) -> Delivery:
+        """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
+        in_process = self.in_process_workers.get(identity)
+        if in_process is not None:
+            in_process(frames)
+            return Delivery.SENT
+        if self.worker_socket is None:
+            return Delivery.UNREACHABLE
+        return send_nonblocking(self.worker_socket, [identity, *frames])
+
+    def attach_in_process_worker(self, identity: bytes, deliver: Callable[[list[Any]], None]) -> None:
+        """A worker running in this process and loop (`zmserve serve`): messages for it call `deliver`; it calls
+        `process_worker` with its identity in front. Everything else treats it like any worker."""
+        self.in_process_workers[identity] = deliver
+
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
-        delivery = send_nonblocking(self.worker_socket, [identity, *frames])
+        delivery = self.deliver_to_worker(identity, frames)
         if delivery is Delivery.WOULD_BLOCK:
             log.warning("worker_not_reading", worker=identity.hex())
         elif delivery is Delivery.UNREACHABLE and (record := self.workers.get(identity)) is not None:
@@ -315,7 +336,11 @@ class Broker:
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
             self.remove_worker(record, "broker shutting down")
-        self.clients.close(linger=500)
-        self.worker_socket.close(linger=500)
+        self.close_sockets(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")
+
+    def close_sockets(self, linger: int = 0) -> None:
+        for sock in (self.clients, self.worker_socket):
+            if sock is not None:
+                sock.close(linger=linger)

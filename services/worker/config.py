@@ -27,7 +27,8 @@ class WorkerConfig:
     rank_table_file: str | Path | None = None
     distributed_address: str = DEFAULT_DISTRIBUTED_ADDRESS
     """Where agents register (host:port); the worker's data sockets bind on the same host."""
-    broker_address: str = DEFAULT_BROKER_WORKER_ADDRESS
+    broker_address: str | None = DEFAULT_BROKER_WORKER_ADDRESS
+    """The broker's worker-facing address; None when the broker runs in the same process (`zmserve serve`)."""
     wait_agents_seconds: float = 0.0
     """Give up (exit) when not every rank registered within this many seconds; 0 waits forever."""
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S

@@ -16,9 +16,9 @@ Sockets (who binds is in docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
-import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -38,6 +38,7 @@ from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import get_logger
+from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     AgentFailed,
@@ -65,7 +66,7 @@ from zmserve.protocol import (
 )
 from zmserve.ranktable import RankTable
 from zmserve.servable import ServableSpec, load_servable
-from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, drain, new_socket, send_nonblocking
+from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("worker")
 PROGRESS_INTERVAL_S = 5.0
@@ -86,9 +87,13 @@ class Worker:
 
         self.context = context or zmq.Context.instance()
         host, _ = endpoint_host_port(config.distributed_address)
-        self.broker_address = normalize_address(config.broker_address)
-        self.broker = new_socket(self.context, zmq.DEALER)
-        self.broker.connect(self.broker_address)
+        self.broker_address = normalize_address(config.broker_address) if config.broker_address else "in-process"
+        self.broker: zmq.Socket | None = None
+        """The DEALER to a broker in another process; None while a broker in this process is attached."""
+        self.in_process_broker: Callable[[list[Any]], None] | None = None
+        if config.broker_address:
+            self.broker = new_socket(self.context, zmq.DEALER)
+            self.broker.connect(self.broker_address)
         self.agents = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
         self.stage_input = new_socket(self.context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
         self.results = new_socket(self.context, zmq.PULL, RCVHWM=0)
@@ -118,28 +123,33 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.start()
+        try:
+            run_services([self], self.stop_event)
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
         structlog.contextvars.bind_contextvars(servable=self.spec.name)
         log.info("worker_started", version=self.config.version_number, rank_size=self.model.rank_size,
                  stage_size=self.model.stage_size, methods=sorted(self.spec.methods))
         self.start_schedulers()
-        handlers = [(self.results, self.process_result), (self.agents, self.process_agent),
-                    (self.stage_input, self.process_subscription), (self.broker, self.process_broker)]
-        poller = zmq.Poller()
-        for sock, _ in handlers:
-            poller.register(sock, zmq.POLLIN)
-        try:
-            while not self.stop_event.is_set():
-                due = self.pipeline.seconds_until_due()
-                ready = dict(poller.poll(timeout=100 if due is None else min(100, math.ceil(due * 1000))))
-                for sock, handle in handlers:
-                    if sock in ready:
-                        drain(sock, handle)
-                self.do_chores()
-        finally:
-            self.shutdown()
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
+        handlers = [(self.results, self.process_result), (self.agents, self.process_agent),
+                    (self.stage_input, self.process_subscription)]
+        return handlers + ([(self.broker, self.process_broker)] if self.broker is not None else [])
+
+    def poll_timeout(self) -> float:
+        due = self.pipeline.seconds_until_due()
+        return 0.1 if due is None else min(0.1, due)
+
+    def attach_in_process_broker(self, deliver: Callable[[list[Any]], None]) -> None:
+        """A broker in this process and loop (`zmserve serve`): what the worker sends it calls `deliver`."""
+        self.in_process_broker = deliver
 
     # ---- agents: registration and group formation -----------------------------------------------------------
     def process_agent(self, frames: list[zmq.Frame]) -> None:
@@ -215,15 +225,16 @@ class Worker:
                     )
 
     # ---- broker -> worker: requests -------------------------------------------------------------------------
-    def process_broker(self, frames: list[zmq.Frame]) -> None:
+    def process_broker(self, frames: list[Any]) -> None:
+        """[command][...]: from the broker's DEALER link, or straight from a broker in this process."""
         self.broker_liveness.heard()
-        command = frames[0].bytes
+        command = frame_bytes(frames[0])
         if command == BrokerCommand.REQUEST and len(frames) >= 3:
-            self.handle_request(frames[1].bytes, frames[2], frames[3:])
+            self.handle_request(frame_bytes(frames[1]), frames[2], frames[3:])
         elif command != BrokerCommand.CONTROL:
             log.warning("broker_message_malformed", command=command.hex())
 
-    def handle_request(self, client: bytes, header_frame: zmq.Frame, value_frames: list[zmq.Frame]) -> None:
+    def handle_request(self, client: bytes, header_frame: Any, value_frames: list[Any]) -> None:
         request_id = None
         try:
             request = decode(header_frame, Request)
@@ -300,7 +311,9 @@ class Worker:
 
     def send_to_broker(self, frames: list[Any]) -> None:
         """Never block on the broker: if it is gone, the reply is lost and the client's deadline answers."""
-        if send_nonblocking(self.broker, frames) is not Delivery.SENT:
+        if self.in_process_broker is not None:
+            self.in_process_broker(frames)
+        elif self.broker is not None and send_nonblocking(self.broker, frames) is not Delivery.SENT:
             log.warning("broker_unreachable", dropped="reply" if frames[0] == BrokerCommand.REPLY else "status")
 
     def send_to_agent(self, identity: bytes, header: bytes) -> None:
@@ -318,4 +331,5 @@ class Worker:
 
     def close_sockets(self, linger: int = 0) -> None:
         for sock in (self.broker, self.agents, self.stage_input, self.results):
-            sock.close(linger=linger)
+            if sock is not None:
+                sock.close(linger=linger)

@@ -1,0 +1,40 @@
+"""`zmserve serve`: the broker and one worker in one process and one loop.
+
+On one machine the broker is a hop that costs a process wake-up and a copy each way (docs/BENCHMARKS.md). Here
+the broker hands a request to the worker with a function call and the worker hands the reply back the same way;
+both keep their own rules unchanged, and the broker still accepts other workers on `--worker-bind` if one is
+given. Clients cannot tell the difference: they talk to the same client ROUTER.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from services.broker.broker import Broker
+from services.worker.worker import Worker
+from zmserve.loop import run_services
+
+IN_PROCESS_WORKER = b"\x00in-process-worker"
+"""The broker's name for the worker in its own process (a ROUTER never generates an identity starting with 0)."""
+
+
+class Colocated:
+    def __init__(self, broker: Broker, worker: Worker) -> None:
+        if worker.broker is not None:
+            raise ValueError("the colocated worker must be configured without a broker address")
+        self.broker, self.worker = broker, worker
+        broker.attach_in_process_worker(IN_PROCESS_WORKER, worker.process_broker)
+        worker.attach_in_process_broker(lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames]))
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        self.broker.announce()
+        self.worker.start()
+        try:
+            run_services([self.broker, self.worker], self.stop_event)
+        finally:
+            self.worker.shutdown()  # answers what it holds through the broker, which is still up
+            self.broker.shutdown()
+
+    def stop(self) -> None:
+        self.stop_event.set()

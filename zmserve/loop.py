@@ -1,0 +1,51 @@
+"""The one event loop of every zmserve service: poll the sockets, drain each ready one into its handler, do the
+chores, until stopped.
+
+A service is its sockets (each with the function that handles a message), a poll timeout and its chores
+(liveness, deadlines, heartbeats). `run_services` runs one service, or several in one thread: `zmserve serve`
+runs the broker and a worker in one loop, so a request crosses no process and no thread between them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import zmq
+
+from zmserve.transport import drain
+
+Handler = Callable[[list[zmq.Frame]], None]
+
+
+class Service(Protocol):
+    def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
+        """The sockets this service reads, each with the function that takes one message."""
+        ...
+
+    def poll_timeout(self) -> float:
+        """Seconds the loop may sleep before this service's chores are due."""
+        ...
+
+    def do_chores(self) -> None:
+        """Periodic work: liveness, deadlines, heartbeats. Runs after every wake-up."""
+        ...
+
+
+def run_services(services: Sequence[Service], stopped: threading.Event) -> None:
+    """Until `stopped` is set: wait for any socket (or the earliest chore), handle every message already queued
+    on each ready socket, then let every service do its chores."""
+    poller = zmq.Poller()
+    handle: dict[zmq.Socket, Handler] = {}
+    for service in services:
+        for sock, handler in service.handlers():
+            poller.register(sock, zmq.POLLIN)
+            handle[sock] = handler
+    while not stopped.is_set():
+        timeout = min(service.poll_timeout() for service in services)
+        for sock, _ in poller.poll(timeout=max(0, math.ceil(timeout * 1000))):
+            drain(sock, handle[sock])
+        for service in services:
+            service.do_chores()
