@@ -131,7 +131,7 @@ class Client:
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:
-        return f"no reply within {timeout:g} s from {self.address} (is a broker listening there?)"
+        return f"no reply before the deadline ({timeout:g} s) from {self.address} (is a broker listening there?)"
 
     def close(self) -> None:
         with self._lock:

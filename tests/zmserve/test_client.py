@@ -83,8 +83,8 @@ def test_infer_ends_at_its_deadline_when_nothing_answers(broker: FakeBroker) -> 
             client.infer(ONES, timeout=0.3)
         waited = time.monotonic() - started
     assert caught.value.code is ErrorCode.DEADLINE_EXCEEDED
-    assert f"no reply within 0.3 s from tcp://{broker.address}" in caught.value.message
-    assert 0.3 <= waited < 0.6
+    assert f"no reply before the deadline (0.3 s) from tcp://{broker.address}" in caught.value.message
+    assert 0.3 <= waited < 1.0
 
 
 def test_a_tiny_timeout_ends_the_call_even_when_the_answer_comes_later(broker: FakeBroker) -> None:
