@@ -54,7 +54,7 @@ def read_header(frame: bytes) -> tuple[dict | None, Any]:
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception:
-        return None, None
+        return None, readable_id(frame)
     if not isinstance(header, dict):
         return None, None
     request_id = header.get("id")
@@ -62,6 +62,22 @@ def read_header(frame: bytes) -> tuple[dict | None, Any]:
     if is_int(header.get("v")) and header["v"] == VERSION and header.get("type") in HEADER_TYPES:
         return header, request_id
     return None, request_id
+
+
+def readable_id(frame: bytes) -> Any:
+    """The id of a map that msgpack cannot decode as text (a bit flip made some other string invalid UTF-8): a
+    typed decoder skips fields it does not know, so such a request can still be valid and answered by id."""
+    try:
+        header = msgpack.unpackb(frame, raw=True, strict_map_key=False)
+    except Exception:
+        return None
+    request_id = header.get(b"id") if isinstance(header, dict) else None
+    if isinstance(request_id, bytes):
+        try:
+            return request_id.decode()
+        except UnicodeDecodeError:
+            return None
+    return request_id if is_int(request_id) else None
 
 
 def is_int(value: Any) -> bool:
