@@ -38,6 +38,10 @@ class MessageType(StrEnum):
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"
     MODEL_ERROR = "model_error"
+    # client -> broker -> client: what is served (the HTTP gateway's health and model-metadata endpoints).
+    # Minimal version for the gateway; to be redone on the typed protocol.
+    METADATA_QUERY = "metadata_query"
+    METADATA = "metadata"
 
 
 class BrokerCommand:

@@ -48,6 +48,8 @@ class WorkerRecord:
     reason: str
     liveness: Liveness
     inflight: set[tuple[bytes, Any]] = field(default_factory=set)
+    signatures: dict[str, Any] | None = None
+    """Per method: input and output descriptors, when the worker's WORKER_STATUS carries `signatures`."""
 
 
 @dataclass
@@ -139,6 +141,9 @@ class Broker:
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
             header = unpack_header(frames[1])
             request_id = header.get("id")
+            if header["type"] == MessageType.METADATA_QUERY:
+                self.answer_metadata(client, request_id, header.get("servable"))
+                return
             if header["type"] != MessageType.REQUEST:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"clients send requests, not {header['type']}")
             _check_hashable_id(request_id)
@@ -198,6 +203,25 @@ class Broker:
             reasons = "; ".join(sorted({w.reason for w in serving if w.reason}))
             raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
         return min(ready, key=lambda w: len(w.inflight))
+
+    def answer_metadata(self, client: bytes, request_id: Any, servable: Any) -> None:
+        """What is served, one entry per (servable, version), for `servable` or (None) every servable; `lost`
+        names servables some worker served that none serves now."""
+        entries: dict[tuple[str, int], dict[str, Any]] = {}
+        for worker in self.workers.values():
+            if servable is not None and worker.servable != servable:
+                continue
+            entry = entries.setdefault((worker.servable, worker.version), {
+                "servable": worker.servable, "version": worker.version, "methods": sorted(worker.methods),
+                "ready": False, "reason": worker.reason, "signatures": worker.signatures})
+            if worker.ready:
+                entry["ready"], entry["reason"] = True, ""
+        served = {name for name, _ in entries}
+        lost = sorted(name for name in self.seen_servables
+                      if name not in served and (servable is None or name == servable))
+        header = pack_header(MessageType.METADATA, id=request_id,
+                             servables=[entries[key] for key in sorted(entries)], lost=lost)
+        self.send_to_client(client, [header])
 
     def describe(self) -> str:
         if not self.workers:
@@ -269,6 +293,8 @@ class Broker:
         elif record.ready != ready:
             log.info("worker_readiness_changed", servable=servable, ready=ready, reason=reason)
         record.ready, record.reason, record.methods = ready, reason, frozenset(methods)
+        signatures = status.get("signatures")
+        record.signatures = signatures if isinstance(signatures, dict) else None
 
     def remove_worker(self, record: WorkerRecord, why: str) -> None:
         """Forget a worker and answer everything it held: the client must never wait on a dead peer."""
