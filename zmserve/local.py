@@ -3,6 +3,7 @@ free loopback ports. Tests and benchmarks use it; every process is reaped by `st
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -46,10 +47,12 @@ def free_port_range(count: int) -> int:
 
 
 class LocalCluster:
-    """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`."""
+    """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`. Without a servable_dir, the broker
+    alone (for tests that script their own worker)."""
 
-    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
-                 extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, servable_dir: Path | None, servable: str, model_files: list[Path] | None,
+                 extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
+                 extra_broker_args: list[str] | None = None) -> None:
         self.workdir = workdir
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
         self.worker_address = f"tcp://127.0.0.1:{free_port()}"
@@ -57,7 +60,10 @@ class LocalCluster:
         self.servable = servable
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
+        self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
+                              *(extra_broker_args or [])])
+        if servable_dir is None:
+            return
         self.start("worker", ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
                               "--distributed-address", self.distributed_address,
                               "--broker", self.worker_address, *(extra_worker_args or [])])
@@ -77,6 +83,26 @@ class LocalCluster:
             [sys.executable, "-m", "zmserve.cli", *args], stdout=subprocess.DEVNULL,
             stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
         )
+
+    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0) -> str:
+        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers."""
+        port = free_port()
+        self.start(name, ["gateway", "--bind", f"127.0.0.1:{port}", "--broker", self.client_address, *extra])
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            try:
+                connection.request("GET", "/v2/health/live")
+                if connection.getresponse().status == 200:
+                    return f"http://127.0.0.1:{port}"
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not answer within {timeout} s\n{self.log_tails()}")
+            time.sleep(0.05)
 
     def client(self, method: str = "predict", servable: str | None = None, version: int = 0) -> Client:
         return Client(self.client_address, servable or self.servable, method, version)
@@ -115,5 +141,6 @@ class LocalCluster:
         codes = {}
         launchers = [name for name in self.processes if name not in ("worker", "broker")]
         for name in [*launchers, "worker", "broker"]:
-            codes[name] = reap(self.processes[name], timeout=20)
+            if name in self.processes:
+                codes[name] = reap(self.processes[name], timeout=20)
         return codes
