@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 import time
@@ -104,10 +105,10 @@ class GatewayApp:
                 outcomes = list(await asyncio.gather(*(self.infer_one(target, i) for i in instances)))
             status, body = ms_rest.reply(outcomes)
             if status != 200:
-                failed(scope, status, next(o for o in outcomes if isinstance(o, ServingError)))
+                log_failure(scope, status, next(o for o in outcomes if isinstance(o, ServingError)))
             return Response(status, body)
         except ServingError as error:
-            return failed(scope, http_status(error.code), error, ms_rest.error_body(error.message))
+            return failed(scope, error, ms_rest.error_body(error.message))
         except HttpError as error:
             return http_failed(scope, error, ms_rest.error_body(error.message))
 
@@ -124,7 +125,7 @@ class GatewayApp:
         try:
             return await self.oip_route(scope, receive)
         except ServingError as error:
-            return failed(scope, http_status(error.code), error, oip.error_body(error.message))
+            return failed(scope, error, oip.error_body(error.message))
         except HttpError as error:
             return http_failed(scope, error, oip.error_body(error.message))
 
@@ -229,8 +230,13 @@ def header(scope: Scope, name: str) -> str | None:
     return None
 
 
-def failed(scope: Scope, status: int, error: ServingError, body: bytes = b"") -> Response:
+def log_failure(scope: Scope, status: int, error: ServingError) -> None:
     log.info("request_failed", path=scope["path"], status=status, code=error.code, message=error.message)
+
+
+def failed(scope: Scope, error: ServingError, body: bytes) -> Response:
+    status = http_status(error.code)
+    log_failure(scope, status, error)
     return Response(status, body)
 
 
@@ -249,6 +255,13 @@ async def respond(send: Send, response: Response) -> None:
                 "headers": [(b"content-type", response.content_type),
                             (b"content-length", str(len(response.body)).encode()), *response.headers]})
     await send({"type": "http.response.body", "body": response.body})
+
+
+class _UvicornLog(logging.Handler):
+    """uvicorn's own log records (e.g. an unparseable request) as structlog lines like every other zmserve line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.log(record.levelno, "http_server", message=record.getMessage())
 
 
 class _Server(uvicorn.Server):
@@ -286,6 +299,9 @@ class Gateway:
             self.server.should_exit = True
 
     async def serve(self) -> None:
+        uvicorn_log = logging.getLogger("uvicorn")
+        uvicorn_log.addHandler(_UvicornLog())
+        uvicorn_log.propagate = False
         link = BrokerLink(self.config.broker)
         await link.start()
         self.server = _Server(uvicorn.Config(

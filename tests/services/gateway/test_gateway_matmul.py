@@ -211,3 +211,14 @@ def test_the_gateway_logs_failures_with_their_code(gateways: Gateways) -> None:
                 if line.startswith("{") and json.loads(line).get("path") == "/model/absent:predict")
     assert (line["event"], line["status"], line["code"], line["component"]) == \
         ("request_failed", 404, "NOT_FOUND", "gateway")
+
+
+def test_garbage_is_answered_400_and_logged(gateways: Gateways) -> None:
+    host, port = gateways.host_port.split(":")
+    sock = raw_request(host, int(port), b"NOT HTTP AT ALL\r\n\r\n")
+    status, _, _ = read_response(sock)
+    assert status == 400
+    log_path: Path = gateways.cluster.logs["gateway"]
+    wait_for(lambda: any(json.loads(line).get("event") == "http_server" for line in
+                         log_path.read_text().splitlines() if line.startswith("{")),
+             timeout=5, what="uvicorn's complaint as a structlog line")
