@@ -13,7 +13,9 @@ element -48). Bodies, as MindSpore Serving's own REST benchmark sends them: `jso
 number list, ~60 KB) and `b64` (x as {"b64", "type": "fp32", "shape"}, ~65 KB). zmserve alone also gets the
 same tensor over the Open Inference Protocol (`oip_json`, `oip_binary`).
 
-One JSON line per point (`row: gateway_http`: server, body, clients, req/s, p50/p99 ms, load1), then per round,
+One JSON line per point (`row: gateway_http`: server, body, clients, req/s, p50/p99 ms, load1, and the CPU the
+server's processes spent per request, children included: MindSpore Serving's worker, zmserve's broker, worker,
+agents and gateway; the client processes are not counted), then per round,
 zmserve server and body a `gateway_http_vs_peer` line: p50 at 1 client, throughput at the most clients, their
 ratios and the issue's targets (JSON-list p50 <= 3 ms, b64 p50 <= 1.5 ms, >= 3x the peer's throughput at 16
 clients).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers" / "mindspore_serving"))
 
 from benchlib import cmdline, emit, export_matmul, wait_quiet
-from rest_peer import REPO, mindspore_serving, peer_dir, zmserve_gateway
+from rest_peer import REPO, RunningServer, mindspore_serving, peer_dir, zmserve_gateway
 
 sys.path.insert(0, str(REPO / "tests" / "services" / "gateway"))
 
@@ -139,11 +141,14 @@ def measure(url: str, body_kind: str, clients: int, duration: float) -> dict:
             "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
 
 
-def point(server: str, url: str, body_kind: str, clients: int, duration: float, round_index: int) -> dict:
+def point(name: str, server: RunningServer, body_kind: str, clients: int, duration: float,
+          round_index: int) -> dict:
     load = wait_quiet()
-    result = measure(url, body_kind, clients, duration)
-    row = {"row": "gateway_http", "round": round_index, "server": server, "body": body_kind, "clients": clients,
-           "load1": load, **result, "command": cmdline()}
+    cpu_before = server.cpu_seconds()
+    result = measure(server.url, body_kind, clients, duration)
+    cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / max(result["requests"], 1)
+    row = {"row": "gateway_http", "round": round_index, "server": name, "body": body_kind, "clients": clients,
+           "load1": load, **result, "server_cpu_ms_per_request": round(cpu_ms, 3), "command": cmdline()}
     emit(row)
     return row
 
@@ -174,16 +179,16 @@ def main() -> None:
                 peer_dir(args.peer), work / "peer", SERVABLE, MINDSPORE_SERVING_CONFIG))
         for round_index in range(args.rounds):
             for body_kind in args.bodies.split(","):
-                rows = {(server, clients): point(server, url, body_kind, clients, args.duration, round_index)
-                        for clients in clients_list for server, url in servers.items()}
+                rows = {(name, clients): point(name, server, body_kind, clients, args.duration, round_index)
+                        for clients in clients_list for name, server in servers.items()}
                 for server in servers:
                     if server != "mindspore_serving" and "mindspore_serving" in servers:
                         emit(compare(rows, server, body_kind, clients_list, round_index))
             for body_kind in [b for b in args.oip.split(",") if b]:
                 for clients in clients_list:
-                    for server, url in servers.items():
-                        if server != "mindspore_serving":
-                            point(server, url, body_kind, clients, args.duration, round_index)
+                    for name, server in servers.items():
+                        if name != "mindspore_serving":
+                            point(name, server, body_kind, clients, args.duration, round_index)
 
 
 def compare(rows: dict, server: str, body_kind: str, clients_list: list[int], round_index: int) -> dict:

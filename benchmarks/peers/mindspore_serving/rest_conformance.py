@@ -76,9 +76,9 @@ def main() -> int:
         work = Path(tmp)
         (work / "peer").mkdir()
         (work / "zmserve").mkdir()
-        with mindspore_serving(peer, work / "peer", SERVABLE, MINDSPORE_SERVING_CONFIG) as peer_url, \
-                zmserve_gateway(work / "zmserve", SERVABLE, ZMSERVE_CONFIG) as zmserve_url:
-            results = [(case, answer(zmserve_url, case), answer(peer_url, case)) for case in CASES]
+        with mindspore_serving(peer, work / "peer", SERVABLE, MINDSPORE_SERVING_CONFIG) as peer_server, \
+                zmserve_gateway(work / "zmserve", SERVABLE, ZMSERVE_CONFIG) as zmserve:
+            results = [(case, answer(zmserve.url, case), answer(peer_server.url, case)) for case in CASES]
     same = explained = unexplained = 0
     for case, zmserve, peer in results:
         lines = compare(case, zmserve, peer)

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
@@ -54,6 +57,26 @@ ms.export(Net(), Tensor(np.ones((128, 96), np.float32)), file_name=sys.argv[1], 
 """
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    url: str
+    pids: list[int]
+    """Its top processes; `cpu_seconds` adds their children (MindSpore Serving's worker, zmserve's agents)."""
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every process of this server so far."""
+        total = 0.0
+        for pid in self.pids:
+            try:
+                process = psutil.Process(pid)
+                for member in [process, *process.children(recursive=True)]:
+                    times = member.cpu_times()
+                    total += times.user + times.system
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+
 def peer_dir(relative: str) -> Path:
     """The peer's folder, given relative to the repository root (worktrees live beside ../shared)."""
     path = (REPO / relative).resolve()
@@ -84,8 +107,8 @@ def write_peer_servable(peer: Path, root: Path, name: str, config: str) -> Path:
 
 
 @contextlib.contextmanager
-def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iterator[str]:
-    """MindSpore Serving serving `name` on free ports; yields its REST base URL."""
+def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iterator[RunningServer]:
+    """MindSpore Serving serving `name` on free ports."""
     servables = write_peer_servable(peer, workdir / "peer_servables", name, config)
     grpc_port, rest_port = free_port(), free_port()
     log_path = workdir / "peer_server.log"
@@ -98,23 +121,23 @@ def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iter
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"MindSpore Serving did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{rest_port}"
+        yield RunningServer(f"http://127.0.0.1:{rest_port}", [server.pid])
     finally:
         reap(server, timeout=30)
 
 
 @contextlib.contextmanager
 def zmserve_gateway(workdir: Path, name: str, config: str, model_files: list[Path] | None = None,
-                    worker_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """zmserve (broker, worker, one agent) serving `name` with a gateway in front; yields its base URL. The model
-    is the rank-1 MatMul unless `model_files` are given."""
+                    worker_args: tuple[str, ...] = ()) -> Iterator[RunningServer]:
+    """zmserve (broker, worker, one agent) serving `name` with a gateway in front. The model is the rank-1 MatMul
+    unless `model_files` are given."""
     model_files = model_files or export_matmul(workdir, 1)
     servables = write_servable(workdir / "servables", name, config)
     cluster = LocalCluster(workdir, servables, name, model_files, list(worker_args))
     try:
         url = cluster.start_gateway("gateway")
         wait_ready(url, f"/model/{name}:predict")
-        yield url
+        yield RunningServer(url, [process.pid for process in cluster.processes.values()])
     finally:
         cluster.stop()
 
