@@ -70,7 +70,8 @@ class GatewayApp:
     def __init__(self, link: BrokerLink, config: GatewayConfig) -> None:
         self.link = link
         self.config = config
-        self.served_cache: tuple[float, Served] | None = None
+        self.default_methods: dict[tuple[str, int], tuple[float, str]] = {}
+        """(servable, version) -> (when the broker said so, its first method); only answers that exist."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -182,12 +183,14 @@ class GatewayApp:
         return await self.link.served(name, METADATA_TIMEOUT_S)
 
     async def default_method(self, name: str, version: int) -> str:
-        """The servable's first method, from a broker answer at most METADATA_TTL_S old (an infer that names no
-        method must not cost a second round trip each time)."""
-        now = time.monotonic()
-        if self.served_cache is None or now - self.served_cache[0] > METADATA_TTL_S:
-            self.served_cache = (now, await self.link.served(None, METADATA_TIMEOUT_S))
-        return oip.choose_method(oip.choose(self.served_cache[1], name, version), None)
+        """The servable's first method, as the broker said at most METADATA_TTL_S ago (an infer that names no
+        method must not cost a second round trip each time); a servable not known yet is asked about at once."""
+        cached = self.default_methods.get((name, version))
+        if cached is not None and time.monotonic() - cached[0] <= METADATA_TTL_S:
+            return cached[1]
+        method = oip.choose_method(oip.choose(await self.served(name), name, version), None)
+        self.default_methods[name, version] = (time.monotonic(), method)
+        return method
 
     # ---- the body -------------------------------------------------------------------------------------------
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
