@@ -14,8 +14,9 @@ number list, ~60 KB) and `b64` (x as {"b64", "type": "fp32", "shape"}, ~65 KB). 
 same tensor over the Open Inference Protocol (`oip_json`, `oip_binary`).
 
 One JSON line per point (`row: gateway_http`: server, body, clients, req/s, p50/p99 ms, load1, and the CPU the
-server's processes spent per request, children included: MindSpore Serving's worker, zmserve's broker, worker,
-agents and gateway; the client processes are not counted), then per round,
+server's processes spent per request, in total and by process, children included: MindSpore Serving's worker
+under its server; zmserve's broker, worker, agents and gateway; the client processes are not counted), then per
+round,
 zmserve server and body a `gateway_http_vs_peer` line: p50 at 1 client, throughput at the most clients, their
 ratios and the issue's targets (JSON-list p50 <= 3 ms, b64 p50 <= 1.5 ms, >= 3x the peer's throughput at 16
 clients).
@@ -146,9 +147,12 @@ def point(name: str, server: RunningServer, body_kind: str, clients: int, durati
     load = wait_quiet()
     cpu_before = server.cpu_seconds()
     result = measure(server.url, body_kind, clients, duration)
-    cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / max(result["requests"], 1)
+    cpu_after = server.cpu_seconds()
+    per_process = {process: round((cpu_after[process] - cpu_before[process]) * 1000 / max(result["requests"], 1), 3)
+                   for process in cpu_before}
     row = {"row": "gateway_http", "round": round_index, "server": name, "body": body_kind, "clients": clients,
-           "load1": load, **result, "server_cpu_ms_per_request": round(cpu_ms, 3), "command": cmdline()}
+           "load1": load, **result, "server_cpu_ms_per_request": round(sum(per_process.values()), 3),
+           "cpu_ms_per_request_by_process": per_process, "command": cmdline()}
     emit(row)
     return row
 

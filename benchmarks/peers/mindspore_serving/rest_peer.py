@@ -60,21 +60,24 @@ ms.export(Net(), Tensor(np.ones((128, 96), np.float32)), file_name=sys.argv[1], 
 @dataclass(frozen=True)
 class RunningServer:
     url: str
-    pids: list[int]
-    """Its top processes; `cpu_seconds` adds their children (MindSpore Serving's worker, zmserve's agents)."""
+    pids: dict[str, int]
+    """Its top processes by name; CPU counts their children too (MindSpore Serving's worker, zmserve's agents)."""
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of every process of this server so far."""
-        total = 0.0
-        for pid in self.pids:
-            try:
-                process = psutil.Process(pid)
-                for member in [process, *process.children(recursive=True)]:
-                    times = member.cpu_times()
-                    total += times.user + times.system
-            except psutil.NoSuchProcess:
-                continue
-        return total
+    def cpu_seconds(self) -> dict[str, float]:
+        """User + system CPU so far of each top process with its children."""
+        return {name: _tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    try:
+        process = psutil.Process(pid)
+        for member in [process, *process.children(recursive=True)]:
+            times = member.cpu_times()
+            total += times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return total
 
 
 def peer_dir(relative: str) -> Path:
@@ -121,7 +124,7 @@ def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iter
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"MindSpore Serving did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield RunningServer(f"http://127.0.0.1:{rest_port}", [server.pid])
+        yield RunningServer(f"http://127.0.0.1:{rest_port}", {"mindspore_serving": server.pid})
     finally:
         reap(server, timeout=30)
 
@@ -137,7 +140,7 @@ def zmserve_gateway(workdir: Path, name: str, config: str, model_files: list[Pat
     try:
         url = cluster.start_gateway("gateway")
         wait_ready(url, f"/model/{name}:predict")
-        yield RunningServer(url, [process.pid for process in cluster.processes.values()])
+        yield RunningServer(url, {name: process.pid for name, process in cluster.processes.items()})
     finally:
         cluster.stop()
 
