@@ -9,6 +9,13 @@ from typing import Any
 
 import click
 
+from services.gateway.config import (
+    DEFAULT_BIND,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
@@ -191,6 +198,32 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
         run_until_signalled(launcher)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@click.option("--bind", default=DEFAULT_BIND, show_default=True, help="HTTP host:port (port 0 = any free port)")
+@click.option("--broker", "broker_address", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True,
+              help="the broker's client-facing address")
+@click.option("--timeout", default=DEFAULT_REQUEST_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.001),
+              help="each request's deadline in seconds, unless it sets its own (OIP parameter 'timeout')")
+@click.option("--max-body-mb", default=DEFAULT_MAX_BODY_MB, show_default=True, type=click.IntRange(min=1),
+              help="larger request bodies are answered 413")
+@click.option("--body-timeout", default=DEFAULT_BODY_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.01),
+              help="a body not complete this many seconds after its headers is answered 408")
+@click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_S, show_default=True,
+              type=click.FloatRange(min=0.1), help="idle keep-alive connections are closed after this long")
+def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, body_timeout: float,
+            keep_alive_timeout: float) -> None:
+    """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...) and the Open Inference Protocol (/v2/...)."""
+    from services.gateway.app import Gateway
+    from services.gateway.config import GatewayConfig
+
+    config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout)
+    try:
+        service = Gateway(config)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot listen on {bind}: {error}") from None
+    run_until_signalled(service)
 
 
 from zmserve.bench.cli import bench  # noqa: E402

@@ -3,6 +3,7 @@ free loopback ports. Tests and benchmarks use it; every process is reaped by `st
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
@@ -20,14 +21,15 @@ READY_TIMEOUT_S = 180.0
 
 class LocalCluster:
     """A broker, a worker and agent launchers; logs go to `workdir/<name>.log`, at debug level so that tests can
-    follow every membership event.
+    follow every membership event. Without a servable_dir, the broker alone (for tests that script their own
+    worker).
 
     `colocated=True` runs `zmserve serve` (broker and worker in one process) instead of `zmserve broker` +
     `zmserve worker`; its process and log are then both `worker` and `broker`."""
 
-    def __init__(self, workdir: Path, servable_dir: Path, servable: str, model_files: list[Path] | None,
+    def __init__(self, workdir: Path, servable_dir: Path | None, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
-                 colocated: bool = False) -> None:
+                 extra_broker_args: list[str] | None = None, colocated: bool = False) -> None:
         self.workdir = workdir
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
         self.worker_address = f"tcp://127.0.0.1:{free_port()}"
@@ -35,13 +37,18 @@ class LocalCluster:
         self.servable = servable
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        if servable_dir is None:
+            self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
+                                  *(extra_broker_args or [])])
+            return
         worker_args = ["--servable-dir", str(servable_dir), "--servable", servable,
                        "--distributed-address", self.distributed_address, *(extra_worker_args or [])]
         if colocated:
-            self.start("worker", ["serve", "--bind", self.client_address, *worker_args])
+            self.start("worker", ["serve", "--bind", self.client_address, *(extra_broker_args or []), *worker_args])
             self.processes["broker"], self.logs["broker"] = self.processes["worker"], self.logs["worker"]
         else:
-            self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address])
+            self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
+                                  *(extra_broker_args or [])])
             self.start("worker", ["worker", *worker_args, "--broker", self.worker_address])
         if model_files is not None:
             self.start_agents("agents", model_files, *(extra_agent_args or []))
@@ -59,6 +66,26 @@ class LocalCluster:
             [sys.executable, "-m", "zmserve.cli", "--log-level", "debug", *args], stdout=subprocess.DEVNULL,
             stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
         )
+
+    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0) -> str:
+        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers."""
+        port = free_port()
+        self.start(name, ["gateway", "--bind", f"127.0.0.1:{port}", "--broker", self.client_address, *extra])
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            try:
+                connection.request("GET", "/v2/health/live")
+                if connection.getresponse().status == 200:
+                    return f"http://127.0.0.1:{port}"
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not answer within {timeout} s\n{self.log_tails()}")
+            time.sleep(0.05)
 
     def client(self, method: str = "predict", servable: str | None = None, version: int = 0) -> Client:
         return Client(self.client_address, servable or self.servable, method, version)
@@ -97,5 +124,6 @@ class LocalCluster:
         codes = {}
         launchers = [name for name in self.processes if name not in ("worker", "broker")]
         for name in [*launchers, "worker", "broker"]:
-            codes[name] = reap(self.processes[name], timeout=20)
+            if name in self.processes:
+                codes[name] = reap(self.processes[name], timeout=20)
         return codes

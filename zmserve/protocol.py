@@ -47,6 +47,9 @@ class MessageType(StrEnum):
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"
     MODEL_ERROR = "model_error"
+    # client -> broker -> client: what is served (the HTTP gateway's health and model-metadata endpoints)
+    METADATA_QUERY = "metadata_query"
+    METADATA = "metadata"
 
 
 class BrokerCommand:
@@ -118,6 +121,32 @@ class ShardInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     signature: ModelSignature = ModelSignature()
 
 
+class ValueSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A method's input or output as a client sees it: its name, and its dtype and shape (-1 = any size, no
+    batch dimension) when the value goes straight to or comes straight from the model; None when a Python stage
+    makes or takes it."""
+
+    name: str
+    dtype: str | None = None
+    shape: list[int] | None = None
+
+
+class MethodSignature(msgspec.Struct, frozen=True):
+    inputs: list[ValueSpec]
+    outputs: list[ValueSpec]
+
+
+class ServableInfo(msgspec.Struct, frozen=True):
+    """One (servable, version) as the broker sees it across its workers (ready when any of them is)."""
+
+    servable: str
+    version: int
+    methods: list[str]
+    ready: bool
+    reason: str = ""
+    signatures: dict[str, MethodSignature] = {}
+
+
 # ---- messages -----------------------------------------------------------------------------------------------
 class Message(msgspec.Struct, tag_field="type", kw_only=True):
     """Every header: `v` is the protocol version, `type` (the struct's tag) the message type."""
@@ -152,11 +181,15 @@ class Error(Message, tag=MessageType.ERROR.value):
 
 
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
+    """`methods` in the order the servable declares them (the first is a client's default method);
+    `signatures` once the agents have said what the model takes and gives."""
+
     servable: str
     version: int
     methods: list[str]
     ready: bool
     reason: str = ""
+    signatures: dict[str, MethodSignature] = {}
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
@@ -217,6 +250,22 @@ class RankTableAnswer(Message, tag=MessageType.RANK_TABLE.value):
     table: dict[str, Any] | None = None
 
 
+class MetadataQuery(Message, tag=MessageType.METADATA_QUERY.value):
+    """client -> broker: what is served (every servable, or only `servable`)."""
+
+    id: RequestId
+    servable: str | None = None
+
+
+class Metadata(Message, tag=MessageType.METADATA.value):
+    """broker -> client: one entry per (servable, version); `lost` names servables some worker served that
+    none serves now."""
+
+    id: RequestId
+    servables: list[ServableInfo] = []
+    lost: list[str] = []
+
+
 class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
     """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only."""
 
@@ -244,14 +293,15 @@ M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, ModelCall, ModelResult, ModelError,
+    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata, ModelCall,
+    ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | RankTableQuery | RankTableAnswer | ModelCall | ModelResult
-                                   | ModelError)
+                                   | AgentShutdown | RankTableQuery | RankTableAnswer | MetadataQuery | Metadata
+                                   | ModelCall | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zmserve.protocol import MethodSignature, ModelSignature, TensorSpec, ValueSpec
+
 METHOD_INPUT = -1
 """`ValueRef.stage` of a method parameter."""
 
@@ -247,3 +249,29 @@ def _require_loading(api: str) -> ServableSpec:
     if _loading is None:
         raise ServableConfigError(f"{api} may only be called while zmserve loads a servable_config.py")
     return _loading
+
+
+def method_signatures(spec: ServableSpec, model: ModelSignature, with_batch_dim: bool) -> dict[str, MethodSignature]:
+    """Each method's inputs and outputs as a client sees them: dtype and shape (without the batch dimension) from
+    the model's signature for a value that goes straight into or comes straight out of the model stage; unknown
+    for a value a Python stage makes or takes."""
+
+    def client_view(name: str, tensor: TensorSpec) -> ValueSpec:
+        return ValueSpec(name, tensor.dtype, tensor.shape[1:] if with_batch_dim else tensor.shape)
+
+    signatures = {}
+    for method in spec.methods.values():
+        model_stage = next((i for i, stage in enumerate(method.stages) if stage.is_model), None)
+        stage_inputs = method.stages[model_stage].inputs if model_stage is not None else ()
+        inputs = []
+        for index, name in enumerate(method.input_names):
+            ref = ValueRef(METHOD_INPUT, index, name)
+            position = stage_inputs.index(ref) if ref in stage_inputs else None
+            known = model.inputs is not None and position is not None and position < len(model.inputs)
+            inputs.append(client_view(name, model.inputs[position]) if known else ValueSpec(name))
+        outputs = []
+        for name, ref in zip(method.output_names, method.outputs, strict=True):
+            known = model.outputs is not None and ref.stage == model_stage and ref.index < len(model.outputs)
+            outputs.append(client_view(name, model.outputs[ref.index]) if known else ValueSpec(name))
+        signatures[method.name] = MethodSignature(inputs, outputs)
+    return signatures

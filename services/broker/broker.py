@@ -30,9 +30,13 @@ from zmserve.protocol import (
     Error,
     ErrorCode,
     Heartbeat,
+    Metadata,
+    MetadataQuery,
+    MethodSignature,
     Reply,
     Request,
     RequestId,
+    ServableInfo,
     ServingError,
     WorkerDisconnect,
     WorkerStatus,
@@ -60,6 +64,10 @@ class WorkerRecord:
     reason: str
     liveness: Liveness
     inflight: set[tuple[bytes, Any]] = field(default_factory=set)
+    declared_methods: tuple[str, ...] = ()
+    """The methods in the order the servable declares them (the first is the default for OIP clients)."""
+    signatures: dict[str, MethodSignature] = field(default_factory=dict)
+    """Per method: its inputs and outputs, once the worker knows the model's signature."""
 
 
 @dataclass
@@ -158,8 +166,11 @@ class Broker:
             if size > self.max_request_bytes:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
-            request = decode(frames[1], Request)
+            request = decode(frames[1], Request, MetadataQuery)
             request_id = request.id
+            if isinstance(request, MetadataQuery):
+                self.answer_metadata(client, request)
+                return
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
@@ -208,6 +219,23 @@ class Broker:
             reasons = "; ".join(sorted({w.reason for w in serving if w.reason}))
             raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
         return min(ready, key=lambda w: len(w.inflight))
+
+    def answer_metadata(self, client: bytes, query: MetadataQuery) -> None:
+        """What is served, one entry per (servable, version), for the queried servable or every one."""
+        entries: dict[tuple[str, int], ServableInfo] = {}
+        for worker in self.workers.values():
+            if query.servable is not None and worker.servable != query.servable:
+                continue
+            known = entries.get((worker.servable, worker.version))
+            if known is None or (worker.ready and not known.ready):
+                entries[(worker.servable, worker.version)] = ServableInfo(
+                    worker.servable, worker.version, list(worker.declared_methods or sorted(worker.methods)),
+                    worker.ready, "" if worker.ready else worker.reason, worker.signatures)
+        served = {name for name, _ in entries}
+        lost = sorted(name for name in self.seen_servables
+                      if name not in served and query.servable in (None, name))
+        metadata = Metadata(id=query.id, servables=[entries[key] for key in sorted(entries)], lost=lost)
+        self.send_to_client(client, [encode(metadata)])
 
     def describe(self) -> str:
         if not self.workers:
@@ -274,6 +302,7 @@ class Broker:
         elif record.ready != status.ready:
             log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
+        record.declared_methods, record.signatures = tuple(status.methods), status.signatures
 
     def remove_worker(self, record: WorkerRecord, why: str) -> None:
         """Forget a worker and answer everything it held: the client must never wait on a dead peer."""

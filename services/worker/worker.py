@@ -47,6 +47,7 @@ from zmserve.protocol import (
     BrokerCommand,
     ErrorCode,
     Heartbeat,
+    MethodSignature,
     ModelError,
     ModelResult,
     ModelSignature,
@@ -65,7 +66,7 @@ from zmserve.protocol import (
     parse_subscription,
 )
 from zmserve.ranktable import RankTable
-from zmserve.servable import ServableSpec, load_servable
+from zmserve.servable import ServableSpec, load_servable, method_signatures
 from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("worker")
@@ -110,6 +111,8 @@ class Worker:
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
+        self.signatures: dict[str, MethodSignature] = {}
+        """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
         self.broker_lost = False
         self.heartbeat = HeartbeatClock(config.heartbeat_interval)
@@ -196,6 +199,7 @@ class Worker:
                 self.send_status()
             elif isinstance(action, StartServing):
                 self.check_methods_against_model(action.signature)
+                self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
@@ -297,8 +301,8 @@ class Worker:
     # ---- sending --------------------------------------------------------------------------------------------
     def send_status(self) -> None:
         status = WorkerStatus(servable=self.spec.name, version=self.config.version_number,
-                              methods=sorted(self.spec.methods), ready=self.state == WorkerState.SERVING,
-                              reason=self.membership.status_reason())
+                              methods=list(self.spec.methods), ready=self.state == WorkerState.SERVING,
+                              reason=self.membership.status_reason(), signatures=self.signatures)
         self.send_to_broker([BrokerCommand.CONTROL, encode(status)])
 
     def publish(self, frames: list[Any]) -> None:

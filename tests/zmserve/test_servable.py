@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from zmserve.servable import METHOD_INPUT, ServableConfigError, load_servable
+from zmserve.protocol import MethodSignature, ModelSignature, TensorSpec, ValueSpec
+from zmserve.servable import METHOD_INPUT, ServableConfigError, load_servable, method_signatures
 
 HEADER = "from zmserve.server import distributed, register\n"
 
@@ -102,3 +103,35 @@ def test_api_outside_loading_is_refused() -> None:
 
     with pytest.raises(ServableConfigError, match="only be called while zmserve loads"):
         distributed.declare_servable(rank_size=1, stage_size=1)
+
+
+def test_method_signatures_know_what_goes_straight_to_and_from_the_model(tmp_path: Path) -> None:
+    write(tmp_path, """
+model = distributed.declare_servable(rank_size=2, stage_size=1, with_batch_dim=True)
+
+def tokenize(text):
+    return text
+
+@register.register_method(output_names=["y"])
+def predict(x, mask):
+    y = register.add_stage(model, x, mask, outputs_count=1)
+    return y
+
+@register.register_method(output_names=["y", "ids"])
+def embed(text):
+    ids = register.add_stage(tokenize, text, outputs_count=1)
+    y = register.add_stage(model, ids, ids, outputs_count=1)
+    return y, ids
+""")
+    spec = load_servable(tmp_path, "svc")
+    model = ModelSignature(inputs=[TensorSpec("a", "float32", [-1, 8]), TensorSpec("m", "int32", [-1, 8])],
+                           outputs=[TensorSpec("b", "float32", [-1, 4])])
+    signatures = method_signatures(spec, model, with_batch_dim=True)
+    assert list(signatures) == ["predict", "embed"]  # declaration order
+    assert signatures["predict"] == MethodSignature(
+        inputs=[ValueSpec("x", "float32", [8]), ValueSpec("mask", "int32", [8])],
+        outputs=[ValueSpec("y", "float32", [4])])
+    assert signatures["embed"] == MethodSignature(inputs=[ValueSpec("text")],
+                                                  outputs=[ValueSpec("y", "float32", [4]), ValueSpec("ids")])
+    unknown = method_signatures(spec, ModelSignature(), with_batch_dim=True)
+    assert unknown["predict"].inputs == [ValueSpec("x"), ValueSpec("mask")]

@@ -1,0 +1,1 @@
+"""The HTTP gateway: MindSpore Serving's RESTful scheme and the Open Inference Protocol, onto broker requests."""

@@ -1,0 +1,155 @@
+"""The gateway's one link to the broker: a DEALER on the gateway's asyncio loop that sends a request and
+awaits its reply.
+
+Everything the gateway says to the broker goes through here, and only here are zmserve's wire names used
+(`zmserve.codec`, `zmserve.protocol`); the HTTP side sees Python values, `ServingError`s and the dataclasses
+below. A request is an ordinary client REQUEST (`infer`): same header, same deadline (`timeout_ms`, enforced by
+the broker and the worker, and here with the client's 50 ms grace), same error codes, so batching, routing and
+overload behave exactly as for the zmq client. One DEALER carries every request of the gateway; replies are
+matched by `id`.
+
+The DEALER is a plain zmq socket whose FD the loop watches (`add_reader`): sends never block (NOBLOCK; a full
+queue means the broker is not reading), and `drain` reads every queued reply when the FD fires and after each
+send (the FD is edge-triggered: a send can take the signal of a reply that has already arrived). Measured
+against zmq.asyncio's futures on the same requests, this costs 70-80 us less CPU and 150-250 us less latency
+per request.
+
+`served` asks the broker what it serves (METADATA_QUERY); the OIP metadata, ready and default-method answers
+are built from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zmserve.codec import Instance, decode_instances, encode_instances
+from zmserve.logs import get_logger
+from zmserve.protocol import (
+    Error,
+    ErrorCode,
+    Metadata,
+    MetadataQuery,
+    MethodSignature,
+    Reply,
+    Request,
+    ServableInfo,
+    ServingError,
+    ValueSpec,
+    decode,
+    encode,
+    normalize_address,
+)
+from zmserve.transport import new_socket
+
+log = get_logger("gateway")
+
+REPLY_GRACE_S = 0.05
+"""The broker answers DEADLINE_EXCEEDED itself at the deadline; waiting this much longer lets that answer (or a
+reply racing it) arrive before the gateway gives up on its own, as the zmq client does."""
+
+TensorSpec = ValueSpec
+"""An input or output of a method as the worker describes it; dtype and shape are None when unknown."""
+ServableVersion = ServableInfo
+"""One (servable, version) as the broker sees it across its workers."""
+__all__ = ["BrokerLink", "MethodSignature", "ServableVersion", "Served", "TensorSpec"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the broker serves: every (servable, version), and the servables whose workers are all lost."""
+
+    versions: tuple[ServableVersion, ...]
+    lost: tuple[str, ...] = ()
+
+
+class BrokerLink:
+    def __init__(self, address: str) -> None:
+        self.address = normalize_address(address)
+        self.context = zmq.Context()
+        self.socket = new_socket(self.context, zmq.DEALER)
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.socket.connect(self.address)
+        self.loop.add_reader(self.socket.FD, self.drain)
+
+    async def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(self.socket.FD)
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ServingError(ErrorCode.UNAVAILABLE, "the gateway is shutting down"))
+        self.pending.clear()
+        self.socket.close()
+        self.context.term()
+
+    async def infer(self, servable: str, method: str, version: int, instances: list[Instance],
+                    timeout: float) -> list[Instance]:
+        """Run `method` on `instances`; their outputs, one dict per instance, or a ServingError."""
+        specs, frames = encode_instances(instances)
+        request_id = next(self.ids)
+        header = encode(Request(id=request_id, servable=servable, method=method, version=version,
+                                timeout_ms=timeout * 1000, instances=specs))
+        reply, reply_frames = await self.call(request_id, [header, *frames], timeout)
+        if not isinstance(reply, Reply):
+            raise ServingError(ErrorCode.INTERNAL, f"the broker answered a request with {type(reply).__name__}")
+        return decode_instances(reply.instances, reply_frames)
+
+    async def served(self, servable: str | None, timeout: float) -> Served:
+        """What the broker serves: `servable`'s versions, or every servable's (None)."""
+        request_id = next(self.ids)
+        reply, _ = await self.call(request_id, [encode(MetadataQuery(id=request_id, servable=servable))], timeout)
+        if not isinstance(reply, Metadata):
+            raise ServingError(ErrorCode.INTERNAL, f"the broker answered a metadata query with "
+                                                   f"{type(reply).__name__}")
+        return Served(tuple(reply.servables), tuple(reply.lost))
+
+    async def call(self, request_id: int, frames: list[Any], timeout: float) -> tuple[Reply | Metadata, list]:
+        """Send one message, await the answer with this id: (header, value frames), or raise its ServingError."""
+        assert self.loop is not None, "start() first"
+        future = self.loop.create_future()
+        self.pending[request_id] = future
+        try:
+            try:
+                self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise ServingError(ErrorCode.UNAVAILABLE, f"the broker at {self.address} is not reading (the "
+                                                          "gateway's queue to it is full)") from None
+            self.loop.call_soon(self.drain)
+            async with asyncio.timeout(timeout + REPLY_GRACE_S):
+                header, values = await future
+        except TimeoutError:
+            raise ServingError(ErrorCode.DEADLINE_EXCEEDED,
+                               f"no reply from the broker at {self.address} within {timeout:g} s") from None
+        finally:
+            self.pending.pop(request_id, None)
+        if isinstance(header, Error):
+            raise ServingError(header.code, header.message)
+        return header, values
+
+    def drain(self) -> None:
+        """Hand every queued answer to the request awaiting it; answers nobody awaits any more are dropped."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                header = decode(frames[0], Reply, Error, Metadata)
+            except ServingError as error:
+                log.warning("broker_reply_malformed", message=error.message)
+                continue
+            request_id = header.id
+            future = self.pending.get(request_id) if isinstance(request_id, int) else None
+            if future is None or future.done():
+                log.info("late_reply_dropped", request_id=request_id)
+                continue
+            future.set_result((header, frames[1:]))
