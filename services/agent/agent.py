@@ -100,9 +100,13 @@ class ControlLink(threading.Thread):
             poller.register(self.from_main, zmq.POLLIN)
             while True:
                 poller.poll(timeout=100)
+                # The worker's silence is judged as of before the drain: MindSpore calls in the main thread (load,
+                # compile, joining a group) take the GIL for seconds whenever pyzmq releases it, and heartbeats
+                # that arrive meanwhile wait unread; only what had arrived by `now` counts.
+                now = time.monotonic()
                 drain(self.control, self.handle_control)
                 drain(self.from_main, self.handle_main)
-                self.do_chores()
+                self.do_chores(now)
         except Exception:
             log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
@@ -132,11 +136,11 @@ class ControlLink(threading.Thread):
             log.info("agent_shutdown", reason=header.get("reason"))
             self.exit(EXIT_RESTART)
 
-    def do_chores(self) -> None:
+    def do_chores(self, now: float) -> None:
         if self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
                 self.control.send(pack_header(MessageType.HEARTBEAT, rank=self.rank), flags=zmq.NOBLOCK)
-        if self.worker_heard and self.worker_liveness.expired():
+        if self.worker_heard and self.worker_liveness.expired(now):
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
 
