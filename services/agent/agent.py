@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 import zmq
 
+from services.agent.status_pipe import report_loaded
 from zmserve.codec import decode_values, encode_values, pack_header, unpack_header
 from zmserve.collective import MEMBER_ROLE, group_environment
 from zmserve.logs import configure_logging, get_logger
@@ -250,7 +251,7 @@ def serve(args: argparse.Namespace) -> int:
     link.start()
     link.send(pack_header(MessageType.AGENT_REGISTER, rank=args.rank, host=args.host, pid=os.getpid(),
                           model_file=str(model_file), publish_address=args.publish_address,
-                          replaces_pid=args.replaces_pid))
+                          replaces_pid=args.replaces_pid, previous_exit=args.previous_exit))
     log.info("agent_registering", worker=args.worker, model_file=str(model_file))
     runner = ShardRunner(model_file, signature)
     config = link.inbox.get()
@@ -268,6 +269,7 @@ def serve(args: argparse.Namespace) -> int:
                            EXIT_RESTART)
     seconds = round(time.monotonic() - started, 2)
     log.info("agent_loaded", seconds=seconds, forward=data.forward)
+    report_loaded(args.status_fd)
     link.send(pack_header(MessageType.AGENT_READY, rank=args.rank, signature=signature, load_seconds=seconds))
     while True:
         run_call(runner, data, data.receive(), args.rank)
@@ -304,6 +306,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--publish-address", required=True)
     parser.add_argument("--replaces-pid", type=int, default=None,
                         help="the pid of the agent this one restarts (lets the worker replace it at once)")
+    parser.add_argument("--previous-exit", default=None,
+                        help="why the previous process of this rank died (from the launcher; sent to the worker)")
+    parser.add_argument("--status-fd", type=int, default=None, help="pipe to the launcher: written once loaded")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S)
     parser.add_argument("--heartbeat-liveness", type=int, default=HEARTBEAT_LIVENESS)
     return parser.parse_args(argv)

@@ -137,6 +137,8 @@ class Worker:
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.progress = HeartbeatClock(PROGRESS_INTERVAL_S)
         self.waiting_since = self.forming_since = time.monotonic()
+        self.last_restart: str | None = None
+        """Why the agents were last restarted: part of the not-ready reason clients see."""
         self.stop_event = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -199,7 +201,9 @@ class Worker:
                 self.state != WorkerState.SERVING or header.get("replaces_pid") == previous.pid):
             # The launcher restarted this rank (it names the pid it replaces), or the cluster is still forming,
             # when heartbeats cannot tell a dead agent (MindSpore holds the GIL while it imports and joins).
-            self.lose_agent(previous, "its rank registered again from a new process")
+            previous_exit = header.get("previous_exit")
+            self.lose_agent(previous, f"its process {previous.pid} was {previous_exit}" if previous_exit
+                            else "its rank registered again from a new process")
         problem = self.registry.check_new(rank)
         retry = problem is not None and isinstance(rank, int) and rank in self.registry.by_rank
         if problem is None and self.state != WorkerState.WAITING_FOR_AGENTS:
@@ -216,7 +220,8 @@ class Worker:
         ))
         missing = self.registry.missing()
         log.info("agent_registered", agent_rank=rank, host=header.get("host"), pid=header.get("pid"),
-                 registered=self.model.rank_size - len(missing), missing=missing)
+                 registered=self.model.rank_size - len(missing), missing=missing,
+                 previous_exit=header.get("previous_exit"))
         if not missing:
             self.configure_groups()
 
@@ -312,6 +317,7 @@ class Worker:
         """A group with a lost or stuck member is broken for good (a MindSpore process cannot re-join one):
         answer every request, tell every agent to exit so its launcher starts a fresh one, and wait again."""
         self.fail_all_runs(ErrorCode.UNAVAILABLE, f"{why}; the servable is restarting its agents")
+        self.last_restart = why
         shutdown = pack_header(MessageType.AGENT_SHUTDOWN, reason=why)
         for other in list(self.registry.by_rank.values()):
             self.send_to_agent(other.identity, shutdown)
@@ -514,13 +520,14 @@ class Worker:
             log.info("waiting", state=self.state, reason=self.status_reason(), seconds=round(waited, 1))
 
     def status_reason(self) -> str:
+        restarted = f"; agents restarted because {self.last_restart}" if self.last_restart else ""
         if self.state == WorkerState.WAITING_FOR_AGENTS:
             missing = self.registry.missing()
             return (f"waiting for agents: {self.model.rank_size - len(missing)}/{self.model.rank_size} "
-                    f"registered, missing ranks {missing}")
+                    f"registered, missing ranks {missing}{restarted}")
         if self.state == WorkerState.FORMING_GROUPS:
             ready = [a.rank for a in self.registry.by_rank.values() if a.state == AgentState.READY]
-            return f"forming collective groups: {len(ready)}/{self.model.rank_size} agents ready"
+            return f"forming collective groups: {len(ready)}/{self.model.rank_size} agents ready{restarted}"
         return ""
 
     # ---- sending --------------------------------------------------------------------------------------------
