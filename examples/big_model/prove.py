@@ -40,19 +40,31 @@ from zmserve.client import ClientError  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.streamed_export import shard_bytes  # noqa: E402
 
+SEQ = 16
+"""Tokens per input, fixed in the export (export_model.py says why)."""
 TOLERANCE = 1e-4
 """Max |served - reference| per element; the outputs are LayerNormed (|y| up to ~5). Measured: 1.4e-5."""
 
 
-def ensure_export(preset: str, rank_size: int, stage_size: int, root: Path = HERE / "out") -> Path:
-    """The export directory of a layout; exported (with progress on stdout) if it is not complete."""
-    tp = check_layout(PRESETS[preset], rank_size, stage_size)
-    output = root / f"{preset}-tp{tp}pp{stage_size}"
-    if not all(path.is_file() for path in model_files(output, rank_size)) or not (output / "big").is_dir():
+def ensure_export(preset: str, rank_size: int, stage_size: int, seq: int = SEQ, root: Path = HERE / "out") -> Path:
+    """The export directory of a layout; exported (with progress on stdout) unless complete with this seq."""
+    output = export_dir(preset, rank_size, stage_size, root)
+    if not export_complete(output, rank_size, seq):
         subprocess.run([sys.executable, str(HERE / "export_model.py"), "--preset", preset, "--rank-size",
-                        str(rank_size), "--stage-size", str(stage_size), "--output-dir", str(output)],
-                       check=True, env={**os.environ, "GLOG_v": "3"})
+                        str(rank_size), "--stage-size", str(stage_size), "--seq", str(seq), "--output-dir",
+                        str(output)], check=True, env={**os.environ, "GLOG_v": "3"})
     return output
+
+
+def export_dir(preset: str, rank_size: int, stage_size: int, root: Path = HERE / "out") -> Path:
+    tp = check_layout(PRESETS[preset], rank_size, stage_size)
+    return root / f"{preset}-tp{tp}pp{stage_size}"
+
+
+def export_complete(output: Path, rank_size: int, seq: int = SEQ) -> bool:
+    layout = output / "big" / "layout.json"
+    return (all(path.is_file() for path in model_files(output, rank_size)) and layout.is_file()
+            and json.loads(layout.read_text()).get("seq") == seq)
 
 
 def model_files(output: Path, rank_size: int) -> list[Path]:
@@ -107,11 +119,11 @@ def start_and_time(workdir: Path, output: Path, rank_size: int, agent_args: list
     return cluster, time.monotonic() - started
 
 
-def prove_sharded(preset: str, limit: str, workdir: Path, inputs: int, seq: int) -> dict[str, Any]:
+def prove_sharded(preset: str, limit: str, workdir: Path, inputs: int) -> dict[str, Any]:
     dims = PRESETS[preset]
     output = ensure_export(preset, 8, 2)
     rng = np.random.default_rng(2024)
-    xs = rng.standard_normal((inputs, seq, dims.hidden)).astype(np.float32)
+    xs = rng.standard_normal((inputs, SEQ, dims.hidden)).astype(np.float32)
     print(f"serving TP4xPP2 from {output} with --memory-limit {limit} per agent ...", flush=True)
     cluster, cold_start = start_and_time(workdir / "sharded", output, 8, ["--memory-limit", limit], {"x": xs[0]})
     try:
@@ -153,7 +165,7 @@ def prove_unsharded(preset: str, limit: str, workdir: Path) -> dict[str, Any]:
         seconds = time.monotonic() - started
         with cluster.client() as client:
             try:
-                client.infer({"x": np.zeros((8, dims.hidden), np.float32)}, timeout=10)
+                client.infer({"x": np.zeros((SEQ, dims.hidden), np.float32)}, timeout=10)
                 client_error = None
             except ClientError as error:
                 client_error = f"{error.code}: {error.message}"
@@ -175,14 +187,13 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--limit", default="1.5G", help="--memory-limit of every agent")
     parser.add_argument("--inputs", type=int, default=4, help="random inputs checked against the reference")
-    parser.add_argument("--seq", type=int, default=16, help="tokens per input")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/zmserve-big-model-proof"),
                         help="logs of every process")
     args = parser.parse_args()
     find_hierarchy()  # fail early, with the reason, where no memory cgroup can be created
     print(f"load average {os.getloadavg()[0]:.2f}, preset {args.preset!r}: "
           f"{PRESETS[args.preset].nbytes() / 2**30:.2f} GiB of float32 weights", flush=True)
-    sharded = prove_sharded(args.preset, args.limit, args.workdir, args.inputs, args.seq)
+    sharded = prove_sharded(args.preset, args.limit, args.workdir, args.inputs)
     unsharded = prove_unsharded(args.preset, args.limit, args.workdir)
     print(json.dumps({"preset": args.preset, "limit": args.limit, "sharded": sharded, "unsharded": unsharded,
                       "load1": os.getloadavg()[0], "logs": str(args.workdir)}))

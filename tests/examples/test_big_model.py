@@ -47,12 +47,13 @@ def cgroups_available() -> None:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The small preset exported as TP4xPP2 and unsharded (TP1xPP1), streamed from seed 0."""
+    """The small preset exported as TP4xPP2 and unsharded (TP1xPP1), streamed from seed 0, any sequence length
+    (the out-of-memory request below is a long one)."""
     root = tmp_path_factory.mktemp("big_model")
     layouts = {"tp4pp2": (8, 2), "tp1pp1": (1, 1)}
     for name, (rank_size, stage_size) in layouts.items():
-        subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--preset", "small", "--rank-size",
-                        str(rank_size), "--stage-size", str(stage_size), "--output-dir", str(root / name)],
+        layout = ["--rank-size", str(rank_size), "--stage-size", str(stage_size), "--output-dir", str(root / name)]
+        subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--preset", "small", "--seq", "0", *layout],
                        check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
     return {name: root / name for name in layouts}
 
