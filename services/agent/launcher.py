@@ -114,6 +114,7 @@ class AgentLauncher:
         self.pin_cpus = pin_cpus
         self.memory_limit = memory_limit
         self.cgroups = None
+        self.cgroups_created = 0
         if memory_limit is not None:
             try:
                 self.cgroups = find_hierarchy()
@@ -199,8 +200,12 @@ class AgentLauncher:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         cpu = self.cpu_for(agent)
         if self.cgroups is not None and self.memory_limit is not None:
-            name = f"{CGROUP_PREFIX}{os.getpid()}-rank{agent.rank}-{agent.restarts}"
-            agent.cgroup = self.cgroups.create(name, self.memory_limit)
+            self.cgroups_created += 1
+            name = f"{CGROUP_PREFIX}{os.getpid()}-rank{agent.rank}-{self.cgroups_created}"
+            try:
+                agent.cgroup = self.cgroups.create(name, self.memory_limit)
+            except OSError as error:
+                raise LauncherError(f"cannot create the memory cgroup of rank {agent.rank}: {error}") from None
         cgroup, status = agent.cgroup, StatusPipe()
         agent.status, agent.loaded = status, False
         try:
