@@ -12,6 +12,7 @@ run 3_bandwidth .venv/bin/python benchmarks/bandwidth.py --mib 64 --rounds 2
 run 4_rank_scaling .venv/bin/python benchmarks/rank_scaling.py
 run 7_pipeline_pp2 .venv/bin/python benchmarks/pipeline_pp2.py
 run 8_minilm .venv/bin/python benchmarks/minilm.py
+run 9_big_model .venv/bin/python benchmarks/big_model.py --duration 30   # ~25 min, ~9 GB of RAM at the peak, 13 GB of exports
 run 5_vs_mindspore_serving .venv/bin/python benchmarks/peers/mindspore_serving/compare.py
 run 6_ray_serve .venv/bin/python benchmarks/peers/ray_serve/bench_ray.py
 echo "results in $OUT"

@@ -169,6 +169,15 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [part for value in values for part in value.split(",") if part]
 
 
+def _memory_size(_context: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from services.agent.memory_limit import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @main.command()
 @click.option("--worker", "worker_address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
               help="the worker's distributed address")
@@ -182,9 +191,11 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--heartbeat-interval", default=None, type=float)
 @click.option("--pin-cpus/--no-pin-cpus", default=False, show_default=True,
               help="pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores)")
+@click.option("--memory-limit", default=None, callback=_memory_size, metavar="SIZE",
+              help="memory per agent process, enforced by a cgroup (e.g. 1.5G; K/M/G/T are powers of 1024)")
 def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
-          heartbeat_interval: float | None, pin_cpus: bool) -> None:
+          heartbeat_interval: float | None, pin_cpus: bool, memory_limit: int | None) -> None:
     """Start and supervise one agent process per model file on this machine.
 
     Ranks: --rank-start + position; without --rank-start, this machine's ranks in the worker's rank table
@@ -194,7 +205,7 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
 
     try:
         launcher = AgentLauncher(worker_address, _split(model_files), _split(group_config_files) or None,
-                                 agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus)
+                                 agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus, memory_limit)
         run_until_signalled(launcher)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None

@@ -207,6 +207,8 @@ class AgentRegister(Message, tag=MessageType.AGENT_REGISTER.value):
     model_file: str
     publish_address: str
     replaces_pid: int | None = None
+    previous_exit: str | None = None
+    """Why the previous process of this rank ended, as its launcher saw it (e.g. killed at its memory limit)."""
     shard: ShardInfo = ShardInfo()
 
 

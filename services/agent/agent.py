@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 import zmq
 
+from services.agent.status_pipe import report_loaded
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.export import read_group_config
@@ -85,6 +86,10 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     group_config_file: str | None = None
     replaces_pid: int | None = None
+    previous_exit: str | None = None
+    """Why the previous process of this rank ended, as its launcher saw it (sent on to the worker)."""
+    status_fd: int | None = None
+    """A pipe to the launcher, written once the shard is loaded (so the launcher can tell a death while loading)."""
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
 
@@ -137,9 +142,13 @@ class ControlLink(threading.Thread):
             poller.register(self.from_main, zmq.POLLIN)
             while True:
                 poller.poll(timeout=100)
+                # The worker's silence is judged as of before the drain: MindSpore calls in the main thread (load,
+                # compile, joining a group) take the GIL for seconds whenever pyzmq releases it, and heartbeats
+                # that arrive meanwhile wait unread; only what had arrived by `now` counts.
+                now = time.monotonic()
                 drain(self.control, self.handle_control)
                 drain(self.from_main, self.handle_main)
-                self.do_chores()
+                self.do_chores(now)
         except Exception:
             log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
@@ -167,11 +176,11 @@ class ControlLink(threading.Thread):
             log.info("agent_shutdown", reason=message.reason)
             self.exit(EXIT_RESTART)
 
-    def do_chores(self) -> None:
+    def do_chores(self, now: float) -> None:
         if self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
                 self.control.send(encode(Heartbeat(rank=self.rank)), flags=zmq.NOBLOCK)
-        if self.worker_heard and self.worker_liveness.expired():
+        if self.worker_heard and self.worker_liveness.expired(now):
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
 
@@ -271,7 +280,7 @@ def serve(settings: AgentSettings) -> int:
     link.start()
     link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
-                            shard=shard))
+                            previous_exit=settings.previous_exit, shard=shard))
     log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
     runner = ShardRunner(model_file, shard.signature)
     config = link.inbox.get()
@@ -288,6 +297,7 @@ def serve(settings: AgentSettings) -> int:
         link.send_and_exit(AgentFailed(message=f"{type(exc).__name__}: {exc}"), EXIT_RESTART)
     seconds = round(time.monotonic() - started, 2)
     log.debug("agent_loaded", seconds=seconds, forward=data.forward)
+    report_loaded(settings.status_fd)
     link.send(AgentReady(rank=settings.rank, load_seconds=seconds))
     while True:
         run_call(runner, data, data.receive(), settings.rank)

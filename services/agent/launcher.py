@@ -3,12 +3,18 @@
 It supervises them: an agent that exits to be restarted (the worker re-forms its group, or the worker went
 away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected is
 not, and the launcher stops with that reason. SIGINT/SIGTERM stop every agent and reap it.
+
+With a memory limit, each agent runs in a memory cgroup of its own (services/agent/memory_limit.py). The launcher
+learns why an agent died (the OOM killer at the limit, a signal, an exit code) and tells the replacement, which
+tells the worker; an agent the OOM killer ends OOM_LOADING_ATTEMPTS times before it has loaded its shard will
+never fit, so the launcher stops with that reason instead of restarting it forever.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +24,8 @@ from pathlib import Path
 import zmq
 
 from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, AgentSettings
+from services.agent.memory_limit import CGROUP_PREFIX, AgentCgroup, MemoryLimitError, find_hierarchy, format_size
+from services.agent.status_pipe import StatusPipe
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
@@ -31,6 +39,7 @@ from zmserve.protocol import (
     normalize_address,
 )
 from zmserve.ranktable import RankTable
+from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
 from zmserve.transport import HeartbeatClock, new_socket
 
@@ -38,6 +47,8 @@ log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 SUPERVISE_INTERVAL_S = 0.1
 FROZEN_LIMIT_S = 3.0
+OOM_LOADING_ATTEMPTS = 3
+"""OOM kills before an agent has loaded its shard, in a row, after which the launcher gives up on it."""
 
 
 class LauncherError(RuntimeError):
@@ -56,6 +67,30 @@ class AgentProcess:
     restarts: int = 0
     previous_pid: int | None = None
     frozen_since: float | None = None
+    previous_exit: str | None = None
+    """Why the previous process of this rank died (None after a clean exit): told to the next one."""
+    cgroup: AgentCgroup | None = None
+    status: StatusPipe | None = None
+    loaded: bool = False
+    oom_kills_loading: int = 0
+
+
+@dataclass(frozen=True)
+class AgentExit:
+    """How an agent process ended, as far as its launcher can tell."""
+
+    code: int
+    oom_killed: bool
+    loaded: bool
+    peak: int | None
+
+    def describe(self, limit: int | None) -> str:
+        if self.oom_killed and limit is not None:
+            when = "serving" if self.loaded else "loading its shard"
+            return f"killed by the OOM killer at its memory limit of {format_size(limit)} while {when}"
+        if self.code < 0:
+            return f"killed by signal {signal.Signals(-self.code).name}"
+        return f"exited with code {self.code}"
 
 
 class AgentLauncher:
@@ -69,6 +104,7 @@ class AgentLauncher:
         rank_start: int | None = None,
         heartbeat_interval: float | None = None,
         pin_cpus: bool = False,
+        memory_limit: int | None = None,
     ) -> None:
         if not model_files:
             raise LauncherError("no model files given: one agent runs per model file")
@@ -85,6 +121,15 @@ class AgentLauncher:
         self.rank_start = rank_start
         self.heartbeat_interval = heartbeat_interval
         self.pin_cpus = pin_cpus
+        self.memory_limit = memory_limit
+        self.cgroups = None
+        self.cgroups_created = 0
+        if memory_limit is not None:
+            try:
+                self.cgroups = find_hierarchy()
+                self.cgroups.create(f"{CGROUP_PREFIX}{os.getpid()}-probe", memory_limit).remove()
+            except (MemoryLimitError, OSError) as error:
+                raise LauncherError(f"cannot apply --memory-limit: {error}") from None
         self.agents: list[AgentProcess] = []
         # stop() runs in signal handlers, so it must take no lock the interrupted loop may hold (Event.set
         # would): it sets a flag and writes to a self-pipe the loop selects on.
@@ -97,7 +142,9 @@ class AgentLauncher:
             worker=self.worker_address, rank=agent.rank, model_file=str(agent.model_file),
             publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
             group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
-            replaces_pid=agent.previous_pid, heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+            replaces_pid=agent.previous_pid, previous_exit=agent.previous_exit,
+            status_fd=agent.status.child_fd if agent.status is not None else None,
+            heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
         )
         return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
 
@@ -159,9 +206,25 @@ class AgentLauncher:
     def start(self, agent: AgentProcess) -> None:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         cpu = self.cpu_for(agent)
-        agent.process = subprocess.Popen(self.command(agent), env=env,
-                                         preexec_fn=lambda: self.prepare_child(cpu))
-        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu)
+        if self.cgroups is not None and self.memory_limit is not None:
+            self.cgroups_created += 1
+            name = f"{CGROUP_PREFIX}{os.getpid()}-rank{agent.rank}-{self.cgroups_created}"
+            try:
+                agent.cgroup = self.cgroups.create(name, self.memory_limit)
+            except OSError as error:
+                raise LauncherError(f"cannot create the memory cgroup of rank {agent.rank}: {error}") from None
+        cgroup, status = agent.cgroup, StatusPipe()
+        agent.status, agent.loaded = status, False
+        try:
+            agent.process = subprocess.Popen(self.command(agent), env=env, pass_fds=(status.child_fd,),
+                                             preexec_fn=lambda: self.prepare_child(cpu, cgroup))
+        except BaseException:
+            status.spawned()
+            self.release(agent)
+            raise
+        status.spawned()
+        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu,
+                 memory_limit=format_size(self.memory_limit) if self.memory_limit else None)
 
     def cpu_for(self, agent: AgentProcess) -> int | None:
         """With pinning, agent i of this machine runs on core i mod (cores this launcher may use)."""
@@ -171,16 +234,50 @@ class AgentLauncher:
         return cores[self.agents.index(agent) % len(cores)]
 
     @staticmethod
-    def prepare_child(cpu: int | None) -> None:
+    def prepare_child(cpu: int | None, cgroup: AgentCgroup | None) -> None:
         die_with_parent()
+        if cgroup is not None:
+            cgroup.join()
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
+
+    def ended(self, agent: AgentProcess, code: int) -> AgentExit:
+        """How the agent's process ended; frees its cgroup and status pipe."""
+        loaded = agent.loaded or (agent.status is not None and agent.status.loaded())
+        oom_killed, peak = False, None
+        if agent.cgroup is not None:
+            oom_killed = code == -signal.SIGKILL and agent.cgroup.oom_kills() > 0
+            peak = agent.cgroup.peak()
+        self.release(agent)
+        return AgentExit(code, oom_killed, loaded, peak)
+
+    @staticmethod
+    def release(agent: AgentProcess) -> None:
+        if agent.status is not None:
+            agent.status.close()
+            agent.status = None
+        if agent.cgroup is not None:
+            try:
+                agent.cgroup.remove()
+            except OSError as error:
+                log.warning("cgroup_not_removed", path=str(agent.cgroup.path), error=str(error))
+            agent.cgroup = None
 
     def run(self) -> int:
         """Start every agent and supervise until stopped; returns the exit code for the CLI."""
         if not self.assign_ranks():
             return 0
-        log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents])
+        log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents],
+                 memory_limit=format_size(self.memory_limit) if self.memory_limit else None,
+                 cgroup=f"v{self.cgroups.version} {self.cgroups.parent}" if self.cgroups else None)
+        if self.cgroups is not None and self.memory_limit is not None:
+            for path in self.cgroups.remove_stale():
+                log.info("stale_cgroup_removed", path=str(path))
+            for agent in self.agents:
+                if shard_bytes(agent.model_file) > self.memory_limit:
+                    log.warning("shard_larger_than_memory_limit", agent_rank=agent.rank,
+                                shard=format_size(shard_bytes(agent.model_file)),
+                                memory_limit=format_size(self.memory_limit))
         for agent in self.agents:
             self.start(agent)
         try:
@@ -205,8 +302,11 @@ class AgentLauncher:
                 continue
             code = agent.process.poll()
             if code is None:
+                if not agent.loaded and agent.status is not None and agent.status.loaded():
+                    agent.loaded, agent.oom_kills_loading = True, 0
                 self.check_not_frozen(agent, now)
                 continue
+            ended = self.ended(agent, code)
             agent.previous_pid, agent.process = agent.process.pid, None
             if code == EXIT_REJECTED:
                 self.failure = f"the worker rejected rank {agent.rank} (see the agent's log line)"
@@ -215,12 +315,32 @@ class AgentLauncher:
             if code in (EXIT_RESTART, EXIT_STOPPED):
                 agent.crashes = 0
                 agent.restart_at = now
+                agent.previous_exit = None
                 log.info("agent_exited", agent_rank=agent.rank, code=code, action="restart")
-            else:
-                backoff = CRASH_BACKOFF_S[min(agent.crashes, len(CRASH_BACKOFF_S) - 1)]
-                agent.crashes += 1
-                agent.restart_at = now + backoff
-                log.warning("agent_crashed", agent_rank=agent.rank, code=code, restart_in=backoff)
+                continue
+            agent.previous_exit = ended.describe(self.memory_limit)
+            peak = format_size(ended.peak) if ended.peak is not None else None
+            if ended.oom_killed and not ended.loaded:
+                agent.oom_kills_loading += 1
+                if agent.oom_kills_loading >= OOM_LOADING_ATTEMPTS:
+                    self.failure = self.does_not_fit(agent)
+                    log.error("agent_crashed", agent_rank=agent.rank, code=code, why=agent.previous_exit,
+                              peak_memory=peak, action="give up")
+                    self.stop()
+                    return
+            backoff = CRASH_BACKOFF_S[min(agent.crashes, len(CRASH_BACKOFF_S) - 1)]
+            agent.crashes += 1
+            agent.restart_at = now + backoff
+            log.warning("agent_crashed", agent_rank=agent.rank, code=code, why=agent.previous_exit,
+                        peak_memory=peak, restart_in=backoff)
+
+    def does_not_fit(self, agent: AgentProcess) -> str:
+        """The one-line reason the launcher gives up on a rank whose shard cannot load under the limit."""
+        assert self.memory_limit is not None
+        return (f"rank {agent.rank} was killed by the OOM killer {agent.oom_kills_loading} times while loading its "
+                f"shard ({format_size(shard_bytes(agent.model_file))}, {agent.model_file}): it does not fit the "
+                f"memory limit of {format_size(self.memory_limit)} per agent; shard the model over more ranks or "
+                f"raise --memory-limit")
 
     def check_not_frozen(self, agent: AgentProcess, now: float) -> None:
         """A stopped agent (SIGSTOP, state T) cannot act on the worker's shutdown: after FROZEN_LIMIT_S, kill
@@ -251,6 +371,11 @@ class AgentLauncher:
         for process in running:
             reap(process, timeout=5.0)
         for agent in self.agents:
+            if agent.cgroup is not None:
+                peak = agent.cgroup.peak()
+                log.info("agent_memory", agent_rank=agent.rank, memory_limit=format_size(agent.cgroup.limit),
+                         peak_memory=format_size(peak) if peak is not None else None, peak_bytes=peak)
+            self.release(agent)
             agent.process = None
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)

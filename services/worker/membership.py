@@ -115,6 +115,8 @@ class Membership:
         self.agents: dict[int, AgentRecord] = {}
         self.subscribed: set[int] = set()
         """Stage-0 ranks subscribed to the worker's publisher: a publish before that would be lost."""
+        self.last_restart: str | None = None
+        """Why the agents were last restarted: said with the status until the servable serves again."""
 
     # ---- queries --------------------------------------------------------------------------------------------
     def by_identity(self, identity: bytes) -> AgentRecord | None:
@@ -125,13 +127,14 @@ class Membership:
 
     def status_reason(self) -> str:
         """Why the servable is not serving, in words for the broker, the logs and an UNAVAILABLE reply."""
+        restarted = f"; agents restarted because {self.last_restart}" if self.last_restart else ""
         if self.state == WorkerState.WAITING_FOR_AGENTS:
             missing = self.missing()
             return (f"waiting for agents: {self.model.rank_size - len(missing)}/{self.model.rank_size} "
-                    f"registered, missing ranks {missing}")
+                    f"registered, missing ranks {missing}{restarted}")
         if self.state == WorkerState.FORMING_GROUPS:
             ready = [a.rank for a in self.agents.values() if a.state == AgentState.READY]
-            return f"forming collective groups: {len(ready)}/{self.model.rank_size} agents ready"
+            return f"forming collective groups: {len(ready)}/{self.model.rank_size} agents ready{restarted}"
         return ""
 
     # ---- events ---------------------------------------------------------------------------------------------
@@ -154,7 +157,9 @@ class Membership:
                 self.state != WorkerState.SERVING or message.replaces_pid == previous.pid):
             # The launcher restarted this rank (it names the pid it replaces), or the cluster is still forming,
             # when heartbeats cannot tell a dead agent (MindSpore holds the GIL while it imports and joins).
-            actions += self.lose(previous, "its rank registered again from a new process", now)
+            why = f"its process {previous.pid} was {message.previous_exit}" if message.previous_exit \
+                else "its rank registered again from a new process"
+            actions += self.lose(previous, why, now)
         problem, retry = self.why_not_accepted(message)
         if problem is not None:
             log.warning("agent_rejected", agent_rank=rank, why=problem, retry=retry)
@@ -164,7 +169,7 @@ class Membership:
                                         message.shard.signature)
         missing = self.missing()
         log.debug("agent_registered", agent_rank=rank, host=message.host, pid=message.pid,
-                  registered=self.model.rank_size - len(missing), missing=missing)
+                  registered=self.model.rank_size - len(missing), missing=missing, previous_exit=message.previous_exit)
         if not missing:
             actions += self.configure(now)
         return actions
@@ -233,7 +238,7 @@ class Membership:
             return []
         if not set(self.stages[0].ranks) <= self.subscribed:
             return []
-        self.state = WorkerState.SERVING
+        self.state, self.last_restart = WorkerState.SERVING, None
         first = self.agents[self.stages[0].leader].signature
         last = self.agents[self.stages[-1].leader].signature
         return [StartServing(ModelSignature(inputs=first.inputs, outputs=last.outputs))]
@@ -269,7 +274,7 @@ class Membership:
         actions: list[Action] = [SendToAgent(a.identity, shutdown) for a in self.agents.values()]
         self.agents.clear()
         self.subscribed.clear()
-        self.state, self.since = WorkerState.WAITING_FOR_AGENTS, now
+        self.state, self.since, self.last_restart = WorkerState.WAITING_FOR_AGENTS, now, why
         return [*actions, RestartGroups(why)]
 
     def stop(self, reason: str) -> list[Action]:
