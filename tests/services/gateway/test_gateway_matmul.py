@@ -92,9 +92,12 @@ def test_tritonclient_health_and_metadata(gateways: Gateways) -> None:
     assert not client.is_model_ready("nope") and not client.is_model_ready(SERVABLE, "2")
     metadata = client.get_model_metadata(SERVABLE)
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == (SERVABLE, ["1"], "zmserve")
-    assert metadata["parameters"] == {"method": "echo", "methods": ["echo", "fail", "predict", "swap", "type_of"]}
-    chosen = client.get_model_metadata(SERVABLE, "1", query_params={"method": "predict"})
-    assert chosen["parameters"]["method"] == "predict"
+    # the servable's methods in declaration order; the first is the default
+    assert metadata["parameters"] == {"method": "predict", "methods": ["predict", "echo", "type_of", "swap", "fail"]}
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [128, 96]}]
+    assert metadata["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [128, 16]}]
+    chosen = client.get_model_metadata(SERVABLE, "1", query_params={"method": "echo"})
+    assert chosen["parameters"]["method"] == "echo"
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -106,19 +109,20 @@ def test_tritonclient_infer_matches_numpy(gateways: Gateways, binary: bool) -> N
     wanted = [triton.InferRequestedOutput("y", binary_data=binary)]
     by_parameter = client.infer(SERVABLE, [tensor], outputs=wanted, parameters={"method": "predict"})
     by_query = client.infer(SERVABLE, [tensor], model_version="1", outputs=wanted, query_params={"method": "predict"})
-    for result in (by_parameter, by_query):
+    by_default = client.infer(SERVABLE, [tensor], outputs=wanted)  # no method named: the first declared, predict
+    for result in (by_parameter, by_query, by_default):
         y = result.as_numpy("y")
         assert y.dtype == np.float32 and y.shape == (128, 16)
         np.testing.assert_allclose(y, matmul_reference(x), rtol=1e-5, atol=1e-4)
     assert by_query.get_response()["model_version"] == "1"
 
 
-def test_tritonclient_strings_and_the_default_method(gateways: Gateways) -> None:
+def test_tritonclient_strings(gateways: Gateways) -> None:
     client = triton.InferenceServerClient(gateways.host_port)
     for binary in (False, True):
         text = triton.InferInput("x", [1], "BYTES")
         text.set_data_from_numpy(np.array(["Grüße"], dtype=object), binary_data=binary)
-        echoed = client.infer(SERVABLE, [text])  # no method named: the servable's first, echo
+        echoed = client.infer(SERVABLE, [text], parameters={"method": "echo"})
         assert echoed.as_numpy("y").tolist() == ["Grüße".encode()]
         described = client.infer(SERVABLE, [text], parameters={"method": "type_of"}).as_numpy("y")
         assert described.tolist() == [("str 'Grüße'" if not binary else "bytes b'Gr\\xc3\\xbc\\xc3\\x9fe'").encode()]
