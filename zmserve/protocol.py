@@ -40,6 +40,7 @@ class MessageType(StrEnum):
     AGENT_FAILED = "agent_failed"
     AGENT_REJECTED = "agent_rejected"
     AGENT_SHUTDOWN = "agent_shutdown"
+    AGENT_STOPPED = "agent_stopped"
     # agent launcher <-> worker: which ranks does this machine hold?
     RANK_TABLE_QUERY = "rank_table_query"
     RANK_TABLE = "rank_table"
@@ -208,6 +209,14 @@ class AgentShutdown(Message, tag=MessageType.AGENT_SHUTDOWN.value):
     reason: str
 
 
+class AgentStopped(Message, tag=MessageType.AGENT_STOPPED.value):
+    """agent -> worker, its last message when it was asked to stop (SIGTERM or SIGINT, e.g. from its launcher):
+    the worker still re-forms the groups, but logs a stop, not a lost agent."""
+
+    rank: int
+    reason: str
+
+
 class RankTableQuery(Message, tag=MessageType.RANK_TABLE_QUERY.value):
     pass
 
@@ -244,14 +253,15 @@ M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, ModelCall, ModelResult, ModelError,
+    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, ModelCall, ModelResult,
+    ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | RankTableQuery | RankTableAnswer | ModelCall | ModelResult
-                                   | ModelError)
+                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | ModelCall
+                                   | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 

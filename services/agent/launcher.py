@@ -1,8 +1,9 @@
 """The agent launcher (`zmserve agent`, `startup_agents`): one agent process per model file on this machine.
 
 It supervises them: an agent that exits to be restarted (the worker re-forms its group, or the worker went
-away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected is
-not, and the launcher stops with that reason. SIGINT/SIGTERM stop every agent and reap it.
+away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected for
+good is not, and the launcher stops with the worker's reason (each agent writes it into a pipe the launcher
+reads, `reason_fd`) as its error. SIGINT/SIGTERM stop every agent and reap it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class AgentProcess:
     restarts: int = 0
     previous_pid: int | None = None
     frozen_since: float | None = None
+    reasons: int | None = None
+    """The read end of the pipe on which the running process says why it was rejected for good."""
 
 
 class AgentLauncher:
@@ -92,12 +95,13 @@ class AgentLauncher:
         self._wakeup_read, self._wakeup_write = os.pipe()
         self.failure: str | None = None
 
-    def command(self, agent: AgentProcess) -> list[str]:
+    def command(self, agent: AgentProcess, reason_fd: int | None = None) -> list[str]:
         settings = AgentSettings(
             worker=self.worker_address, rank=agent.rank, model_file=str(agent.model_file),
             publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
             group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
             replaces_pid=agent.previous_pid, heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+            reason_fd=reason_fd,
         )
         return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
 
@@ -159,9 +163,28 @@ class AgentLauncher:
     def start(self, agent: AgentProcess) -> None:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         cpu = self.cpu_for(agent)
-        agent.process = subprocess.Popen(self.command(agent), env=env,
-                                         preexec_fn=lambda: self.prepare_child(cpu))
-        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu)
+        agent.reasons, reason_write = os.pipe()
+        try:
+            agent.process = subprocess.Popen(self.command(agent, reason_write), env=env, pass_fds=(reason_write,),
+                                             preexec_fn=lambda: self.prepare_child(cpu))
+        finally:
+            os.close(reason_write)  # the agent holds the only write end: its exit ends the pipe
+        log.debug("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu)
+
+    @staticmethod
+    def read_reason(agent: AgentProcess) -> str:
+        """What the exited agent wrote into its pipe (empty if nothing), and close the pipe."""
+        if agent.reasons is None:
+            return ""
+        chunks = []
+        try:
+            while chunk := os.read(agent.reasons, 4096):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        os.close(agent.reasons)
+        agent.reasons = None
+        return b"".join(chunks).decode(errors="replace").strip()
 
     def cpu_for(self, agent: AgentProcess) -> int | None:
         """With pinning, agent i of this machine runs on core i mod (cores this launcher may use)."""
@@ -191,8 +214,7 @@ class AgentLauncher:
         finally:
             self.shutdown()
         if self.failure:
-            log.error("launcher_failed", why=self.failure)
-            return 2
+            raise LauncherError(self.failure)
         return 0
 
     def supervise(self) -> None:
@@ -208,14 +230,15 @@ class AgentLauncher:
                 self.check_not_frozen(agent, now)
                 continue
             agent.previous_pid, agent.process = agent.process.pid, None
+            reason = self.read_reason(agent)
             if code == EXIT_REJECTED:
-                self.failure = f"the worker rejected rank {agent.rank} (see the agent's log line)"
+                self.failure = f"rank {agent.rank} cannot serve: {reason or 'its agent gave no reason'}"
                 self.stop()
                 return
             if code in (EXIT_RESTART, EXIT_STOPPED):
                 agent.crashes = 0
                 agent.restart_at = now
-                log.info("agent_exited", agent_rank=agent.rank, code=code, action="restart")
+                log.debug("agent_exited", agent_rank=agent.rank, code=code, action="restart")
             else:
                 backoff = CRASH_BACKOFF_S[min(agent.crashes, len(CRASH_BACKOFF_S) - 1)]
                 agent.crashes += 1
@@ -252,6 +275,7 @@ class AgentLauncher:
             reap(process, timeout=5.0)
         for agent in self.agents:
             agent.process = None
+            self.read_reason(agent)
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)
         log.info("launcher_stopped")

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import zmq
 
-from zmserve.logs import get_logger
+from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -46,6 +46,8 @@ from zmserve.protocol import (
 from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("broker")
+bursts = Bursts(log)
+"""Events that come once per request or message: summarised per second, never a line each."""
 
 
 @dataclass
@@ -180,7 +182,8 @@ class Broker:
         except ServingError as error:
             if request_id is None and len(frames) >= 2:
                 request_id = peek_request_id(frames[1])
-            log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
+            bursts.info("request_rejected", key=error.code, request_id=request_id, code=error.code,
+                        message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
@@ -220,7 +223,7 @@ class Broker:
     def process_worker(self, frames: list[Any]) -> None:
         """[worker identity][command][...]: from the worker ROUTER, or straight from an in-process worker."""
         if len(frames) < 3:
-            log.warning("worker_message_malformed", frames=len(frames))
+            bursts.warning("worker_message_malformed", frames=len(frames))
             return
         identity, command = frame_bytes(frames[0]), frame_bytes(frames[1])
         record = self.workers.get(identity)
@@ -231,18 +234,18 @@ class Broker:
         elif command == BrokerCommand.CONTROL:
             self.process_worker_control(identity, record, frames[2])
         else:
-            log.warning("worker_message_malformed", command=command.hex())
+            bursts.warning("worker_message_malformed", command=command.hex())
 
     def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[Any]) -> None:
         try:
             reply = decode(frames[0], Reply, Error)
         except ServingError as error:
-            log.warning("worker_reply_malformed", message=error.message)
+            bursts.warning("worker_reply_malformed", message=error.message)
             return
         key = (client, reply.id)
         pending = self.requests.pop(key) if reply.id is not None else None
         if pending is None:
-            log.info("late_reply_dropped", request_id=reply.id)
+            bursts.info("late_reply_dropped", request_id=reply.id)
             return
         if record is not None:
             record.inflight.discard(key)
@@ -255,7 +258,7 @@ class Broker:
         try:
             message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
         except ServingError as error:
-            log.warning("worker_control_malformed", message=error.message)
+            bursts.warning("worker_control_malformed", message=error.message)
             return
         if isinstance(message, WorkerStatus):
             self.update_worker(identity, record, message)
@@ -307,9 +310,9 @@ class Broker:
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         delivery = send_nonblocking(self.clients, [client, *frames])
         if delivery is Delivery.WOULD_BLOCK:
-            log.warning("client_not_reading", client=client.hex())
+            bursts.warning("client_not_reading", client=client.hex())
         elif delivery is Delivery.UNREACHABLE:
-            log.info("client_gone", client=client.hex())
+            bursts.info("client_gone", client=client.hex())
 
     def deliver_to_worker(self, identity: bytes, frames: list[Any]) -> Delivery:
         """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
@@ -329,7 +332,7 @@ class Broker:
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
         delivery = self.deliver_to_worker(identity, frames)
         if delivery is Delivery.WOULD_BLOCK:
-            log.warning("worker_not_reading", worker=identity.hex())
+            bursts.warning("worker_not_reading", worker=identity.hex())
         elif delivery is Delivery.UNREACHABLE and (record := self.workers.get(identity)) is not None:
             self.remove_worker(record, "worker connection closed")
 
