@@ -4,8 +4,8 @@ Context (`servable`, `rank`, `request_id`) is bound with structlog's contextvars
 carries it without passing loggers around.
 
 Events that can come once per request or per message (a rejected request, a dropped late reply) go through
-`Bursts`: a burst of them is one line as it starts and then one summary line per second with the count, never one
-line per request.
+`Bursts`: a burst of them is one line as it starts and then summary lines with the count, never one line per
+request.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Any
 import structlog
 
 BURST_INTERVAL_S = 1.0
-"""How often a burst of one event is summarised."""
+"""A burst's first summary comes this long after its first line; each further one twice as long after the last,
+up to BURST_MAX_INTERVAL_S (a client polling a servable that starts up for a minute makes 7 lines, not 60)."""
+BURST_MAX_INTERVAL_S = 60.0
 
 _configured = False
 
@@ -63,6 +65,7 @@ class _Window:
     """One event (and key) that was logged in full at `opened`; what came after it is only counted."""
 
     opened: float
+    interval: float
     repeated: int = 0
     level: str = "info"
     fields: dict[str, Any] = field(default_factory=dict)
@@ -73,16 +76,17 @@ class Bursts:
 
     The first occurrence of an event (per `key`, e.g. the error code) is logged as it comes. Occurrences in the
     `interval` after it are counted, and at the end of the interval one line stands for them all: the same event,
-    with the fields of the last occurrence, plus `repeated` (how many occurrences the line stands for) and
-    `seconds` (the interval they came in). While the burst goes on, that is one line per interval; once an interval
-    passes with no occurrence, the next one is logged in full again.
+    with the fields of the last occurrence, plus `repeated` (how many occurrences the line stands for), `seconds`
+    (the time they came in) and `per_second`. While the burst goes on, each summary covers twice the time of the
+    one before, up to `max_interval`; once an interval passes with no occurrence, the next one is logged in full
+    again.
 
     The tail of a burst is written by `flush`, which every service loop calls through `flush_bursts` (and with
     `final=True` when it stops), so no count is lost."""
 
-    def __init__(self, logger: Any, interval: float = BURST_INTERVAL_S,
+    def __init__(self, logger: Any, interval: float = BURST_INTERVAL_S, max_interval: float = BURST_MAX_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger, self.interval, self.clock = logger, interval, clock
+        self.logger, self.interval, self.max_interval, self.clock = logger, interval, max_interval, clock
         self._windows: dict[tuple[str, Hashable], _Window] = {}
         self._lock = threading.Lock()  # an agent counts in its main thread and flushes from its control thread
         _all_bursts.add(self)
@@ -109,7 +113,7 @@ class Bursts:
             summary = self._close_if_over((event, key), now)
             window = self._windows.get((event, key))
             if window is None:
-                self._windows[(event, key)] = _Window(now)
+                self._windows[(event, key)] = _Window(now, self.interval)
             else:
                 window.repeated, window.level, window.fields = window.repeated + 1, level, fields
         if summary is not None:
@@ -127,20 +131,21 @@ class Bursts:
 
     def _close_if_over(self, key: tuple[str, Hashable], now: float,
                        final: bool = False) -> tuple[str, str, dict[str, Any]] | None:
-        """End the interval of `key` if it is over: the summary to write if anything repeated in it (and a new
-        interval counts from now, since the burst goes on), else nothing (and the next occurrence is new)."""
+        """End the interval of `key` if it is over: the summary to write if anything repeated in it (and a new,
+        longer interval counts from now, since the burst goes on), else nothing (and the next occurrence is new)."""
         window = self._windows.get(key)
-        if window is None or (not final and now - window.opened < self.interval):
+        if window is None or (not final and now - window.opened < window.interval):
             return None
         if window.repeated == 0 or final:
             del self._windows[key]
         else:
-            self._windows[key] = _Window(now)
+            self._windows[key] = _Window(now, min(2 * window.interval, self.max_interval))
         if window.repeated == 0:
             return None
         level = "error" if window.level == "exception" else window.level
-        return level, key[0], {**window.fields, "repeated": window.repeated,
-                               "seconds": round(now - window.opened, 3)}
+        seconds = max(now - window.opened, 1e-3)
+        return level, key[0], {**window.fields, "repeated": window.repeated, "seconds": round(seconds, 3),
+                               "per_second": round(window.repeated / seconds, 1)}
 
     def _write(self, level: str, event: str, fields: dict[str, Any]) -> None:
         getattr(self.logger, level)(event, **fields)

@@ -210,10 +210,12 @@ class AgentShutdown(Message, tag=MessageType.AGENT_SHUTDOWN.value):
 
 
 class AgentStopped(Message, tag=MessageType.AGENT_STOPPED.value):
-    """agent -> worker, its last message when it was asked to stop (SIGTERM or SIGINT, e.g. from its launcher):
-    the worker still re-forms the groups, but logs a stop, not a lost agent."""
+    """launcher -> worker, just before a launcher that is asked to stop ends this agent: the worker still re-forms
+    its groups, but logs a stop, not a lost agent. `pid` names the process, so a late note never matches the
+    agent that replaced it."""
 
     rank: int
+    pid: int
     reason: str
 
 

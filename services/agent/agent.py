@@ -9,8 +9,8 @@ Two threads, so heartbeats flow while a model call runs:
 
 Lifecycle: REGISTER -> (worker) CONFIGURE -> join group, load, warm up -> READY -> model calls ... The process
 exits with EXIT_RESTART when the worker says shut down or goes silent (its launcher starts a fresh one: a
-MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses its rank (the reason goes to
-the launcher through `reason_fd`), EXIT_STOPPED on SIGTERM or SIGINT after telling the worker (AGENT_STOPPED).
+MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses its rank for good (the reason
+goes to the launcher through `reason_fd`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import contextlib
 import faulthandler
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -45,7 +44,6 @@ from zmserve.protocol import (
     AgentRegister,
     AgentRejected,
     AgentShutdown,
-    AgentStopped,
     ErrorCode,
     Forward,
     Heartbeat,
@@ -73,10 +71,6 @@ JOIN_TIMEOUT_S = 90.0
 """Longest an agent may take to join its group, load and warm up (8 agents on 2 cores take ~10-40 s)."""
 DOWNSTREAM_WAIT_S = 60.0
 """How long a stage leader waits for the next stage to subscribe before it reports a failed start."""
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-"""Blocked in every thread from the start and taken by `ControlLink` (sigtimedwait), so a stop is noticed and
-told to the worker even while the main thread is inside MindSpore."""
 
 log = get_logger("agent")
 bursts = Bursts(log)
@@ -182,12 +176,6 @@ class ControlLink(threading.Thread):
             self.exit(EXIT_RESTART)
 
     def do_chores(self) -> None:
-        stop = signal.sigtimedwait(STOP_SIGNALS, 0)
-        if stop is not None:
-            name = signal.Signals(stop.si_signo).name
-            log.info("agent_stopping", signal=name)
-            self.control.send(encode(AgentStopped(rank=self.rank, reason=f"{name} to the agent")))
-            self.exit(EXIT_STOPPED)
         flush_bursts()
         if self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
@@ -352,7 +340,6 @@ def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any thread: every thread inherits the mask
     die_with_parent()
     settings = AgentSettings.from_argument((argv if argv is not None else sys.argv[1:])[0])
     configure_logging()
@@ -360,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = serve(settings)
         sys.stderr.flush()
+    except KeyboardInterrupt:
+        code = EXIT_STOPPED
     except Exception:
         log.exception("agent_crashed")
         code = EXIT_CRASHED

@@ -3,7 +3,9 @@
 It supervises them: an agent that exits to be restarted (the worker re-forms its group, or the worker went
 away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected for
 good is not, and the launcher stops with the worker's reason (each agent writes it into a pipe the launcher
-reads, `reason_fd`) as its error. SIGINT/SIGTERM stop every agent and reap it.
+reads, `reason_fd`) as its error. SIGINT/SIGTERM stop every agent and reap it, after telling the worker
+(AGENT_STOPPED) so that it logs a stop, not lost agents. Agents run in their own process group: a Ctrl-C in the
+terminal reaches the launcher, which stops them in that order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
     DEFAULT_DISTRIBUTED_ADDRESS,
     HEARTBEAT_INTERVAL_S,
+    AgentStopped,
     RankTableAnswer,
     RankTableQuery,
     ServingError,
@@ -33,7 +36,7 @@ from zmserve.protocol import (
 )
 from zmserve.ranktable import RankTable
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, new_socket
+from zmserve.transport import HeartbeatClock, new_socket, send_nonblocking
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -94,6 +97,8 @@ class AgentLauncher:
         self.stop_requested = False
         self._wakeup_read, self._wakeup_write = os.pipe()
         self.failure: str | None = None
+        self.worker: zmq.Socket | None = None
+        """DEALER to the worker, for the life of `run`: the rank-table query, and AGENT_STOPPED at the end."""
 
     def command(self, agent: AgentProcess, reason_fd: int | None = None) -> list[str]:
         settings = AgentSettings(
@@ -140,25 +145,22 @@ class AgentLauncher:
 
     def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
         """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
-        context = zmq.Context.instance()
-        sock = new_socket(context, zmq.DEALER)
-        sock.connect(self.worker_address)
+        assert self.worker is not None
         waiting = HeartbeatClock(5.0)
-        try:
-            while not self.stop_requested:
-                if waiting.due():
-                    log.info("asking_worker_for_rank_table", worker=self.worker_address)
-                    sock.send(encode(RankTableQuery()))
-                if sock.poll(100):
-                    try:
-                        answer = decode(sock.recv(), RankTableAnswer)
-                    except ServingError as error:
-                        raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
-                                            f"query with something else: {error.message}") from None
-                    return answer.table, answer.rank_size
-            return None
-        finally:
-            sock.close()
+        asked = False
+        while not self.stop_requested:
+            if waiting.due():
+                (log.info if asked else log.debug)("asking_worker_for_rank_table", worker=self.worker_address)
+                self.worker.send(encode(RankTableQuery()))
+                asked = True
+            if self.worker.poll(100):
+                try:
+                    answer = decode(self.worker.recv(), RankTableAnswer)
+                except ServingError as error:
+                    raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
+                                        f"query with something else: {error.message}") from None
+                return answer.table, answer.rank_size
+        return None
 
     def start(self, agent: AgentProcess) -> None:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
@@ -166,7 +168,7 @@ class AgentLauncher:
         agent.reasons, reason_write = os.pipe()
         try:
             agent.process = subprocess.Popen(self.command(agent, reason_write), env=env, pass_fds=(reason_write,),
-                                             preexec_fn=lambda: self.prepare_child(cpu))
+                                             process_group=0, preexec_fn=lambda: self.prepare_child(cpu))
         finally:
             os.close(reason_write)  # the agent holds the only write end: its exit ends the pipe
         log.debug("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu)
@@ -200,13 +202,16 @@ class AgentLauncher:
             os.sched_setaffinity(0, {cpu})
 
     def run(self) -> int:
-        """Start every agent and supervise until stopped; returns the exit code for the CLI."""
-        if not self.assign_ranks():
-            return 0
-        log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents])
-        for agent in self.agents:
-            self.start(agent)
+        """Start every agent and supervise until stopped; returns the exit code for the CLI (0), or raises
+        LauncherError when the agents cannot serve (the worker refused a shard for good)."""
+        self.worker = new_socket(zmq.Context.instance(), zmq.DEALER)
+        self.worker.connect(self.worker_address)
         try:
+            if not self.assign_ranks():
+                return 0
+            log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents])
+            for agent in self.agents:
+                self.start(agent)
             while not self.stop_requested:
                 select.select([self._wakeup_read], [], [], SUPERVISE_INTERVAL_S)
                 if not self.stop_requested:
@@ -268,6 +273,7 @@ class AgentLauncher:
 
     def shutdown(self) -> None:
         running = [a.process for a in self.agents if a.process is not None]
+        self.tell_worker_stopping([a for a in self.agents if a.process is not None and a.process.poll() is None])
         for process in running:
             if process.poll() is None:
                 process.terminate()
@@ -278,4 +284,16 @@ class AgentLauncher:
             self.read_reason(agent)
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)
+        if self.worker is not None:
+            self.worker.close(linger=500)
         log.info("launcher_stopped")
+
+    def tell_worker_stopping(self, agents: list[AgentProcess]) -> None:
+        """The agents about to end stop on purpose: the worker logs that as a stop, not as lost agents (if the
+        note cannot leave, the worker finds out from the missing heartbeats)."""
+        if self.worker is None or self.failure:
+            return
+        for agent in agents:
+            assert agent.process is not None
+            stopped = AgentStopped(rank=agent.rank, pid=agent.process.pid, reason="its launcher is stopping")
+            send_nonblocking(self.worker, [encode(stopped)])

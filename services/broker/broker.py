@@ -263,7 +263,7 @@ class Broker:
         if isinstance(message, WorkerStatus):
             self.update_worker(identity, record, message)
         elif isinstance(message, WorkerDisconnect) and record is not None:
-            self.remove_worker(record, "worker disconnected")
+            self.remove_worker(record, "worker disconnected", clean=True)
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         if record is None:
@@ -278,10 +278,12 @@ class Broker:
             log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
 
-    def remove_worker(self, record: WorkerRecord, why: str) -> None:
-        """Forget a worker and answer everything it held: the client must never wait on a dead peer."""
+    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False) -> None:
+        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
+        stop (the worker said goodbye, or this broker stops) is information, a lost worker a warning."""
         self.workers.pop(record.identity, None)
-        log.warning("worker_removed", servable=record.servable, why=why, inflight=len(record.inflight))
+        (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
+                                             inflight=len(record.inflight))
         for client, request_id in record.inflight:
             if self.requests.pop((client, request_id)) is not None:
                 self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
@@ -338,7 +340,7 @@ class Broker:
 
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
-            self.remove_worker(record, "broker shutting down")
+            self.remove_worker(record, "broker shutting down", clean=True)
         self.close_sockets(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")

@@ -301,11 +301,15 @@ class Membership:
     def failed(self, agent: AgentRecord, message: str, now: float) -> list[Action]:
         return self.lose(agent, f"agent failed: {message}", now)
 
-    def stopped(self, agent: AgentRecord, reason: str, now: float) -> list[Action]:
-        """The agent was stopped on purpose (AGENT_STOPPED): its group is broken all the same, but nothing failed,
-        so this is logged as information, not as a lost agent."""
-        log.info("agent_stopped", agent_rank=agent.rank, reason=reason, state=self.state)
-        return self.forget(agent, f"agent rank {agent.rank} stopped ({reason})", now)
+    def stopped(self, rank: int, pid: int, reason: str, now: float) -> list[Action]:
+        """The launcher stops this agent on purpose (AGENT_STOPPED): its group is broken all the same, but nothing
+        failed, so this is information, not a lost agent. A note about a process no longer held is ignored (the
+        first note of a stopping launcher already restarted the groups)."""
+        agent = self.agents.get(rank)
+        if agent is None or agent.pid != pid:
+            return []
+        log.info("agent_stopped", agent_rank=rank, reason=reason, state=self.state)
+        return self.forget(agent, f"agent rank {rank} stopped ({reason})", now)
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: a silent agent while serving, or a formation that takes too long, restarts the groups.

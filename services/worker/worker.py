@@ -72,7 +72,8 @@ from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_by
 log = get_logger("worker")
 bursts = Bursts(log)
 """Events that come once per request or message: summarised per second, never a line each."""
-PROGRESS_INTERVAL_S = 5.0
+PROGRESS_INTERVAL_S = 30.0
+"""How often a worker that is not serving says what it waits for (once at once, then at this interval)."""
 
 
 class WorkerStartError(RuntimeError):
@@ -174,15 +175,15 @@ class Worker:
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
+        elif isinstance(message, AgentStopped):  # from the agent's launcher
+            self.carry_out(self.membership.stopped(message.rank, message.pid, message.reason, now))
         elif agent is None:
-            if not isinstance(message, Heartbeat | AgentStopped):  # both may come from an agent already forgotten
+            if not isinstance(message, Heartbeat):
                 bursts.info("unknown_agent_message", type=type(message).__name__)
         elif isinstance(message, AgentReady):
             self.carry_out(self.membership.ready(agent, message.load_seconds))
         elif isinstance(message, AgentFailed):
             self.carry_out(self.membership.failed(agent, message.message, now))
-        elif isinstance(message, AgentStopped):
-            self.carry_out(self.membership.stopped(agent, message.reason, now))
 
     def process_subscription(self, frames: list[zmq.Frame]) -> None:
         """The stage-0 XPUB reports each (un)subscription: a rank subscribed is a rank a publish reaches."""

@@ -1,4 +1,5 @@
-"""Bursts: a storm of one event is one line as it starts and one summary line per interval, with the count."""
+"""Bursts: a storm of one event is one line as it starts, then summary lines with the count, each covering twice
+the time of the one before; never a line per occurrence."""
 
 from __future__ import annotations
 
@@ -49,20 +50,20 @@ def test_a_single_event_is_logged_in_full_at_once(recorder: Recorder, clock: Clo
     assert len(recorder.lines) == 1, "nothing repeated, so there is nothing to summarise"
 
 
-def test_a_burst_is_one_line_then_one_summary_per_interval_with_the_count(recorder: Recorder, clock: Clock) -> None:
-    bursts = Bursts(recorder, interval=1.0, clock=clock)
-    for request_id in range(5000):  # 5000 rejections over 5 s, 1 ms apart
+def test_a_burst_is_one_line_then_summaries_with_the_count(recorder: Recorder, clock: Clock) -> None:
+    bursts = Bursts(recorder, interval=1.0, max_interval=4.0, clock=clock)
+    for request_id in range(15000):  # 15000 rejections over 15 s, 1 ms apart
         bursts.info("request_rejected", key="UNAVAILABLE", request_id=request_id, code="UNAVAILABLE")
         clock.now += 0.001
         bursts.flush()
-    clock.now += 2
+    clock.now += 4
     bursts.flush()
-    assert len(recorder.lines) == 6  # the first in full, then one summary per second
     assert recorder.lines[0][2] == {"request_id": 0, "code": "UNAVAILABLE"}
     summaries = [fields for _, _, fields in recorder.lines[1:]]
-    assert sum(s["repeated"] for s in summaries) == 4999, "every occurrence is counted exactly once"
-    assert all(0.99 <= s["seconds"] <= 1.01 for s in summaries[:-1])
-    assert summaries[-1]["request_id"] == 4999, "a summary carries the fields of the last occurrence"
+    assert [round(s["seconds"]) for s in summaries] == [1, 2, 4, 4, 4], "intervals double, up to max_interval"
+    assert sum(s["repeated"] for s in summaries) == 14999, "every occurrence is counted exactly once"
+    assert all(990 <= s["per_second"] <= 1000 for s in summaries[:-1])
+    assert summaries[-1]["request_id"] == 14999, "a summary carries the fields of the last occurrence"
     assert {event for _, event, _ in recorder.lines} == {"request_rejected"}
 
 
@@ -72,12 +73,12 @@ def test_after_a_quiet_interval_the_next_occurrence_is_logged_in_full(recorder: 
     bursts.warning("late_reply_dropped", request_id=2)
     clock.now += 1.5
     bursts.flush()  # the summary of request 2
-    clock.now += 1.5
-    bursts.flush()  # a quiet interval closes the burst
+    clock.now += 2.5
+    bursts.flush()  # a quiet interval (the next one is 2 s long) closes the burst
     bursts.warning("late_reply_dropped", request_id=3)
     assert [(level, fields) for level, _, fields in recorder.lines] == [
         ("warning", {"request_id": 1}),
-        ("warning", {"request_id": 2, "repeated": 1, "seconds": 1.5}),
+        ("warning", {"request_id": 2, "repeated": 1, "seconds": 1.5, "per_second": 0.7}),
         ("warning", {"request_id": 3}),
     ]
 
@@ -100,7 +101,7 @@ def test_a_final_flush_writes_every_count_not_yet_written(recorder: Recorder, cl
     bursts.flush()
     assert len(recorder.lines) == 1, "the interval is not over yet"
     flush_bursts(final=True)  # what a service loop does when it stops
-    assert recorder.lines[-1][2] == {"repeated": 9, "seconds": 0.2}
+    assert recorder.lines[-1][2] == {"repeated": 9, "seconds": 0.2, "per_second": 45.0}
 
 
 def test_an_exception_burst_has_one_traceback_and_an_error_summary(recorder: Recorder, clock: Clock) -> None:

@@ -261,13 +261,16 @@ def test_an_agent_that_failed_restarts_every_group() -> None:
     assert len(sends(actions)) == 3
 
 
-def test_an_agent_that_stopped_restarts_every_group_as_information() -> None:
+def test_an_agent_its_launcher_stops_restarts_every_group_once() -> None:
     machine = membership()
     bring_to_serving(machine)
-    actions = machine.stopped(machine.agents[1], "SIGTERM to the agent", 2.0)
-    assert isinstance(actions[-1], RestartGroups) and actions[-1].why == "agent rank 1 stopped (SIGTERM to the agent)"
+    assert machine.stopped(1, pid=999, reason="its launcher is stopping", now=2.0) == [], "another process"
+    actions = machine.stopped(1, pid=101, reason="its launcher is stopping", now=2.0)
+    assert isinstance(actions[-1], RestartGroups)
+    assert actions[-1].why == "agent rank 1 stopped (its launcher is stopping)"
     assert {ident for ident, m in sends(actions) if isinstance(m, AgentShutdown)} == {identity(r) for r in (0, 2, 3)}
     assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
+    assert machine.stopped(2, pid=102, reason="its launcher is stopping", now=2.1) == [], "already forgotten"
 
 
 def test_stop_tells_every_agent_to_shut_down() -> None:
