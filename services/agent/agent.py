@@ -172,7 +172,7 @@ class ControlLink(threading.Thread):
             log.info("agent_rejected", why=message.message, retry=False)  # the launcher says why, as its error
             self.exit(EXIT_REJECTED, reason=f"the worker at {self.worker_address} refused it: {message.message}")
         elif isinstance(message, AgentShutdown):
-            log.info("agent_shutdown", reason=message.reason)
+            log.debug("agent_shutdown", reason=message.reason)  # the worker logged why, once
             self.exit(EXIT_RESTART)
 
     def do_chores(self) -> None:

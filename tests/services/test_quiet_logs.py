@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -43,6 +44,19 @@ def cluster(tmp_path: Path, matmul: tuple[Path, list[Path]]) -> Iterator[Cluster
         yield cluster
     finally:
         cluster.stop()
+
+
+def test_start_up_at_info_is_a_line_per_process_and_serving(cluster: Cluster) -> None:
+    """At info, the start of a servable is a handful of lines, `serving` once; per-agent detail is at debug."""
+    lines = [line for name in ("broker", "worker", "agents") for line in log_records(cluster.logs[name])]
+    shown = [line["event"] for line in lines if line["level"] != "debug"]
+    assert shown.count("serving") == 1 and len(shown) <= 9, shown
+    assert {"broker_started", "worker_started", "launcher_started"} <= set(shown)
+    assert not {"agent_started", "agent_registered", "agent_ready", "agent_loaded"} & set(shown)
+
+
+def log_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 def test_a_launcher_that_stops_is_logged_as_a_stop_not_as_lost_agents(cluster: Cluster) -> None:
