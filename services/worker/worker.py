@@ -277,7 +277,7 @@ class Worker:
             self.report_waiting(now)
 
     def report_waiting(self, now: float) -> None:
-        waited = now - self.waiting_since
+        waited = max(0.0, now - self.waiting_since)  # a restart in this turn set waiting_since after `now`
         wait_limit = self.config.wait_agents_seconds
         if self.state == WorkerState.WAITING_FOR_AGENTS and 0 < wait_limit < waited:
             raise WorkerStartError(f"agents did not register within {wait_limit} s; missing ranks "

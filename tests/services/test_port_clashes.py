@@ -1,6 +1,7 @@
 """An address that is taken is one line naming it and the likely cause, a non-zero exit, and no traceback: a second
-broker on the same port, a second worker on the same distributed address, `zmserve serve` on a taken port. The
-broker's worker port follows --bind."""
+broker on the same port, a second worker on the same distributed address, `zmserve serve` on a taken port; an
+agent's publish port that is taken is one line in the agent's and the worker's logs. The broker's worker port
+follows --bind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import MATMUL_CONFIG, free_port, log_events, wait_for, write_servable
+from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, free_port, log_events, wait_for, write_servable
 
 from zmserve.supervision import reap
 
@@ -101,3 +102,25 @@ def test_an_address_of_no_interface_here(servable_dir: Path) -> None:
                      "--servable", "matmul", "--distributed-address", f"127.0.0.1:{free_port()}"])
     assert_one_line_error(result, "cannot bind the broker's client socket to tcp://10.255.255.1:5500: no network "
                                   "interface of this machine has that address")
+
+
+def test_a_taken_publish_port_of_a_stage_leader(tmp_path: Path) -> None:
+    """Rank 0 leads stage 0 of the MLP and publishes its output on --agent-start-port + 0, which is taken: it
+    fails to load in one line (no traceback), and the worker says why it restarts the groups."""
+    model_files = export_mlp(tmp_path, 4, 2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cluster = Cluster(tmp_path, MLP_EXAMPLE, "mlp", model_files, extra_agent_args=["--agent-start-port", str(port)])
+        try:
+            [lost, *_] = wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=180,
+                                  what="the worker to lose rank 0", details=cluster.log_tails)
+        finally:
+            cluster.stop()
+    cause = f"cannot bind the publish socket of rank 0 (--agent-start-port + its position) to tcp://127.0.0.1:{port}"
+    assert lost["agent_rank"] == 0 and lost["why"] == f"agent failed: {cause}: {IN_USE}"
+    [failed, *_] = log_events(cluster.logs["agents"], "agent_load_failed")
+    assert failed["why"] == f"{cause}: {IN_USE}" and "exception" not in failed
+    assert "Traceback" not in cluster.logs["agents"].read_text()
+
