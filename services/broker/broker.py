@@ -47,7 +47,7 @@ from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_by
 
 log = get_logger("broker")
 bursts = Bursts(log)
-"""Events that come once per request or message: summarised per second, never a line each."""
+"""Events that may come once per request or message: counted and summarised (logs.Bursts), never a line each."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ from zmserve.servable import DistributedModel
 
 log = get_logger("worker")
 bursts = Bursts(log)
-"""Events that come once per request or call: summarised per second, never a line each."""
+"""Events that may come once per request or call: counted and summarised (logs.Bursts), never a line each."""
 
 Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""

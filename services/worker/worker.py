@@ -71,7 +71,7 @@ from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_by
 
 log = get_logger("worker")
 bursts = Bursts(log)
-"""Events that come once per request or message: summarised per second, never a line each."""
+"""Events that may come once per request or message: counted and summarised (logs.Bursts), never a line each."""
 PROGRESS_INTERVAL_S = 30.0
 """How often a worker that is not serving says what it waits for (once at once, then at this interval)."""
 
