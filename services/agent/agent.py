@@ -69,6 +69,8 @@ EXIT_REJECTED = 2
 EXIT_RESTART = 3
 JOIN_TIMEOUT_S = 90.0
 """Longest an agent may take to join its group, load and warm up (8 agents on 2 cores take ~10-40 s)."""
+LAST_MESSAGE_MS = 100
+"""How long an exiting agent gives its last control message to leave."""
 DOWNSTREAM_WAIT_S = 60.0
 """How long a stage leader waits for the next stage to subscribe before it reports a failed start."""
 
@@ -153,7 +155,7 @@ class ControlLink(threading.Thread):
         kind = frames[0].bytes
         self.control.send(frames[1].bytes)
         if kind == b"exit":
-            self.exit(int(frames[2].bytes))
+            self.exit(int(frames[2].bytes), last_message_sent=True)
 
     def handle_control(self, frames: list[zmq.Frame]) -> None:
         self.worker_liveness.heard()
@@ -184,9 +186,13 @@ class ControlLink(threading.Thread):
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
 
-    def exit(self, code: int, reason: str | None = None) -> None:
-        """End the process without MindSpore's exit hooks, which can wait on a group that is gone."""
-        self.control.close(linger=100)
+    def exit(self, code: int, reason: str | None = None, last_message_sent: bool = False) -> None:
+        """End the process without MindSpore's exit hooks, which can wait on a group that is gone. os._exit also
+        skips the ZeroMQ context's termination, which is what waits for a closed socket's unsent messages: a last
+        message (AGENT_FAILED) is given the linger time to leave."""
+        self.control.close(linger=LAST_MESSAGE_MS)
+        if last_message_sent:
+            time.sleep(LAST_MESSAGE_MS / 1000)
         if reason is not None:
             report_reason(self.reason_fd, reason)
         flush_bursts(final=True)
