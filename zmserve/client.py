@@ -14,6 +14,7 @@ at once, never a call that waits forever.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import threading
 import time
@@ -83,7 +84,7 @@ class Client:
         sock.send_multipart(frames, copy=False)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0 or not sock.poll(max(1, math.ceil(remaining * 1000))):  # never wake before it
                 raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
             answer = sock.recv_multipart(copy=False)
             outcome = read_answer(answer, request_id)
