@@ -79,6 +79,19 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def agent_rank(pid: int) -> int | None:
+    """The rank of the agent process `pid` (from the settings its launcher passed it), None if it is not one."""
+    from services.agent.agent import AgentSettings
+
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"services.agent.agent" not in arguments or len(arguments) < 2:
+        return None
+    return AgentSettings.from_argument(arguments[-2].decode()).rank
+
+
 def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition", details=None):
     """Poll `condition` until it returns something truthy or `timeout` passes (then AssertionError, with
     `details()` appended when given)."""

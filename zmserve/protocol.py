@@ -291,10 +291,21 @@ def decode(frame: Any, *accepted: type[M]) -> M:
     return message  # type: ignore[return-value]
 
 
+class _OnlyId(msgspec.Struct):
+    id: Any = None
+
+
+_id_decoder = msgspec.msgpack.Decoder(_OnlyId)
+
+
 def peek_request_id(frame: Any) -> RequestId | None:
     """The `id` of a header that failed `decode`, so the error reply can still be matched by the client; None
-    when the frame is not a map with an int or str `id`."""
-    request_id = _peek_field(frame, "id")
+    when the frame is not a map with an int or str `id`. Reading only `id` skips the other fields unchecked (a
+    broken string elsewhere does not hide the id); a map with non-string keys is read whole."""
+    try:
+        request_id = _id_decoder.decode(frame.buffer if hasattr(frame, "buffer") else frame).id
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        request_id = _peek_field(frame, "id")
     return request_id if isinstance(request_id, int | str) and not isinstance(request_id, bool) else None
 
 

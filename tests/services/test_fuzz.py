@@ -50,11 +50,13 @@ def packb(value: Any) -> bytes:
 
 def read_header(frame: bytes) -> tuple[dict | None, Any]:
     """What PROTOCOL.md says a receiver reads from a header frame: (the header if its version and type are
-    valid, else None; the id an error reply carries: an int or str `id` of a msgpack map, else None)."""
+    valid, else None; the id an error reply carries: an int or str `id` of a msgpack map, else None). Raises
+    Malformed when the frame is not well-formed msgpack: there, which id a decoder still finds depends on how it
+    skips the broken part, so the test only checks that exactly one reply comes back."""
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception:
-        return None, None
+        raise Malformed from None
     if not isinstance(header, dict):
         return None, None
     request_id = header.get("id")
@@ -62,6 +64,10 @@ def read_header(frame: bytes) -> tuple[dict | None, Any]:
     if is_int(header.get("v")) and header["v"] == VERSION and header.get("type") in HEADER_TYPES:
         return header, request_id
     return None, request_id
+
+
+class Malformed(Exception):
+    pass
 
 
 def is_int(value: Any) -> bool:
@@ -131,6 +137,8 @@ class Expectations:
 
     ids: Counter = field(default_factory=Counter)
     replies: Counter = field(default_factory=Counter)
+    malformed: int = 0
+    """Messages whose header is not well-formed msgpack: each gets one reply, with whatever id is found."""
     codes: Counter = field(default_factory=Counter)
     valid: dict[bytes, np.ndarray] = field(default_factory=dict)
     valid_ok: int = 0
@@ -341,7 +349,10 @@ def expected_agent_reply(frames: list[bytes]) -> str | None:
     4.4)."""
     if len(frames) != 1:
         return None
-    header, _ = read_header(frames[0])
+    try:
+        header, _ = read_header(frames[0])
+    except Malformed:
+        return "maybe"
     if header is None:
         return None
     if header["type"] == "rank_table_query":
@@ -412,7 +423,7 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
     started = time.monotonic()
     try:
         while sent_broker < BROKER_MESSAGES or sent_agent < AGENT_MESSAGES or sum(outstanding.values()) > 0 \
-                or sum(agent_expected.values()) > sum(agent_replies.values()):
+                or sum(n for kind, n in agent_expected.items() if kind != "maybe") > sum(agent_replies.values()):
             assert time.monotonic() - started < FUZZ_DEADLINE_S, (
                 f"not every message answered after {FUZZ_DEADLINE_S} s: sent {sent_broker}, "
                 f"missing {broker_expect.ids - broker_expect.replies}, agent replies {agent_replies} of "
@@ -428,8 +439,11 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
                     message = [packb(header), *frames]
                 else:
                     message = broker_fuzzer.message()
-                _, request_id = read_header(message[0])
-                broker_expect.ids[id_key(request_id)] += 1
+                try:
+                    _, request_id = read_header(message[0])
+                    broker_expect.ids[id_key(request_id)] += 1
+                except Malformed:
+                    broker_expect.malformed += 1
                 sock.send_multipart(message)
                 outstanding[index] += 1
                 sent_broker += 1
@@ -455,9 +469,15 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
             sock.close()
 
     assert not broker_expect.problems, broker_expect.problems[:10]
-    assert broker_expect.replies == broker_expect.ids, (
-        f"missing {broker_expect.ids - broker_expect.replies}, extra {broker_expect.replies - broker_expect.ids}")
-    assert agent_replies == agent_expected
+    missing, extra = broker_expect.ids - broker_expect.replies, broker_expect.replies - broker_expect.ids
+    assert not missing, f"missing {missing}"
+    assert sum(extra.values()) == broker_expect.malformed, (
+        f"{broker_expect.malformed} malformed messages but {sum(extra.values())} replies beyond the expected ids: "
+        f"{extra}")
+    maybe = agent_expected.pop("maybe", 0)
+    assert not agent_expected - agent_replies, f"agent replies {agent_replies} of {agent_expected}"
+    assert sum((agent_replies - agent_expected).values()) <= maybe, (
+        f"agent replies {agent_replies} beyond {agent_expected} and {maybe} malformed messages")
     assert not broker_expect.valid and broker_expect.valid_ok == BROKER_MESSAGES // VALID_EVERY
     assert broker_expect.codes["INVALID_ARGUMENT"] > BROKER_MESSAGES // 2, broker_expect.codes
     assert {"NOT_FOUND", "DEADLINE_EXCEEDED"} <= set(broker_expect.codes), broker_expect.codes

@@ -4,7 +4,6 @@ back by itself (or once the dead process is started again). Also: deadlines and 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import threading
@@ -19,6 +18,7 @@ import pytest
 from cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
+    agent_rank,
     child_pids,
     export_matmul,
     export_mlp,
@@ -379,11 +379,7 @@ def test_agent_lost_while_its_group_forms_is_recovered(tmp_path: Path, matmul_mo
     launcher = cluster.processes["agents"].pid
 
     def agent_of_rank(rank: int) -> int | None:
-        for pid in child_pids(launcher):
-            with contextlib.suppress(OSError):
-                if f"--rank\0{rank}\0" in Path(f"/proc/{pid}/cmdline").read_text():
-                    return pid
-        return None
+        return next((pid for pid in child_pids(launcher) if agent_rank(pid) == rank), None)
 
     try:
         forming = wait_for(lambda: log_events(cluster.logs["worker"], "forming_groups"), timeout=60,

@@ -90,6 +90,10 @@ def test_id_of_a_bad_header_is_peeked_when_it_is_an_int_or_str() -> None:
     assert peek_request_id(msgpack.packb({"id": [7]})) is None
     assert peek_request_id(msgpack.packb({"id": True})) is None
     assert peek_request_id(b"\xc1") is None
+    broken = bytearray(msgpack.packb({"id": 7, "servable": "abc"}))
+    broken[broken.index(b"abc")] = 0xFF  # invalid UTF-8 in another field does not hide the id
+    assert peek_request_id(bytes(broken)) == 7
+    assert peek_request_id(msgpack.packb({1: 2, "id": "a"})) == "a"
 
 
 def test_optional_fields_take_their_defaults() -> None:

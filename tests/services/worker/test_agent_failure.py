@@ -56,7 +56,9 @@ def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim:
     os.kill(agents[victim], signal.SIGKILL)
     lost = wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=5, what="agent_lost")
     noticed = datetime.fromisoformat(lost[0]["timestamp"].replace("Z", "+00:00")).timestamp()
-    assert noticed - killed_at < 3.0, f"noticed after {noticed - killed_at:.1f} s"
+    # silence for the 3 s liveness window (interval 1 s x 3) after the last heartbeat, which came before the
+    # kill, plus at most one 0.1 s turn of the worker's loop and the scheduling slack of a loaded machine
+    assert noticed - killed_at < 3.5, f"noticed after {noticed - killed_at:.2f} s"
     wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again", details=cluster.log_tails)
     assert sorted(child_pids(launcher)) != agents
 
