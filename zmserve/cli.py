@@ -102,7 +102,7 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                           "examples/matmul_distributed --servable matmul)."),
         click.option("--servable", required=True,
                      help="The servable's name: its folder inside --servable-dir, and the name clients call."),
-        click.option("--version", "version", default=1, show_default=True, type=click.IntRange(min=1),
+        click.option("--version", default=1, show_default=True, type=click.IntRange(min=1),
                      help="The version number this worker serves (clients ask for a version, or 0 for the newest)."),
         click.option("--rank-table", type=click.Path(exists=True, dir_okay=False),
                      help="JSON rank table (MindSpore's schema: server_list -> device -> rank_id) saying which "
