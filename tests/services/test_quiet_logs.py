@@ -47,12 +47,15 @@ def cluster(tmp_path: Path, matmul: tuple[Path, list[Path]]) -> Iterator[Cluster
 
 
 def test_start_up_at_info_is_a_line_per_process_and_serving(cluster: Cluster) -> None:
-    """At info, the start of a servable is a handful of lines, `serving` once; per-agent detail is at debug."""
+    """At info, the start of a servable is a handful of lines (7 here: 3 broker, 3 worker, 1 launcher; a few more
+    if a real failure restarts the agents on a loaded machine, which also shows at warning), `serving` once;
+    per-agent detail is at debug."""
     lines = [line for name in ("broker", "worker", "agents") for line in log_records(cluster.logs[name])]
-    shown = [line["event"] for line in lines if line["level"] != "debug"]
-    assert shown.count("serving") == 1 and len(shown) <= 9, shown
+    shown = [line["event"] for line in lines if line["level"] == "info"]
+    assert shown.count("serving") == 1 and len(shown) <= 12, shown
     assert {"broker_started", "worker_started", "launcher_started"} <= set(shown)
-    assert not {"agent_started", "agent_registered", "agent_ready", "agent_loaded"} & set(shown)
+    per_agent = {"agent_started", "agent_registering", "agent_registered", "agent_loaded", "agent_ready"}
+    assert not per_agent & {line["event"] for line in lines if line["level"] != "debug"}
 
 
 def log_records(path: Path) -> list[dict]:
