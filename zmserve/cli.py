@@ -1,4 +1,6 @@
-"""`zmserve broker|worker|agent`: thin click commands over the services. Every flag also reads ZMSERVE_<FLAG>."""
+"""`zmserve broker|worker|serve|agent|bench`: thin click commands over the services.
+
+Every option also reads ZMSERVE_<COMMAND>_<OPTION> from the environment (`name_environment_variables`)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from zmserve.protocol import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
     MAX_REQUEST_BYTES,
+    endpoint_host_port,
+    normalize_address,
 )
 from zmserve.supervision import handle_stop_signals
 
@@ -42,65 +46,109 @@ def run_until_signalled(service: Any) -> None:
     sys.exit(result if isinstance(result, int) else 0)
 
 
-@click.group(context_settings={"auto_envvar_prefix": "ZMSERVE", "help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe level logged, on stderr (JSON lines when stderr is not a terminal); the agents and "
+                   "schedulers this command starts log at the same level.")
 def main(log_level: str) -> None:
-    """zmserve: distributed MindSpore inference over ZeroMQ."""
+    """zmserve: distributed MindSpore inference over ZeroMQ.
+
+    Every option can also be set in the environment as ZMSERVE_<COMMAND>_<OPTION> (e.g.
+    ZMSERVE_WORKER_SERVABLE_DIR, ZMSERVE_BROKER_BIND), and --log-level as ZMSERVE_LOG_LEVEL; each option's
+    --help line names its variable.
+    """
     os.environ["ZMSERVE_LOG_LEVEL"] = log_level  # agents and other children log at the same level
     configure_logging(log_level)
 
 
+HEARTBEAT_HELP = "Seconds between heartbeats; a peer not heard from for 3 intervals is taken as lost."
+MAX_REQUEST_HELP = "Largest request taken, in MiB (all its frames); a larger one is answered RESOURCE_EXHAUSTED."
+
+
 @main.command()
-@click.option("--bind", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True, help="client-facing ROUTER")
-@click.option("--worker-bind", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
-              help="ROUTER that workers register on")
-@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
+@click.option("--bind", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True,
+              help="Address clients connect to (tcp://HOST:PORT or HOST:PORT). 127.0.0.1 takes only this machine's "
+                   "clients; tcp://0.0.0.0:PORT takes any.")
+@click.option("--worker-bind", default=None,
+              help=f"Address workers register on (their --broker). Default: the --bind host with the --bind port + 1 "
+                   f"({DEFAULT_BROKER_WORKER_ADDRESS} with the default --bind).")
+@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help=HEARTBEAT_HELP + " A lost worker's requests are answered UNAVAILABLE.")
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
-              type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
-def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_mb: int) -> None:
-    """Route client requests to the workers serving them."""
+              type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
+def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_request_mb: int) -> None:
+    """Route client requests to the workers serving them.
+
+    Ready when it logs `broker_started`; workers then register on --worker-bind.
+    """
     from services.broker.broker import Broker
     from zmserve.transport import BindError
 
     try:
-        service = Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
+        service = Broker(bind, worker_bind or following_port(bind), heartbeat_interval=heartbeat_interval,
                          max_request_bytes=max_request_mb * 2**20)
-    except BindError as error:
+    except (BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     run_until_signalled(service)
+
+
+def following_port(address: str) -> str:
+    """The broker's default worker address: its client address with the next port (0 stays 0: any free port)."""
+    host, port = endpoint_host_port(address)
+    return f"{normalize_address(address).split('://', 1)[0]}://{host}:{port + 1 if port else 0}"
 
 
 def worker_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options of one servable's worker, shared by `zmserve worker` and `zmserve serve`."""
     options = [
-        click.option("--servable-dir", required=True, type=click.Path(exists=True, file_okay=False)),
-        click.option("--servable", required=True, help="folder inside --servable-dir holding servable_config.py"),
-        click.option("--version", "version_number", default=1, show_default=True, type=click.IntRange(min=1)),
-        click.option("--rank-table", type=click.Path(exists=True, dir_okay=False)),
+        click.option("--servable-dir", required=True, type=click.Path(exists=True, file_okay=False),
+                     help="The PARENT of the servable's folder: the worker loads "
+                          "<servable-dir>/<servable>/servable_config.py (e.g. --servable-dir "
+                          "examples/matmul_distributed --servable matmul)."),
+        click.option("--servable", required=True,
+                     help="The servable's name: its folder inside --servable-dir, and the name clients call."),
+        click.option("--version", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="The version number this worker serves (clients ask for a version, or 0 for the newest)."),
+        click.option("--rank-table", type=click.Path(exists=True, dir_okay=False),
+                     help="JSON rank table (MindSpore's schema: server_list -> device -> rank_id) saying which "
+                          "machine (server_id) holds which ranks; a launcher without --rank-start takes its "
+                          "machine's ranks from it. Default: none (launchers number their agents from 0, or from "
+                          "--rank-start)."),
         click.option("--distributed-address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
-                     help="where agents register (host:port)"),
+                     help="HOST:PORT where agents and launchers reach this worker. Its data sockets and the "
+                          "stages' MindSpore schedulers listen on the same host: every agent machine must reach it."),
         click.option("--wait-agents", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="seconds to wait for all agents; 0 = forever"),
-        click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float),
+                     help="Seconds to wait for every rank's agent to register before exiting with an error; "
+                          "0 waits forever."),
+        click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
+                     type=click.FloatRange(min=0, min_open=True),
+                     help=HEARTBEAT_HELP + " Applies to the broker link and the agents."),
         click.option("--max-inflight", default=MAX_INFLIGHT_MODEL_CALLS, show_default=True,
-                     type=click.IntRange(min=1), help="model calls in the pipeline at once"),
+                     type=click.IntRange(min=1),
+                     help="Model calls in the pipeline at once (with several stages, stage 0 takes call n+1 while "
+                          "stage 1 runs call n); more wait in the worker."),
         click.option("--max-queued", default=MAX_QUEUED_REQUESTS, show_default=True, type=click.IntRange(min=1),
-                     help="requests held before RESOURCE_EXHAUSTED"),
+                     help="Requests held at once (running or waiting); one more is answered RESOURCE_EXHAUSTED."),
         click.option("--execution-timeout", default=EXECUTION_TIMEOUT_S, show_default=True,
                      type=click.FloatRange(min=0.1),
-                     help="seconds without a model result (calls in flight) before the agents are restarted"),
+                     help="Seconds the model may hold calls without returning any result before its agents are "
+                          "restarted (held requests are answered UNAVAILABLE)."),
         click.option("--max-batch-size", default=MAX_BATCH_SIZE, show_default=True, type=click.IntRange(min=1),
-                     help="instances per model call (servables with_batch_dim=True)"),
+                     help="Instances per model call, for servables declared with_batch_dim=True (a model exported "
+                          "with a fixed batch size uses that size); ignored otherwise."),
         click.option("--max-batch-delay-ms", default=MAX_BATCH_DELAY_S * 1000, show_default=True,
-                     type=click.FloatRange(min=0), help="how long a batch's first instance waits for more"),
+                     type=click.FloatRange(min=0),
+                     help="Milliseconds a batch's first instance waits for more before the batch leaves anyway "
+                          "(with_batch_dim=True only)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def make_worker(broker_address: str | None, servable_dir: str, servable: str, version_number: int,
+def make_worker(broker_address: str | None, servable_dir: str, servable: str, version: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
                 max_batch_delay_ms: float) -> Any:
@@ -113,11 +161,11 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
 
     try:
         return Worker(WorkerConfig(
-            servable_dir, servable, version_number, rank_table, distributed_address, broker_address, wait_agents,
+            servable_dir, servable, version, rank_table, distributed_address, broker_address, wait_agents,
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000))
-    except (ServableConfigError, RankTableError, BindError) as error:
+    except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -131,25 +179,31 @@ def run_service(service: Any) -> None:
 
 @main.command()
 @worker_options
-@click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
-              help="the broker's worker-facing address")
-def worker(broker_address: str, **options: Any) -> None:
-    """Serve one servable: wait for its agents, then take requests from the broker."""
-    run_service(make_worker(broker_address, **options))
+@click.option("--broker", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
+              help="The broker's worker address (its --worker-bind) to register with; the worker keeps trying "
+                   "until a broker listens there.")
+def worker(broker: str, **options: Any) -> None:
+    """Serve one servable: wait for its agents, then take requests from the broker.
+
+    Ready when it logs `serving` (every agent registered, joined its group and loaded its shard).
+    """
+    run_service(make_worker(broker, **options))
 
 
 @main.command()
 @click.option("--bind", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True,
-              help="where clients connect (the broker's client address)")
+              help="Address clients connect to, as `zmserve broker --bind`.")
 @click.option("--worker-bind", default=None,
-              help="also take workers of other processes or machines here (default: none, only this one)")
+              help="Also take workers of other processes or machines here, as `zmserve broker --worker-bind`. "
+                   "Default: none (only this process's worker).")
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
-              type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
+              type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
 @worker_options
 def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: Any) -> None:
     """Broker and worker in one process: one machine, one servable, the shortest path for a request.
 
-    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`.
+    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`. Ready when it logs
+    `serving`.
     """
     from services.broker.broker import Broker
     from services.colocated import Colocated
@@ -159,7 +213,7 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: An
     try:
         broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
                                 max_request_bytes=max_request_mb * 2**20)
-    except BindError as error:
+    except (BindError, ValueError) as error:
         worker_service.close_sockets()
         raise click.ClickException(str(error)) from None
     run_service(Colocated(broker_service, worker_service))
@@ -179,32 +233,44 @@ def _memory_size(_context: click.Context, _param: click.Parameter, value: str | 
 
 
 @main.command()
-@click.option("--worker", "worker_address", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
-              help="the worker's distributed address")
+@click.option("--worker", default=DEFAULT_DISTRIBUTED_ADDRESS, show_default=True,
+              help="The worker's --distributed-address (HOST:PORT); the launcher keeps trying until it listens.")
 @click.option("--model-files", multiple=True, required=True,
-              help="one MindIR per agent, in rank order (repeat the flag or separate with commas)")
-@click.option("--group-config-files", multiple=True, help="one group config per model file")
+              help="One MindIR per agent, in rank order (repeat the option or separate with commas): this launcher "
+                   "starts one agent process per file.")
+@click.option("--group-config-files", multiple=True,
+              help="One group_config.json per model file, in the same order. Default: the group_config.json next "
+                   "to each model file.")
 @click.option("--agent-start-port", default=DEFAULT_AGENT_START_PORT, show_default=True,
-              type=click.IntRange(1, 65535), help="agent i publishes to the next stage on this port + i")
-@click.option("--agent-ip", default=None, help="this machine's address as the other agents see it")
-@click.option("--rank-start", default=None, type=click.IntRange(min=0), help="rank of the first model file")
-@click.option("--heartbeat-interval", default=None, type=float)
+              type=click.IntRange(1, 65535),
+              help="Agent i (the i-th model file) publishes its stage's output on this port + i; two launchers on "
+                   "one machine need port ranges that do not overlap.")
+@click.option("--agent-ip", default=None,
+              help="This machine's address as the worker and the other agents see it: the agents publish on it, "
+                   "and without --rank-start it names this machine in the worker's rank table. Default: 127.0.0.1.")
+@click.option("--rank-start", default=None, type=click.IntRange(min=0),
+              help="Rank of the first model file (the others follow in order). Default: this machine's ranks from "
+                   "the worker's --rank-table, or 0, 1, ... when the worker has none.")
+@click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help=HEARTBEAT_HELP + " Applies to the agents' link to the worker.")
 @click.option("--pin-cpus/--no-pin-cpus", default=False, show_default=True,
-              help="pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores)")
+              help="Pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores).")
 @click.option("--memory-limit", default=None, callback=_memory_size, metavar="SIZE",
-              help="memory per agent process, enforced by a cgroup (e.g. 1.5G; K/M/G/T are powers of 1024)")
-def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
+              help="Memory per agent process, enforced by a cgroup (e.g. 1.5G; K/M/G/T are powers of 1024; "
+                   "default: no limit).")
+def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
-          heartbeat_interval: float | None, pin_cpus: bool, memory_limit: int | None) -> None:
+          heartbeat_interval: float, pin_cpus: bool, memory_limit: int | None) -> None:
     """Start and supervise one agent process per model file on this machine.
 
-    Ranks: --rank-start + position; without --rank-start, this machine's ranks in the worker's rank table
-    (server --agent-ip), or 0.. when the worker has none.
+    An agent that exits is started again; when the worker refuses a shard for good (it does not fit the
+    servable), the launcher stops its agents and exits with the worker's reason.
     """
     from services.agent.launcher import AgentLauncher, LauncherError
 
     try:
-        launcher = AgentLauncher(worker_address, _split(model_files), _split(group_config_files) or None,
+        launcher = AgentLauncher(worker, _split(model_files), _split(group_config_files) or None,
                                  agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus, memory_limit)
         run_until_signalled(launcher)
     except LauncherError as error:
@@ -237,9 +303,24 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
     run_until_signalled(service)
 
 
+def name_environment_variables(command: click.Command, prefix: str = "ZMSERVE") -> None:
+    """Give every option of every command the variable ZMSERVE_<COMMAND>_<OPTION> (its longest flag, dashes as
+    underscores), and show it in --help. Click's automatic names follow the Python parameter instead, which is not
+    always the flag's name."""
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden and param.name != "help":
+            flag = max((o for o in param.opts if o.startswith("--")), key=len)
+            param.envvar = f"{prefix}_{flag[2:].replace('-', '_').upper()}"
+            param.show_envvar = True
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            name_environment_variables(sub, f"{prefix}_{name.replace('-', '_').upper()}")
+
+
 from zmserve.bench.cli import bench  # noqa: E402
 
 main.add_command(bench)
+name_environment_variables(main)
 
 if __name__ == "__main__":
     main()

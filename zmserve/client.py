@@ -19,6 +19,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,9 @@ from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, dec
 from zmserve.transport import new_socket
 
 DEFAULT_TIMEOUT_S = 60.0
+NOT_SERVING_YET = (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND)
+"""What a servable that is still starting answers: no worker registered it yet, or not all its agents are in."""
+RETRY_WHILE_STARTING_S = 0.5
 _ADDRESS = re.compile(r"^(?:tcp://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -80,7 +84,7 @@ class Client:
         sock.send_multipart(frames, copy=False)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000)):
+            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000)):  # never wake before the deadline
                 raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
             answer = sock.recv_multipart(copy=False)
             outcome = read_answer(answer, request_id)
@@ -297,3 +301,26 @@ class IOThread(threading.Thread):
 
 
 Client.io_thread_class = IOThread
+
+
+def infer_when_ready(client: Client, instances: Instance | list[Instance], ready_within: float = 300.0,
+                     timeout: float = DEFAULT_TIMEOUT_S,
+                     on_wait: Callable[[ClientError], None] | None = None) -> list[Instance]:
+    """`client.infer`, for a script started together with its servers: while the servable is not serving yet
+    (UNAVAILABLE, or NOT_FOUND before its worker registered) the call is made again every half second, for up to
+    `ready_within` seconds; `on_wait` sees each such answer whose message differs from the one before (e.g.
+    "waiting for agents: 5/8 registered"). Any other error is raised at once, so a broker that does not answer
+    fails after `timeout` like any call."""
+    give_up = time.monotonic() + ready_within
+    said = None
+    while True:
+        try:
+            return client.infer(instances, timeout=timeout)
+        except ClientError as error:
+            if error.code not in NOT_SERVING_YET or time.monotonic() + RETRY_WHILE_STARTING_S > give_up:
+                raise
+            if on_wait is not None and error.message != said:
+                on_wait(error)
+            said = error.message
+        time.sleep(RETRY_WHILE_STARTING_S)
+

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import zmq
 
+from zmserve.logs import flush_bursts
 from zmserve.transport import drain
 
 Handler = Callable[[list[zmq.Frame]], None]
@@ -49,3 +50,4 @@ def run_services(services: Sequence[Service], stopped: threading.Event) -> None:
             drain(sock, handle[sock])
         for service in services:
             service.do_chores()
+        flush_bursts()

@@ -40,6 +40,7 @@ class MessageType(StrEnum):
     AGENT_FAILED = "agent_failed"
     AGENT_REJECTED = "agent_rejected"
     AGENT_SHUTDOWN = "agent_shutdown"
+    AGENT_STOPPED = "agent_stopped"
     # agent launcher <-> worker: which ranks does this machine hold?
     RANK_TABLE_QUERY = "rank_table_query"
     RANK_TABLE = "rank_table"
@@ -243,6 +244,16 @@ class AgentShutdown(Message, tag=MessageType.AGENT_SHUTDOWN.value):
     reason: str
 
 
+class AgentStopped(Message, tag=MessageType.AGENT_STOPPED.value):
+    """launcher -> worker, just before a launcher that is asked to stop ends this agent: the worker still re-forms
+    its groups, but logs a stop, not a lost agent. `pid` names the process, so a late note never matches the
+    agent that replaced it."""
+
+    rank: int
+    pid: int
+    reason: str
+
+
 class RankTableQuery(Message, tag=MessageType.RANK_TABLE_QUERY.value):
     pass
 
@@ -295,15 +306,15 @@ M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata, ModelCall,
-    ModelResult, ModelError,
+    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata,
+    ModelCall, ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | RankTableQuery | RankTableAnswer | MetadataQuery | Metadata
-                                   | ModelCall | ModelResult | ModelError)
+                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | MetadataQuery
+                                   | Metadata | ModelCall | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from zmserve.client import Client, ClientError
-from zmserve.protocol import ErrorCode
+from zmserve.client import Client, infer_when_ready
 from zmserve.supervision import reap
 
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 300
-
-
-def wait_until_serving(client: Client, instance: dict, deadline: float) -> list[dict]:
-    """Call until the servable is registered and its agents have joined, or the deadline passes."""
-    while True:
-        try:
-            return client.infer(instance, timeout=30)
-        except ClientError as error:
-            starting = error.code in (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND)
-            if not starting or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def main() -> int:
@@ -40,8 +26,7 @@ def main() -> int:
     agents = subprocess.Popen([sys.executable, str(HERE / "serving_agent.py")])
     client = Client("127.0.0.1:5500", "matmul", "predict")
     try:
-        result = wait_until_serving(client, {"x": np.ones((128, 96), np.float32)},
-                                    time.monotonic() + READY_TIMEOUT_S)
+        result = infer_when_ready(client, {"x": np.ones((128, 96), np.float32)}, READY_TIMEOUT_S, timeout=30)
         np.set_printoptions(threshold=8, edgeitems=2)
         print(result)
         y = result[0]["y"]

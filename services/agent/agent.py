@@ -9,7 +9,8 @@ Two threads, so heartbeats flow while a model call runs:
 
 Lifecycle: REGISTER -> (worker) CONFIGURE -> join group, load, warm up -> READY -> model calls ... The process
 exits with EXIT_RESTART when the worker says shut down or goes silent (its launcher starts a fresh one: a
-MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses its rank.
+MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses its rank for good (the reason
+goes to the launcher through `reason_fd`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from services.agent.status_pipe import report_loaded
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.export import read_group_config
-from zmserve.logs import configure_logging, get_logger
+from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
@@ -61,7 +62,7 @@ from zmserve.protocol import (
     subscription_topic,
 )
 from zmserve.supervision import die_with_parent
-from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
+from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
@@ -69,10 +70,13 @@ EXIT_REJECTED = 2
 EXIT_RESTART = 3
 JOIN_TIMEOUT_S = 90.0
 """Longest an agent may take to join its group, load and warm up (8 agents on 2 cores take ~10-40 s)."""
+LAST_MESSAGE_MS = 100
+"""How long an exiting agent gives its last control message to leave."""
 DOWNSTREAM_WAIT_S = 60.0
 """How long a stage leader waits for the next stage to subscribe before it reports a failed start."""
 
 log = get_logger("agent")
+bursts = Bursts(log)
 
 
 class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +96,8 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     """A pipe to the launcher, written once the shard is loaded (so the launcher can tell a death while loading)."""
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    reason_fd: int | None = None
+    """A pipe to the launcher: why this agent was rejected for good, so the launcher can say it as its error."""
 
     def to_argument(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -107,11 +113,12 @@ class ControlLink(threading.Thread):
     in a collective whose peer is gone."""
 
     def __init__(self, context: zmq.Context, worker_address: str, rank: int,
-                 heartbeat_interval: float, heartbeat_liveness: int) -> None:
+                 heartbeat_interval: float, heartbeat_liveness: int, reason_fd: int | None = None) -> None:
         super().__init__(name=f"agent-control-{rank}", daemon=True)
         self.context = context
         self.worker_address = worker_address
         self.rank = rank
+        self.reason_fd = reason_fd
         self.inbox: queue.Queue[AgentConfigure] = queue.Queue()
         pipe = f"inproc://agent-control-{rank}"
         self.from_main = new_socket(context, zmq.PAIR)
@@ -157,7 +164,7 @@ class ControlLink(threading.Thread):
         kind = frames[0].bytes
         self.control.send(frames[1].bytes)
         if kind == b"exit":
-            self.exit(int(frames[2].bytes))
+            self.exit(int(frames[2].bytes), last_message_sent=True)
 
     def handle_control(self, frames: list[zmq.Frame]) -> None:
         self.worker_liveness.heard()
@@ -170,13 +177,17 @@ class ControlLink(threading.Thread):
         if isinstance(message, AgentConfigure):
             self.inbox.put(message)
         elif isinstance(message, AgentRejected):
-            log.error("agent_rejected", why=message.message, retry=message.retry)
-            self.exit(EXIT_CRASHED if message.retry else EXIT_REJECTED)
+            if message.retry:
+                log.warning("agent_rejected", why=message.message, retry=True)
+                self.exit(EXIT_CRASHED)
+            log.info("agent_rejected", why=message.message, retry=False)  # the launcher says why, as its error
+            self.exit(EXIT_REJECTED, reason=f"the worker at {self.worker_address} refused it: {message.message}")
         elif isinstance(message, AgentShutdown):
-            log.info("agent_shutdown", reason=message.reason)
+            log.debug("agent_shutdown", reason=message.reason)  # the worker logged why, once
             self.exit(EXIT_RESTART)
 
     def do_chores(self, now: float) -> None:
+        flush_bursts()
         if self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
                 self.control.send(encode(Heartbeat(rank=self.rank)), flags=zmq.NOBLOCK)
@@ -184,9 +195,16 @@ class ControlLink(threading.Thread):
             log.warning("worker_lost", reason=f"no heartbeat for {self.worker_liveness.timeout:.1f} s")
             self.exit(EXIT_RESTART)
 
-    def exit(self, code: int) -> None:
-        """End the process without MindSpore's exit hooks, which can wait on a group that is gone."""
-        self.control.close(linger=100)
+    def exit(self, code: int, reason: str | None = None, last_message_sent: bool = False) -> None:
+        """End the process without MindSpore's exit hooks, which can wait on a group that is gone. os._exit also
+        skips the ZeroMQ context's termination, which is what waits for a closed socket's unsent messages: a last
+        message (AGENT_FAILED) is given the linger time to leave."""
+        self.control.close(linger=LAST_MESSAGE_MS)
+        if last_message_sent:
+            time.sleep(LAST_MESSAGE_MS / 1000)
+        if reason is not None:
+            report_reason(self.reason_fd, reason)
+        flush_bursts(final=True)
         sys.stderr.flush()
         os._exit(code)
 
@@ -205,7 +223,7 @@ class DataPlane:
         self.downstream: zmq.Socket | None = None
         if self.forward == Forward.PUBLISH:
             self.downstream = new_socket(context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
-            self.downstream.bind(publish_address)
+            bind(self.downstream, publish_address, f"publish socket of rank {rank} (--agent-start-port + its position)")
 
     def wait_for_downstream(self, ranks: list[int], timeout: float) -> list[int]:
         """Wait until every rank of the next stage subscribed (a PUB drops what it sends before); returns the
@@ -259,6 +277,14 @@ class ShardRunner:
         return self.shard.run(inputs)
 
 
+def report_reason(reason_fd: int | None, reason: str) -> None:
+    """Tell the launcher why this agent is rejected for good (one line it prints as its own error)."""
+    if reason_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(reason_fd, reason.encode()[:4000])
+
+
 def read_shard_info(model_file: Path, group_config_file: Path | None) -> ShardInfo:
     """What the shard's export says it is (its group_config.json), if it says anything."""
     document = read_group_config(model_file, group_config_file) or {}
@@ -272,11 +298,12 @@ def serve(settings: AgentSettings) -> int:
     model_file = Path(settings.model_file)
     if not model_file.is_file():
         log.error("model_file_missing", path=str(model_file))
+        report_reason(settings.reason_fd, f"its model file {model_file} does not exist")
         return EXIT_REJECTED
     shard = read_shard_info(model_file, Path(settings.group_config_file) if settings.group_config_file else None)
     context = zmq.Context()
     link = ControlLink(context, normalize_address(settings.worker), settings.rank, settings.heartbeat_interval,
-                       settings.heartbeat_liveness)
+                       settings.heartbeat_liveness, settings.reason_fd)
     link.start()
     link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
@@ -292,6 +319,9 @@ def serve(settings: AgentSettings) -> int:
         missing = data.wait_for_downstream(config.downstream_ranks, DOWNSTREAM_WAIT_S)
         if missing:
             raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")
+    except BindError as exc:
+        log.error("agent_load_failed", why=str(exc))
+        link.send_and_exit(AgentFailed(message=str(exc)), EXIT_RESTART)
     except Exception as exc:
         log.exception("agent_load_failed")
         link.send_and_exit(AgentFailed(message=f"{type(exc).__name__}: {exc}"), EXIT_RESTART)
@@ -312,7 +342,7 @@ def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank
         outputs = runner.run(inputs)
     except Exception as exc:
         code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
-        log.warning("model_call_failed", call=call_id, error=str(exc))
+        bursts.warning("model_call_failed", call=call_id, error=str(exc))
         data.send_error(ModelError(call=call_id, rank=rank, code=code, message=f"{type(exc).__name__}: {exc}"))
         return
     if data.forward == Forward.NONE:
@@ -338,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:
         log.exception("agent_crashed")
         code = EXIT_CRASHED
+    flush_bursts(final=True)
     os._exit(code)
 
 

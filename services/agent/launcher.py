@@ -1,8 +1,11 @@
 """The agent launcher (`zmserve agent`, `startup_agents`): one agent process per model file on this machine.
 
 It supervises them: an agent that exits to be restarted (the worker re-forms its group, or the worker went
-away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected is
-not, and the launcher stops with that reason. SIGINT/SIGTERM stop every agent and reap it.
+away) or that crashed is started again, with backoff for crashes; an agent whose rank the worker rejected for
+good is not, and the launcher stops with the worker's reason (each agent writes it into a pipe the launcher
+reads, `reason_fd`) as its error. SIGINT/SIGTERM stop every agent and reap it, after telling the worker
+(AGENT_STOPPED) so that it logs a stop, not lost agents. Agents run in their own process group: a Ctrl-C in the
+terminal reaches the launcher, which stops them in that order.
 
 With a memory limit, each agent runs in a memory cgroup of its own (services/agent/memory_limit.py). The launcher
 learns why an agent died (the OOM killer at the limit, a signal, an exit code) and tells the replacement, which
@@ -31,6 +34,7 @@ from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
     DEFAULT_DISTRIBUTED_ADDRESS,
     HEARTBEAT_INTERVAL_S,
+    AgentStopped,
     RankTableAnswer,
     RankTableQuery,
     ServingError,
@@ -41,7 +45,7 @@ from zmserve.protocol import (
 from zmserve.ranktable import RankTable
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, new_socket
+from zmserve.transport import HeartbeatClock, new_socket, send_nonblocking
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -73,6 +77,8 @@ class AgentProcess:
     status: StatusPipe | None = None
     loaded: bool = False
     oom_kills_loading: int = 0
+    reasons: int | None = None
+    """The read end of the pipe on which the running process says why it was rejected for good."""
 
 
 @dataclass(frozen=True)
@@ -136,15 +142,17 @@ class AgentLauncher:
         self.stop_requested = False
         self._wakeup_read, self._wakeup_write = os.pipe()
         self.failure: str | None = None
+        self.worker: zmq.Socket | None = None
+        """DEALER to the worker, for the life of `run`: the rank-table query, and AGENT_STOPPED at the end."""
 
-    def command(self, agent: AgentProcess) -> list[str]:
+    def command(self, agent: AgentProcess, reason_fd: int | None = None) -> list[str]:
         settings = AgentSettings(
             worker=self.worker_address, rank=agent.rank, model_file=str(agent.model_file),
             publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
             group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
             replaces_pid=agent.previous_pid, previous_exit=agent.previous_exit,
             status_fd=agent.status.child_fd if agent.status is not None else None,
-            heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+            heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S, reason_fd=reason_fd,
         )
         return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
 
@@ -183,25 +191,22 @@ class AgentLauncher:
 
     def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
         """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
-        context = zmq.Context.instance()
-        sock = new_socket(context, zmq.DEALER)
-        sock.connect(self.worker_address)
+        assert self.worker is not None
         waiting = HeartbeatClock(5.0)
-        try:
-            while not self.stop_requested:
-                if waiting.due():
-                    log.info("asking_worker_for_rank_table", worker=self.worker_address)
-                    sock.send(encode(RankTableQuery()))
-                if sock.poll(100):
-                    try:
-                        answer = decode(sock.recv(), RankTableAnswer)
-                    except ServingError as error:
-                        raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
-                                            f"query with something else: {error.message}") from None
-                    return answer.table, answer.rank_size
-            return None
-        finally:
-            sock.close()
+        asked = False
+        while not self.stop_requested:
+            if waiting.due():
+                (log.info if asked else log.debug)("asking_worker_for_rank_table", worker=self.worker_address)
+                self.worker.send(encode(RankTableQuery()))
+                asked = True
+            if self.worker.poll(100):
+                try:
+                    answer = decode(self.worker.recv(), RankTableAnswer)
+                except ServingError as error:
+                    raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
+                                        f"query with something else: {error.message}") from None
+                return answer.table, answer.rank_size
+        return None
 
     def start(self, agent: AgentProcess) -> None:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
@@ -215,16 +220,35 @@ class AgentLauncher:
                 raise LauncherError(f"cannot create the memory cgroup of rank {agent.rank}: {error}") from None
         cgroup, status = agent.cgroup, StatusPipe()
         agent.status, agent.loaded = status, False
+        agent.reasons, reason_write = os.pipe()
         try:
-            agent.process = subprocess.Popen(self.command(agent), env=env, pass_fds=(status.child_fd,),
+            agent.process = subprocess.Popen(self.command(agent, reason_write), env=env,
+                                             pass_fds=(status.child_fd, reason_write), process_group=0,
                                              preexec_fn=lambda: self.prepare_child(cpu, cgroup))
         except BaseException:
             status.spawned()
             self.release(agent)
             raise
+        finally:
+            os.close(reason_write)  # the agent holds the only write end: its exit ends the pipe
         status.spawned()
-        log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu,
+        log.debug("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu,
                  memory_limit=format_size(self.memory_limit) if self.memory_limit else None)
+
+    @staticmethod
+    def read_reason(agent: AgentProcess) -> str:
+        """What the exited agent wrote into its pipe (empty if nothing), and close the pipe."""
+        if agent.reasons is None:
+            return ""
+        chunks = []
+        try:
+            while chunk := os.read(agent.reasons, 4096):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        os.close(agent.reasons)
+        agent.reasons = None
+        return b"".join(chunks).decode(errors="replace").strip()
 
     def cpu_for(self, agent: AgentProcess) -> int | None:
         """With pinning, agent i of this machine runs on core i mod (cores this launcher may use)."""
@@ -264,23 +288,27 @@ class AgentLauncher:
             agent.cgroup = None
 
     def run(self) -> int:
-        """Start every agent and supervise until stopped; returns the exit code for the CLI."""
-        if not self.assign_ranks():
-            return 0
-        log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents],
-                 memory_limit=format_size(self.memory_limit) if self.memory_limit else None,
-                 cgroup=f"v{self.cgroups.version} {self.cgroups.parent}" if self.cgroups else None)
-        if self.cgroups is not None and self.memory_limit is not None:
-            for path in self.cgroups.remove_stale():
-                log.info("stale_cgroup_removed", path=str(path))
-            for agent in self.agents:
-                if shard_bytes(agent.model_file) > self.memory_limit:
-                    log.warning("shard_larger_than_memory_limit", agent_rank=agent.rank,
-                                shard=format_size(shard_bytes(agent.model_file)),
-                                memory_limit=format_size(self.memory_limit))
-        for agent in self.agents:
-            self.start(agent)
+        """Start every agent and supervise until stopped; returns the exit code for the CLI (0), or raises
+        LauncherError when the agents cannot serve (the worker refused a shard for good, or a shard cannot load
+        under the memory limit)."""
+        self.worker = new_socket(zmq.Context.instance(), zmq.DEALER)
+        self.worker.connect(self.worker_address)
         try:
+            if not self.assign_ranks():
+                return 0
+            log.info("launcher_started", worker=self.worker_address, ranks=[a.rank for a in self.agents],
+                     memory_limit=format_size(self.memory_limit) if self.memory_limit else None,
+                     cgroup=f"v{self.cgroups.version} {self.cgroups.parent}" if self.cgroups else None)
+            if self.cgroups is not None and self.memory_limit is not None:
+                for path in self.cgroups.remove_stale():
+                    log.info("stale_cgroup_removed", path=str(path))
+                for agent in self.agents:
+                    if shard_bytes(agent.model_file) > self.memory_limit:
+                        log.warning("shard_larger_than_memory_limit", agent_rank=agent.rank,
+                                    shard=format_size(shard_bytes(agent.model_file)),
+                                    memory_limit=format_size(self.memory_limit))
+            for agent in self.agents:
+                self.start(agent)
             while not self.stop_requested:
                 select.select([self._wakeup_read], [], [], SUPERVISE_INTERVAL_S)
                 if not self.stop_requested:
@@ -288,8 +316,7 @@ class AgentLauncher:
         finally:
             self.shutdown()
         if self.failure:
-            log.error("launcher_failed", why=self.failure)
-            return 2
+            raise LauncherError(self.failure)
         return 0
 
     def supervise(self) -> None:
@@ -307,16 +334,17 @@ class AgentLauncher:
                 self.check_not_frozen(agent, now)
                 continue
             ended = self.ended(agent, code)
+            reason = self.read_reason(agent)
             agent.previous_pid, agent.process = agent.process.pid, None
             if code == EXIT_REJECTED:
-                self.failure = f"the worker rejected rank {agent.rank} (see the agent's log line)"
+                self.failure = f"rank {agent.rank} cannot serve: {reason or 'its agent gave no reason'}"
                 self.stop()
                 return
             if code in (EXIT_RESTART, EXIT_STOPPED):
                 agent.crashes = 0
                 agent.restart_at = now
                 agent.previous_exit = None
-                log.info("agent_exited", agent_rank=agent.rank, code=code, action="restart")
+                log.debug("agent_exited", agent_rank=agent.rank, code=code, action="restart")
                 continue
             agent.previous_exit = ended.describe(self.memory_limit)
             peak = format_size(ended.peak) if ended.peak is not None else None
@@ -364,6 +392,7 @@ class AgentLauncher:
         os.write(self._wakeup_write, b"x")
 
     def shutdown(self) -> None:
+        self.tell_worker_stopping([a for a in self.agents if a.process is not None and a.process.poll() is None])
         running = [a.process for a in self.agents if a.process is not None]
         for process in running:
             if process.poll() is None:
@@ -371,12 +400,25 @@ class AgentLauncher:
         for process in running:
             reap(process, timeout=5.0)
         for agent in self.agents:
+            self.read_reason(agent)
             if agent.cgroup is not None:
                 peak = agent.cgroup.peak()
                 log.info("agent_memory", agent_rank=agent.rank, memory_limit=format_size(agent.cgroup.limit),
                          peak_memory=format_size(peak) if peak is not None else None, peak_bytes=peak)
             self.release(agent)
             agent.process = None
+        if self.worker is not None:
+            self.worker.close(linger=500)
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)
         log.info("launcher_stopped")
+
+    def tell_worker_stopping(self, agents: list[AgentProcess]) -> None:
+        """The agents about to end stop on purpose: the worker logs that as a stop, not as lost agents (if the
+        note cannot leave, the worker finds out from the missing heartbeats)."""
+        if self.worker is None or self.failure:
+            return
+        for agent in agents:
+            assert agent.process is not None
+            stopped = AgentStopped(rank=agent.rank, pid=agent.process.pid, reason="its launcher is stopping")
+            send_nonblocking(self.worker, [encode(stopped)])

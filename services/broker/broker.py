@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import zmq
 
-from zmserve.logs import get_logger
+from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -50,6 +50,8 @@ from zmserve.protocol import (
 from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("broker")
+bursts = Bursts(log)
+"""Events that may come once per request or message: counted and summarised (logs.Bursts), never a line each."""
 
 
 @dataclass
@@ -191,7 +193,8 @@ class Broker:
         except ServingError as error:
             if request_id is None and len(frames) >= 2:
                 request_id = peek_request_id(frames[1])
-            log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
+            bursts.info("request_rejected", key=error.code, request_id=request_id, code=error.code,
+                        message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
@@ -248,7 +251,7 @@ class Broker:
     def process_worker(self, frames: list[Any]) -> None:
         """[worker identity][command][...]: from the worker ROUTER, or straight from an in-process worker."""
         if len(frames) < 3:
-            log.warning("worker_message_malformed", frames=len(frames))
+            bursts.warning("worker_message_malformed", frames=len(frames))
             return
         identity, command = frame_bytes(frames[0]), frame_bytes(frames[1])
         record = self.workers.get(identity)
@@ -259,18 +262,18 @@ class Broker:
         elif command == BrokerCommand.CONTROL:
             self.process_worker_control(identity, record, frames[2])
         else:
-            log.warning("worker_message_malformed", command=command.hex())
+            bursts.warning("worker_message_malformed", command=command.hex())
 
     def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[Any]) -> None:
         try:
             reply = decode(frames[0], Reply, Error)
         except ServingError as error:
-            log.warning("worker_reply_malformed", message=error.message)
+            bursts.warning("worker_reply_malformed", message=error.message)
             return
         key = (client, reply.id)
         pending = self.requests.pop(key) if reply.id is not None else None
         if pending is None:
-            log.info("late_reply_dropped", request_id=reply.id)
+            bursts.info("late_reply_dropped", request_id=reply.id)
             return
         if record is not None:
             record.inflight.discard(key)
@@ -283,12 +286,12 @@ class Broker:
         try:
             message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
         except ServingError as error:
-            log.warning("worker_control_malformed", message=error.message)
+            bursts.warning("worker_control_malformed", message=error.message)
             return
         if isinstance(message, WorkerStatus):
             self.update_worker(identity, record, message)
         elif isinstance(message, WorkerDisconnect) and record is not None:
-            self.remove_worker(record, "worker disconnected")
+            self.remove_worker(record, "worker disconnected", clean=True)
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         if record is None:
@@ -304,10 +307,12 @@ class Broker:
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
         record.declared_methods, record.signatures = tuple(status.methods), status.signatures
 
-    def remove_worker(self, record: WorkerRecord, why: str) -> None:
-        """Forget a worker and answer everything it held: the client must never wait on a dead peer."""
+    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False) -> None:
+        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
+        stop (the worker said goodbye, or this broker stops) is information, a lost worker a warning."""
         self.workers.pop(record.identity, None)
-        log.warning("worker_removed", servable=record.servable, why=why, inflight=len(record.inflight))
+        (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
+                                             inflight=len(record.inflight))
         for client, request_id in record.inflight:
             if self.requests.pop((client, request_id)) is not None:
                 self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
@@ -336,9 +341,9 @@ class Broker:
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         delivery = send_nonblocking(self.clients, [client, *frames])
         if delivery is Delivery.WOULD_BLOCK:
-            log.warning("client_not_reading", client=client.hex())
+            bursts.warning("client_not_reading", client=client.hex())
         elif delivery is Delivery.UNREACHABLE:
-            log.info("client_gone", client=client.hex())
+            bursts.info("client_gone", client=client.hex())
 
     def deliver_to_worker(self, identity: bytes, frames: list[Any]) -> Delivery:
         """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
@@ -358,13 +363,13 @@ class Broker:
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
         delivery = self.deliver_to_worker(identity, frames)
         if delivery is Delivery.WOULD_BLOCK:
-            log.warning("worker_not_reading", worker=identity.hex())
+            bursts.warning("worker_not_reading", worker=identity.hex())
         elif delivery is Delivery.UNREACHABLE and (record := self.workers.get(identity)) is not None:
             self.remove_worker(record, "worker connection closed")
 
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
-            self.remove_worker(record, "broker shutting down")
+            self.remove_worker(record, "broker shutting down", clean=True)
         self.close_sockets(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")

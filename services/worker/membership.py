@@ -16,6 +16,7 @@ so every agent of the servable is told to shut down and their launchers start fr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -28,8 +29,9 @@ from zmserve.protocol import (
     Forward,
     Message,
     ModelSignature,
+    TensorSpec,
 )
-from zmserve.servable import DistributedModel
+from zmserve.servable import DistributedModel, ServableSpec
 from zmserve.transport import Liveness
 
 log = get_logger("worker")
@@ -60,6 +62,21 @@ class AgentRecord:
     liveness: Liveness
     signature: ModelSignature = field(default_factory=ModelSignature)
     state: AgentState = AgentState.REGISTERED
+    model_file: str = ""
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """How one method of the servable calls the model: the inputs it passes, the outputs it takes."""
+
+    method: str
+    inputs: int
+    outputs: int
+
+    @staticmethod
+    def of(spec: ServableSpec) -> list[ModelUse]:
+        return [ModelUse(method.name, len(stage.inputs), stage.outputs_count)
+                for method in spec.methods.values() for stage in method.stages if stage.is_model]
 
 
 @dataclass(frozen=True)
@@ -101,8 +118,12 @@ Action = SendToAgent | RestartGroups | StartServing
 
 class Membership:
     def __init__(self, model: DistributedModel, heartbeat_interval: float, heartbeat_liveness: int,
-                 stage_input_address: str, results_address: str, forming_timeout: float = FORMING_TIMEOUT_S) -> None:
+                 stage_input_address: str, results_address: str, forming_timeout: float = FORMING_TIMEOUT_S,
+                 servable: str = "", uses: Sequence[ModelUse] = ()) -> None:
         self.model = model
+        self.servable = f"servable {servable!r}" if servable else "this servable"
+        self.uses = list(uses)
+        """What the servable's methods expect of the model: a shard whose export says otherwise is refused."""
         self.heartbeat_interval, self.heartbeat_liveness = heartbeat_interval, heartbeat_liveness
         self.stage_input_address, self.results_address = stage_input_address, results_address
         self.forming_timeout = forming_timeout
@@ -166,7 +187,7 @@ class Membership:
             return [*actions, SendToAgent(identity, AgentRejected(message=problem, retry=retry))]
         self.agents[rank] = AgentRecord(rank, identity, message.host, message.pid, message.publish_address,
                                         Liveness(self.heartbeat_interval, self.heartbeat_liveness, now),
-                                        message.shard.signature)
+                                        message.shard.signature, model_file=message.model_file)
         missing = self.missing()
         log.debug("agent_registered", agent_rank=rank, host=message.host, pid=message.pid,
                   registered=self.model.rank_size - len(missing), missing=missing, previous_exit=message.previous_exit)
@@ -175,26 +196,65 @@ class Membership:
         return actions
 
     def why_not_accepted(self, message: AgentRegister) -> tuple[str | None, bool]:
-        """Why this registration is refused, and whether trying again later could succeed."""
-        rank, shard, model = message.rank, message.shard, self.model
+        """Why this registration is refused, and whether trying again later could succeed. A shard whose export
+        (group_config.json) contradicts the servable is refused for good, with both sides in the message."""
+        rank, model = message.rank, self.model
+        problem = self.shard_mismatch(message)
+        if problem is not None:
+            return f"the shard {message.model_file} does not fit rank {rank} of {self.describe()}: {problem}", False
         if not 0 <= rank < model.rank_size:
-            return f"rank {rank} is outside this servable's ranks 0..{model.rank_size - 1}", False
-        expected = {"rank_size": model.rank_size, "stage_size": model.stage_size, "rank": rank,
-                    "stage": model.stage_of(rank)}
-        shard_says = {"rank_size": shard.rank_size, "stage_size": shard.stage_size, "rank": shard.rank,
-                      "stage": shard.stage}
-        wrong = [f"{key} {shard_says[key]} (servable: {value})" for key, value in expected.items()
-                 if shard_says[key] is not None and shard_says[key] != value]
-        if wrong:
-            return (f"the shard {message.model_file} does not belong to rank {rank} of this servable "
-                    f"(rank_size {model.rank_size}, stage_size {model.stage_size}): its export says "
-                    + ", ".join(wrong)), False
+            return f"rank {rank} is outside the ranks 0..{model.rank_size - 1} of {self.describe()}", False
         if rank in self.agents:
             other = self.agents[rank]
             return f"rank {rank} is already held by the agent with pid {other.pid} on {other.host}", True
         if self.state != WorkerState.WAITING_FOR_AGENTS:
             return f"the cluster is already complete ({self.state})", True
         return None, False
+
+    def describe(self) -> str:
+        return f"{self.servable} (rank_size {self.model.rank_size}, stage_size {self.model.stage_size})"
+
+    def shard_mismatch(self, message: AgentRegister) -> str | None:
+        """What the shard's export says that contradicts the servable or the shards registered so far."""
+        rank, shard, model = message.rank, message.shard, self.model
+        says = {"rank_size": (shard.rank_size, model.rank_size), "stage_size": (shard.stage_size, model.stage_size)}
+        if 0 <= rank < model.rank_size:
+            says |= {"rank": (shard.rank, rank), "stage": (shard.stage, model.stage_of(rank))}
+        wrong = [f"{key} {got} (servable: {expected})" for key, (got, expected) in says.items()
+                 if got is not None and got != expected]
+        if wrong:
+            return "its export says " + ", ".join(wrong)
+        if not 0 <= rank < model.rank_size:
+            return None  # refused below as out of range
+        return self.signature_mismatch(model.stage_of(rank), shard.signature)
+
+    def signature_mismatch(self, stage: int, signature: ModelSignature) -> str | None:
+        """A shard's inputs and outputs against the methods (stage 0 takes what the methods pass, the last stage
+        gives what they take), the other ranks of its stage (all the same) and the neighbouring stages (stage k's
+        outputs are stage k+1's inputs). Only what both sides state is compared."""
+        inputs, outputs, last = signature.inputs, signature.outputs, self.model.stage_size - 1
+        for use in self.uses:
+            if stage == 0 and inputs is not None and len(inputs) != use.inputs:
+                return (f"its export takes {len(inputs)} inputs {describe_specs(inputs)}, but method "
+                        f"{use.method!r} passes {use.inputs} to the model")
+            if stage == last and outputs is not None and len(outputs) != use.outputs:
+                return (f"its export gives {len(outputs)} outputs {describe_specs(outputs)}, but method "
+                        f"{use.method!r} takes {use.outputs} from the model")
+        for other in self.agents.values():
+            other_stage, theirs = self.model.stage_of(other.rank), other.signature
+            if other_stage == stage and not same_specs(inputs, theirs.inputs):
+                return (f"its inputs {describe_specs(inputs)} differ from those of rank {other.rank} of the same "
+                        f"stage ({other.model_file}): {describe_specs(theirs.inputs)}")
+            if other_stage == stage and not same_specs(outputs, theirs.outputs):
+                return (f"its outputs {describe_specs(outputs)} differ from those of rank {other.rank} of the "
+                        f"same stage ({other.model_file}): {describe_specs(theirs.outputs)}")
+            if other_stage == stage - 1 and not specs_fit(theirs.outputs, inputs):
+                return (f"its inputs {describe_specs(inputs)} do not fit the outputs of stage {other_stage} "
+                        f"(rank {other.rank}, {other.model_file}): {describe_specs(theirs.outputs)}")
+            if other_stage == stage + 1 and not specs_fit(outputs, theirs.inputs):
+                return (f"its outputs {describe_specs(outputs)} do not fit the inputs of stage {other_stage} "
+                        f"(rank {other.rank}, {other.model_file}): {describe_specs(theirs.inputs)}")
+        return None
 
     def configure(self, now: float) -> list[Action]:
         """Tell every agent its stage, its group's scheduler, and where its inputs and outputs go."""
@@ -246,6 +306,16 @@ class Membership:
     def failed(self, agent: AgentRecord, message: str, now: float) -> list[Action]:
         return self.lose(agent, f"agent failed: {message}", now)
 
+    def stopped(self, rank: int, pid: int, reason: str, now: float) -> list[Action]:
+        """The launcher stops this agent on purpose (AGENT_STOPPED): its group is broken all the same, but nothing
+        failed, so this is information, not a lost agent. A note about a process no longer held is ignored (the
+        first note of a stopping launcher already restarted the groups)."""
+        agent = self.agents.get(rank)
+        if agent is None or agent.pid != pid:
+            return []
+        log.info("agent_stopped", agent_rank=rank, reason=reason, state=self.state)
+        return self.forget(agent, f"agent rank {rank} stopped ({reason})", now)
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: a silent agent while serving, or a formation that takes too long, restarts the groups.
 
@@ -264,8 +334,11 @@ class Membership:
 
     def lose(self, agent: AgentRecord, why: str, now: float) -> list[Action]:
         log.warning("agent_lost", agent_rank=agent.rank, why=why, state=self.state)
+        return self.forget(agent, f"agent rank {agent.rank} was lost ({why})", now)
+
+    def forget(self, agent: AgentRecord, why: str, now: float) -> list[Action]:
         self.agents.pop(agent.rank, None)
-        return self.restart(f"agent rank {agent.rank} was lost ({why})", now)
+        return self.restart(why, now)
 
     def restart(self, why: str, now: float) -> list[Action]:
         """A group with a lost or stuck member is broken for good: every agent exits so that its launcher starts
@@ -281,3 +354,29 @@ class Membership:
         """The worker is stopping: every agent exits (its launcher starts a new one for the next worker)."""
         shutdown = AgentShutdown(reason=reason)
         return [SendToAgent(a.identity, shutdown) for a in self.agents.values()]
+
+
+# ---- signatures ---------------------------------------------------------------------------------------------
+def describe_specs(specs: list[TensorSpec] | None) -> str:
+    if specs is None:
+        return "(not stated)"
+    return "[" + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs) + "]"
+
+
+def same_specs(mine: list[TensorSpec] | None, theirs: list[TensorSpec] | None) -> bool:
+    """Ranks of one stage run the same graph: equal where both state it (names aside)."""
+    if mine is None or theirs is None:
+        return True
+    return [(s.dtype, s.shape) for s in mine] == [(s.dtype, s.shape) for s in theirs]
+
+
+def specs_fit(outputs: list[TensorSpec] | None, inputs: list[TensorSpec] | None) -> bool:
+    """One stage's outputs feed the next stage's inputs: same count and dtypes, shapes equal where neither is -1
+    (a dynamic dimension). Names do not matter: values travel between stages by position."""
+    if outputs is None or inputs is None:
+        return True
+    if len(outputs) != len(inputs):
+        return False
+    return all(o.dtype == i.dtype and len(o.shape) == len(i.shape)
+               and all(a == b or a < 0 or b < 0 for a, b in zip(o.shape, i.shape, strict=True))
+               for o, i in zip(outputs, inputs, strict=True))

@@ -19,7 +19,7 @@ import numpy as np
 from services.worker.batching import Batcher
 from services.worker.requests import MethodRun, ModelCall, RunTable
 from zmserve.codec import decode_values, dtype_name, encode_instances, encode_values
-from zmserve.logs import get_logger
+from zmserve.logs import Bursts, get_logger
 from zmserve.protocol import (
     ErrorCode,
     ModelError,
@@ -35,6 +35,8 @@ from zmserve.protocol import ModelCall as ModelCallMessage
 from zmserve.servable import DistributedModel
 
 log = get_logger("worker")
+bursts = Bursts(log)
+"""Events that may come once per request or call: counted and summarised (logs.Bursts), never a line each."""
 
 Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
@@ -91,7 +93,7 @@ class Pipeline:
             self.fail(run, error.code, error.message)
             return
         except Exception as exc:
-            log.exception("request_crashed", request_id=run.request_id)
+            bursts.exception("request_crashed", request_id=run.request_id)
             self.fail(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.table.remove_run(run)
@@ -139,7 +141,7 @@ class Pipeline:
         """A result or an error from the agents: finish the call's runs, or fail them."""
         call = self.table.take_result(message.call) if message.call is not None else None
         if call is None:
-            log.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
+            bursts.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
             return
         if isinstance(message, ModelError):
             self.fail_call(call, message.code, f"rank {message.rank}: {message.message}")
@@ -192,7 +194,7 @@ class Pipeline:
         if run.finished:
             return
         self.table.remove_run(run)
-        log.info("request_failed", request_id=run.request_id, code=code, message=message)
+        bursts.info("request_failed", key=code, request_id=run.request_id, code=code, message=message)
         self.answer(run.client, [error_frame(run.request_id, code, message)])
 
     def fail_all(self, code: ErrorCode, message: str) -> None:

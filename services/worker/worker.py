@@ -28,6 +28,7 @@ from services.worker.config import WorkerConfig
 from services.worker.membership import (
     Action,
     Membership,
+    ModelUse,
     RestartGroups,
     SendToAgent,
     StartServing,
@@ -37,20 +38,20 @@ from services.worker.pipeline import Pipeline
 from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
-from zmserve.logs import get_logger
+from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     AgentFailed,
     AgentReady,
     AgentRegister,
+    AgentStopped,
     BrokerCommand,
     ErrorCode,
     Heartbeat,
     MethodSignature,
     ModelError,
     ModelResult,
-    ModelSignature,
     RankTableAnswer,
     RankTableQuery,
     Request,
@@ -70,11 +71,14 @@ from zmserve.servable import ServableSpec, load_servable, method_signatures
 from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
 log = get_logger("worker")
-PROGRESS_INTERVAL_S = 5.0
+bursts = Bursts(log)
+"""Events that may come once per request or message: counted and summarised (logs.Bursts), never a line each."""
+PROGRESS_INTERVAL_S = 30.0
+"""How often a worker that is not serving says what it waits for (once at once, then at this interval)."""
 
 
 class WorkerStartError(RuntimeError):
-    """The worker cannot start serving (agents did not come, or do not match the servable)."""
+    """The worker cannot start serving (its agents did not come within --wait-agents)."""
 
 
 class Worker:
@@ -107,7 +111,8 @@ class Worker:
             raise
 
         self.membership = Membership(self.model, config.heartbeat_interval, config.heartbeat_liveness,
-                                     stage_input_endpoint, results_endpoint)
+                                     stage_input_endpoint, results_endpoint, servable=self.spec.name,
+                                     uses=ModelUse.of(self.spec))
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
@@ -160,21 +165,24 @@ class Worker:
         now = time.monotonic()
         agent = self.membership.heard(identity, now)
         if len(frames) != 2:
-            log.warning("agent_message_malformed", frames=len(frames))
+            bursts.warning("agent_message_malformed", frames=len(frames))
             return
         try:
-            message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, Heartbeat, RankTableQuery)
+            message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, AgentStopped, Heartbeat,
+                             RankTableQuery)
         except ServingError as error:
-            log.warning("agent_message_malformed", message=error.message)
+            bursts.warning("agent_message_malformed", message=error.message)
             return
         if isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
+        elif isinstance(message, AgentStopped):  # from the agent's launcher
+            self.carry_out(self.membership.stopped(message.rank, message.pid, message.reason, now))
         elif agent is None:
             if not isinstance(message, Heartbeat):
-                log.info("unknown_agent_message", type=type(message).__name__)
+                bursts.info("unknown_agent_message", type=type(message).__name__)
         elif isinstance(message, AgentReady):
             self.carry_out(self.membership.ready(agent, message.load_seconds))
         elif isinstance(message, AgentFailed):
@@ -198,7 +206,6 @@ class Worker:
                 self.waiting_since = time.monotonic()
                 self.send_status()
             elif isinstance(action, StartServing):
-                self.check_methods_against_model(action.signature)
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
@@ -211,23 +218,6 @@ class Worker:
             scheduler.start()
         self.membership.schedulers_started([(s.host, s.port) for s in self.schedulers], time.monotonic())
 
-    def check_methods_against_model(self, signature: ModelSignature) -> None:
-        inputs, outputs = signature.inputs, signature.outputs
-        for method in self.spec.methods.values():
-            for stage in method.stages:
-                if not stage.is_model:
-                    continue
-                if inputs is not None and len(stage.inputs) != len(inputs):
-                    raise WorkerStartError(
-                        f"method {method.name!r} passes {len(stage.inputs)} inputs to the model, which takes "
-                        f"{len(inputs)}: {[i.name for i in inputs]}"
-                    )
-                if outputs is not None and stage.outputs_count != len(outputs):
-                    raise WorkerStartError(
-                        f"method {method.name!r} expects {stage.outputs_count} model outputs, the model has "
-                        f"{len(outputs)}"
-                    )
-
     # ---- broker -> worker: requests -------------------------------------------------------------------------
     def process_broker(self, frames: list[Any]) -> None:
         """[command][...]: from the broker's DEALER link, or straight from a broker in this process."""
@@ -236,7 +226,7 @@ class Worker:
         if command == BrokerCommand.REQUEST and len(frames) >= 3:
             self.handle_request(frame_bytes(frames[1]), frames[2], frames[3:])
         elif command != BrokerCommand.CONTROL:
-            log.warning("broker_message_malformed", command=command.hex())
+            bursts.warning("broker_message_malformed", command=command.hex())
 
     def handle_request(self, client: bytes, header_frame: Any, value_frames: list[Any]) -> None:
         request_id = None
@@ -256,7 +246,8 @@ class Worker:
                                   deadline_of(request.timeout_ms))
             self.pipeline.admit(run)
         except ServingError as error:
-            log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
+            bursts.info("request_rejected", key=error.code, request_id=request_id, code=error.code,
+                        message=error.message)
             self.answer(client, [error_frame(request_id, error.code, error.message)])
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
@@ -264,7 +255,7 @@ class Worker:
         try:
             message = decode(frames[0], ModelResult, ModelError)
         except ServingError as error:
-            log.warning("model_result_malformed", message=error.message)
+            bursts.warning("model_result_malformed", message=error.message)
             return
         self.pipeline.take_result(message, frames[1:])
 
@@ -290,7 +281,7 @@ class Worker:
             self.report_waiting(now)
 
     def report_waiting(self, now: float) -> None:
-        waited = now - self.waiting_since
+        waited = max(0.0, now - self.waiting_since)  # a restart in this turn set waiting_since after `now`
         wait_limit = self.config.wait_agents_seconds
         if self.state == WorkerState.WAITING_FOR_AGENTS and 0 < wait_limit < waited:
             raise WorkerStartError(f"agents did not register within {wait_limit} s; missing ranks "
@@ -318,11 +309,11 @@ class Worker:
         if self.in_process_broker is not None:
             self.in_process_broker(frames)
         elif self.broker is not None and send_nonblocking(self.broker, frames) is not Delivery.SENT:
-            log.warning("broker_unreachable", dropped="reply" if frames[0] == BrokerCommand.REPLY else "status")
+            bursts.warning("broker_unreachable", dropped="reply" if frames[0] == BrokerCommand.REPLY else "status")
 
     def send_to_agent(self, identity: bytes, header: bytes) -> None:
         if send_nonblocking(self.agents, [identity, header]) is Delivery.WOULD_BLOCK:
-            log.warning("agent_not_reading", identity=identity.hex())
+            bursts.warning("agent_not_reading", identity=identity.hex())
 
     def shutdown(self) -> None:
         self.pipeline.fail_all(ErrorCode.UNAVAILABLE, "the worker is shutting down")

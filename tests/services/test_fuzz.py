@@ -38,7 +38,7 @@ WINDOW = 64
 FUZZ_DEADLINE_S = 90.0
 ONES = {"x": np.ones((128, 96), np.float32)}
 HEADER_TYPES = ("request", "reply", "error", "worker_status", "worker_disconnect", "heartbeat", "agent_register",
-                "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown",
+                "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown", "agent_stopped",
                 "rank_table_query", "rank_table", "metadata_query", "metadata", "model_call", "model_result",
                 "model_error")
 """The message types of PROTOCOL.md 1.1, spelled out here so the test does not trust the code's own list."""

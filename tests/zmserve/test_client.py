@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from zmserve.client import Client, ClientError, IOThread, broker_endpoint
+from zmserve.client import Client, ClientError, IOThread, broker_endpoint, infer_when_ready
 from zmserve.codec import encode_instances
 from zmserve.protocol import Error, ErrorCode, Reply, Request, decode, encode
 from zmserve.transport import free_port
@@ -165,3 +165,49 @@ def test_a_closed_client_answers_at_once(broker: FakeBroker) -> None:
     assert caught.value.code is ErrorCode.UNAVAILABLE
     with pytest.raises(ClientError, match="the client is closed"):
         client.infer(ONES, timeout=1)
+
+
+def test_infer_when_ready_waits_while_the_servable_starts(broker: FakeBroker) -> None:
+    """Answers that mean 'not serving yet' are retried and reported once per distinct message; the call that
+    finally reaches the model returns its result."""
+    answers = [(ErrorCode.NOT_FOUND, "servable 's' is not served"), (ErrorCode.UNAVAILABLE, "waiting: 1/2"),
+               (ErrorCode.UNAVAILABLE, "waiting: 1/2"), (ErrorCode.UNAVAILABLE, "forming groups")]
+
+    def play() -> None:
+        for code, message in answers:
+            identity, request = broker.receive()
+            broker.error(identity, request.id, code, message)
+        identity, request = broker.receive()
+        broker.reply(identity, request.id, np.full((1,), 7.0, np.float32))
+
+    player = threading.Thread(target=play)
+    player.start()
+    seen: list[str] = []
+    with Client(broker.address, "s", "m") as client:
+        result = infer_when_ready(client, ONES, ready_within=30, timeout=5, on_wait=lambda e: seen.append(e.message))
+    player.join()
+    assert result[0]["y"].tolist() == [7.0]
+    assert seen == ["servable 's' is not served", "waiting: 1/2", "forming groups"]
+
+
+def test_infer_when_ready_raises_other_errors_and_gives_up_in_time(broker: FakeBroker) -> None:
+    def play(code: ErrorCode, times: int) -> None:
+        for _ in range(times):
+            identity, request = broker.receive()
+            broker.error(identity, request.id, code, "no")
+
+    with Client(broker.address, "s", "m") as client:
+        player = threading.Thread(target=play, args=(ErrorCode.INVALID_ARGUMENT, 1))
+        player.start()
+        with pytest.raises(ClientError) as caught:
+            infer_when_ready(client, ONES, ready_within=30, timeout=5)
+        player.join()
+        assert caught.value.code == ErrorCode.INVALID_ARGUMENT
+        player = threading.Thread(target=play, args=(ErrorCode.UNAVAILABLE, 3))
+        player.start()
+        started = time.monotonic()
+        with pytest.raises(ClientError) as caught:
+            infer_when_ready(client, ONES, ready_within=1.2, timeout=5)
+        player.join()
+        assert caught.value.code == ErrorCode.UNAVAILABLE and time.monotonic() - started < 1.5
+

@@ -71,38 +71,42 @@ def resolve_requests(input_path: str | None, input_name: str, shape: str | None,
 
 
 @bench.command()
-@click.option("--address", default=DEFAULT_ADDRESS, show_default=True, help="the broker's client address")
-@click.option("--servable", default=None, help="servable to call (a request line's \"servable\" wins)")
+@click.option("--address", default=DEFAULT_ADDRESS, show_default=True,
+              help="the broker's client address (HOST:PORT, tcp://HOST:PORT or ipc://PATH)")
+@click.option("--servable", default=None,
+              help="servable to call (a request line's \"servable\" wins; needed unless every line names one)")
 @click.option("--method", default="predict", show_default=True, help="method to call (a line's \"method\" wins)")
 @click.option("--version", "version_number", default=0, show_default=True, type=click.IntRange(min=0),
               help="servable version; 0 = newest")
 @click.option("--input", "input_path", default=None,
               help="JSON-lines request file, '-' for stdin (the default when stdin is piped and no --shape)")
-@click.option("--input-name", default="x", show_default=True, help="--shape: the input's name")
-@click.option("--shape", default=None, help="generate requests: input shape like 128x96")
+@click.option("--input-name", default="x", show_default=True, help="with --shape: the input's name")
+@click.option("--shape", default=None, help="generate requests: input shape like 128x96 (default: read --input)")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(sorted(ALLOWED_DTYPES)),
-              help="--shape: the input's dtype")
-@click.option("--fill", default="ones", show_default=True, help="--shape: ones | zeros | random | a number")
+              help="with --shape: the input's dtype")
+@click.option("--fill", default="ones", show_default=True, help="with --shape: ones | zeros | random | a number")
 @click.option("--count", default=1, show_default=True, type=click.IntRange(min=1), help="instances per request")
 @click.option("-c", "--concurrency", default=None, type=click.IntRange(min=1),
               help="closed loop: this many callers, each waiting for its answer (default 1, or one per process)")
 @click.option("--rate", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="open loop: Poisson arrivals at this many requests/s (in all)")
+              help="open loop: Poisson arrivals at this many requests/s in all (default: closed loop, -c)")
 @click.option("--processes", default=None, type=click.IntRange(min=1),
               help="spread the callers (or the rate) and the requests over this many OS processes, their records "
                    "merged into one stream; default: threads of this process")
 @click.option("--requests", "request_count", default=None, type=click.IntRange(min=1),
               help=f"requests to send (default: each input line once, or {DEFAULT_REQUESTS})")
-@click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True), help="seconds to send for")
+@click.option("--duration", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="seconds to send for (default: send --requests)")
 @click.option("--timeout", default=DEFAULT_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="per request, seconds")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
               help="unrecorded requests sent first (by each process with --processes)")
-@click.option("--seed", default=None, type=int, help="seed for random fills and arrival times")
+@click.option("--seed", default=None, type=int,
+              help="seed for random fills and arrival times (default: a new one each run)")
 @click.option("--allow-errors", is_flag=True, help="exit 0 even when some requests failed")
 @click.option("--direct", is_flag=True, help="no service: run --model-files in-process (one process per rank)")
 @click.option("--model-files", multiple=True,
-              help="--direct: one MindIR per rank, every rank of the model (comma list)")
+              help="with --direct: one MindIR per rank, every rank of the model (comma list or repeated)")
 @click.option("--startup-timeout", default=DEFAULT_STARTUP_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="seconds for the --direct group to form, or for every --processes process to warm up")

@@ -47,7 +47,10 @@ def startup_agents(
     agent_ip: str | None = None,
     rank_start: int | None = None,
 ) -> int:
-    """Start one agent per model file on this machine and supervise them until SIGINT/SIGTERM."""
+    """Start one agent per model file on this machine and supervise them until SIGINT/SIGTERM (then 0).
+
+    Raises `LauncherError` (a RuntimeError) saying why when the agents cannot serve, e.g. the worker refused a
+    shard that does not fit its servable."""
     from services.agent.launcher import AgentLauncher
 
     launcher = AgentLauncher(distributed_address, model_files, group_config_files, agent_start_port,

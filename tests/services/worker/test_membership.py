@@ -7,6 +7,7 @@ import pytest
 from services.worker.membership import (
     AgentState,
     Membership,
+    ModelUse,
     RestartGroups,
     SendToAgent,
     StartServing,
@@ -26,13 +27,20 @@ from zmserve.servable import DistributedModel
 
 STAGE_INPUT, RESULTS = "tcp://127.0.0.1:9000", "tcp://127.0.0.1:9001"
 INPUTS = [TensorSpec("x", "float32", [4, 8])]
+HIDDEN = [TensorSpec("h", "float32", [4, -1])]
 OUTPUTS = [TensorSpec("y", "float32", [4, 2])]
+PREDICT = ModelUse("predict", inputs=1, outputs=1)
+"""The servable's one method passes x to the model and takes y: stage 0 maps x to h, the last stage h to y."""
 
 
-def membership(rank_size: int = 4, stage_size: int = 2) -> Membership:
+def stage_signature(stage: int, stage_size: int) -> ModelSignature:
+    return ModelSignature(INPUTS if stage == 0 else HIDDEN, OUTPUTS if stage == stage_size - 1 else HIDDEN)
+
+
+def membership(rank_size: int = 4, stage_size: int = 2, uses: tuple[ModelUse, ...] = (PREDICT,)) -> Membership:
     machine = Membership(DistributedModel(rank_size, stage_size, with_batch_dim=False), heartbeat_interval=1.0,
                          heartbeat_liveness=3, stage_input_address=STAGE_INPUT, results_address=RESULTS,
-                         forming_timeout=120.0)
+                         forming_timeout=120.0, servable="mlp", uses=uses)
     machine.schedulers_started([("127.0.0.1", 6000 + k) for k in range(stage_size)], now=0.0)
     return machine
 
@@ -45,7 +53,8 @@ def register(rank: int, pid: int | None = None, replaces: int | None = None, sha
              model: DistributedModel | None = None) -> AgentRegister:
     if shard is None and model is not None:
         shard = ShardInfo(rank=rank, rank_size=model.rank_size, stage=model.stage_of(rank),
-                          stage_size=model.stage_size, signature=ModelSignature(INPUTS, OUTPUTS))
+                          stage_size=model.stage_size, signature=stage_signature(model.stage_of(rank),
+                                                                                 model.stage_size))
     return AgentRegister(rank=rank, host="127.0.0.1", pid=pid or 100 + rank, model_file=f"d{rank}.mindir",
                          publish_address=f"tcp://127.0.0.1:{7000 + rank}", replaces_pid=replaces,
                          shard=shard or ShardInfo())
@@ -97,7 +106,7 @@ def test_serves_only_when_every_agent_is_ready_and_stage_zero_subscribed() -> No
     assert machine.subscription(False, 0) == []
     assert machine.subscription(True, 1) == []
     actions = machine.subscription(True, 0)
-    assert actions == [StartServing(ModelSignature(INPUTS, OUTPUTS))]
+    assert actions == [StartServing(ModelSignature(INPUTS, OUTPUTS))]  # stage 0's inputs, the last stage's outputs
     assert machine.state == WorkerState.SERVING and machine.status_reason() == ""
 
 
@@ -170,8 +179,71 @@ def test_a_shard_of_another_model_is_refused_for_good(shard: ShardInfo, fragment
     machine = membership()
     [(_, message)] = sends(machine.register(identity(1), register(1, shard=shard), 1.0))
     assert isinstance(message, AgentRejected) and not message.retry
-    assert fragment in message.message and "does not belong to rank 1 of this servable" in message.message
+    assert fragment in message.message
+    assert "the shard d1.mindir does not fit rank 1 of servable 'mlp' (rank_size 4, stage_size 2)" in message.message
     assert machine.agents == {}
+
+
+def test_the_matmul_shards_given_to_the_mlp_say_both_sides() -> None:
+    """Ranks 4..7 of an 8-rank export are not outside 'the servable' first: their export contradicts it."""
+    machine = membership()
+    shard = ShardInfo(rank=5, rank_size=8, stage=0, stage_size=1)
+    [(_, message)] = sends(machine.register(identity(5), register(5, shard=shard), 1.0))
+    assert not message.retry
+    assert message.message == ("the shard d5.mindir does not fit rank 5 of servable 'mlp' (rank_size 4, "
+                               "stage_size 2): its export says rank_size 8 (servable: 4), stage_size 1 (servable: 2)")
+
+
+def signed(rank: int, inputs: list[TensorSpec] | None, outputs: list[TensorSpec] | None,
+           rank_size: int = 4, stage_size: int = 2) -> AgentRegister:
+    model = DistributedModel(rank_size, stage_size, with_batch_dim=False)
+    return register(rank, shard=ShardInfo(rank=rank, rank_size=rank_size, stage=model.stage_of(rank),
+                                          stage_size=stage_size, signature=ModelSignature(inputs, outputs)))
+
+
+@pytest.mark.parametrize(
+    ("uses", "rank", "inputs", "outputs", "fragment"),
+    [
+        ((ModelUse("predict", 2, 1),), 0, INPUTS, HIDDEN,
+         "its export takes 1 inputs [x float32[4, 8]], but method 'predict' passes 2 to the model"),
+        ((PREDICT, ModelUse("embed", 1, 3)), 3, HIDDEN, OUTPUTS,
+         "its export gives 1 outputs [y float32[4, 2]], but method 'embed' takes 3 from the model"),
+    ],
+)
+def test_a_shard_whose_signature_does_not_fit_the_methods_is_refused_for_good(
+        uses: tuple[ModelUse, ...], rank: int, inputs: list, outputs: list, fragment: str) -> None:
+    machine = membership(uses=uses)
+    [(_, message)] = sends(machine.register(identity(rank), signed(rank, inputs, outputs), 1.0))
+    assert isinstance(message, AgentRejected) and not message.retry
+    assert message.message.endswith(fragment), message.message
+
+
+def test_ranks_of_one_stage_must_carry_the_same_signature() -> None:
+    machine = membership()
+    assert sends(machine.register(identity(2), signed(2, HIDDEN, OUTPUTS), 1.0)) == []
+    other = [TensorSpec("y", "float16", [4, 2])]
+    [(_, message)] = sends(machine.register(identity(3), signed(3, HIDDEN, other), 1.0))
+    assert not message.retry and message.message.endswith(
+        "its outputs [y float16[4, 2]] differ from those of rank 2 of the same stage (d2.mindir): [y float32[4, 2]]")
+
+
+def test_one_stages_outputs_must_fit_the_next_stages_inputs() -> None:
+    machine = membership()
+    assert sends(machine.register(identity(0), signed(0, INPUTS, HIDDEN), 1.0)) == []
+    [(_, message)] = sends(machine.register(identity(2), signed(2, [TensorSpec("h", "float32", [4, 8, 1])],
+                                                                  OUTPUTS), 1.0))
+    assert not message.retry and message.message.endswith(
+        "its inputs [h float32[4, 8, 1]] do not fit the outputs of stage 0 (rank 0, d0.mindir): [h float32[4, -1]]")
+    # a dynamic dimension (-1) fits any size, and names do not matter between stages
+    assert sends(machine.register(identity(2), signed(2, [TensorSpec("z", "float32", [4, 8])], OUTPUTS), 1.0)) == []
+
+
+def test_a_shard_that_states_nothing_is_taken_on_trust() -> None:
+    machine = membership()
+    for rank in range(4):
+        assert not any(isinstance(m, AgentRejected) for _, m in sends(machine.register(identity(rank),
+                                                                                        register(rank), 1.0)))
+    assert machine.state == WorkerState.FORMING_GROUPS
 
 
 def test_a_rank_outside_the_servable_is_refused_for_good() -> None:
@@ -187,6 +259,18 @@ def test_an_agent_that_failed_restarts_every_group() -> None:
     actions = machine.failed(machine.agents[3], "RuntimeError: join failed", 2.0)
     assert isinstance(actions[-1], RestartGroups) and "agent failed: RuntimeError: join failed" in actions[-1].why
     assert len(sends(actions)) == 3
+
+
+def test_an_agent_its_launcher_stops_restarts_every_group_once() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    assert machine.stopped(1, pid=999, reason="its launcher is stopping", now=2.0) == [], "another process"
+    actions = machine.stopped(1, pid=101, reason="its launcher is stopping", now=2.0)
+    assert isinstance(actions[-1], RestartGroups)
+    assert actions[-1].why == "agent rank 1 stopped (its launcher is stopping)"
+    assert {ident for ident, m in sends(actions) if isinstance(m, AgentShutdown)} == {identity(r) for r in (0, 2, 3)}
+    assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
+    assert machine.stopped(2, pid=102, reason="its launcher is stopping", now=2.1) == [], "already forgotten"
 
 
 def test_stop_tells_every_agent_to_shut_down() -> None:
