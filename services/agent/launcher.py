@@ -32,12 +32,21 @@ from zmserve.protocol import (
 )
 from zmserve.ranktable import RankTable
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, new_socket
+from zmserve.transport import HeartbeatClock, is_loopback, new_socket
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 SUPERVISE_INTERVAL_S = 0.1
 FROZEN_LIMIT_S = 3.0
+
+
+def publish_address(host: str, port: int) -> str:
+    """Where an agent publishes its stage's output to the next stage: TCP on `host`:`port`, or on loopback (every
+    stage on this machine) a Unix socket named after the port, as fast as TCP for small calls and faster for big
+    ones (docs/BENCHMARKS.md); two launchers on one machine need different start ports either way."""
+    if is_loopback(host):
+        return f"ipc://@zmserve-agent-publish-{port}"
+    return f"tcp://{host}:{port}"
 
 
 class LauncherError(RuntimeError):
@@ -128,7 +137,7 @@ class AgentLauncher:
                 rank=rank,
                 model_file=Path(self.model_files[i]),
                 group_config_file=Path(self.group_config_files[i]) if self.group_config_files else None,
-                publish_address=f"tcp://{host}:{self.agent_start_port + i}",
+                publish_address=publish_address(host, self.agent_start_port + i),
             )
             for i, rank in enumerate(ranks)
         ]

@@ -38,8 +38,8 @@ log = get_logger("worker")
 
 Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
-Answer = Callable[[bytes, list[Any]], None]
-"""Send [header, *values] of a REPLY or ERROR to the client with this routing identity."""
+Answer = Callable[[bytes, Any, list[Any]], None]
+"""Send [header, *values] of a REPLY or ERROR for request id (2nd) to the client with this routing identity."""
 
 
 class Pipeline:
@@ -95,7 +95,7 @@ class Pipeline:
             self.fail(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.table.remove_run(run)
-        self.answer(run.client, [encode(Reply(id=run.request_id, instances=specs)), *frames])
+        self.answer(run.client, run.request_id, [encode(Reply(id=run.request_id, instances=specs)), *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
         """Check inputs against the model's signature, then queue one call per instance, or hand the instances
@@ -193,7 +193,7 @@ class Pipeline:
             return
         self.table.remove_run(run)
         log.info("request_failed", request_id=run.request_id, code=code, message=message)
-        self.answer(run.client, [error_frame(run.request_id, code, message)])
+        self.answer(run.client, run.request_id, [error_frame(run.request_id, code, message)])
 
     def fail_all(self, code: ErrorCode, message: str) -> None:
         """The agents are gone: answer every run, and forget every call (nothing published will come back)."""
