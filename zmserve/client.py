@@ -14,6 +14,7 @@ at once, never a call that waits forever.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import threading
 import time
@@ -79,8 +80,10 @@ class Client:
         send_frames(sock, frames)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0:
                 raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
+            if not sock.poll(math.ceil(remaining * 1000)):  # rounded up: never give up before the deadline
+                continue
             answer = recv_frames(sock)
             outcome = read_answer(answer, request_id)
             if outcome is not None:  # anything else answers an earlier request that this thread gave up on

@@ -26,6 +26,7 @@ from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
+    SCAN_INTERVAL_S,
     BrokerCommand,
     Error,
     ErrorCode,
@@ -136,6 +137,7 @@ class Broker:
         self.routes: dict[tuple[str, str, int], list[WorkerRecord]] = {}
         """choose_worker's answers (the ready workers of a servable, method and version), until a worker changes."""
         self.heartbeat = HeartbeatClock(heartbeat_interval)
+        self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -319,6 +321,8 @@ class Broker:
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
+        if not self.scan.due(now):
+            return
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):

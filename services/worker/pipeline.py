@@ -177,10 +177,14 @@ class Pipeline:
         """When the oldest waiting batch must leave (None: nothing waits)."""
         return self.batcher.seconds_until_due() if self.batcher is not None else None
 
-    def do_chores(self, now: float) -> None:
+    def send_due_batches(self) -> None:
+        """Batches that waited long enough (or every batch, when the pipeline is empty) leave now."""
         if self.batcher is not None and self.batcher.pending:
             self.flush_batches()
             self.publish_calls()
+
+    def do_chores(self, now: float) -> None:
+        self.send_due_batches()
         for run in self.table.expired(now):
             self.fail(run, ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed")
 

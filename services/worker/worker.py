@@ -42,6 +42,7 @@ from zmserve.logs import get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
+    SCAN_INTERVAL_S,
     AgentFailed,
     AgentReady,
     AgentRegister,
@@ -135,6 +136,7 @@ class Worker:
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
         self.broker_lost = False
         self.heartbeat = HeartbeatClock(config.heartbeat_interval)
+        self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.progress = HeartbeatClock(PROGRESS_INTERVAL_S)
         self.waiting_since = time.monotonic()
         self.stop_event = threading.Event()
@@ -296,6 +298,9 @@ class Worker:
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
+        if not self.scan.due(now):
+            self.pipeline.send_due_batches()
+            return
         self.pipeline.do_chores(now)
         if self.state == WorkerState.SERVING and self.pipeline.stuck_for(now) > self.config.execution_timeout:
             log.error("model_stuck", seconds=self.config.execution_timeout,
