@@ -87,10 +87,12 @@ def write_servable(root: Path, name: str, rank_size: int, stage_size: int = 1, b
 @contextlib.contextmanager
 def cluster(workdir: Path, servable_dir: Path, servable: str, model_files: list[Path], ready_instance: dict,
             worker_args: Sequence[str] = (), agent_args: Sequence[str] = (),
-            method: str = "predict") -> Iterator[LocalCluster]:
-    """A LocalCluster that is ready to serve, and is stopped and reaped whatever happens."""
+            method: str = "predict", colocated: bool = False) -> Iterator[LocalCluster]:
+    """A LocalCluster that is ready to serve, and is stopped and reaped whatever happens (`colocated`: broker and
+    worker in one `zmserve serve` process)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    local = LocalCluster(workdir, servable_dir, servable, model_files, list(worker_args), list(agent_args))
+    local = LocalCluster(workdir, servable_dir, servable, model_files, list(worker_args), list(agent_args),
+                         colocated=colocated)
     try:
         local.wait_ready(ready_instance, method=method)
         yield local

@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
 # Every row of docs/BENCHMARKS.md in one session, one after another (each script starts, stops and reaps its own
 # cluster). Output: one JSON line per row in $OUT/<row>.jsonl. BENCH_MAX_WAIT_S bounds each quiet-machine wait.
+#
+#   benchmarks/run_all.sh            every row
+#   benchmarks/run_all.sh headline   only issue 12's targets, each beside its reference in one run (needs
+#                                    MindSpore Serving installed: ../shared/peers/mindspore-serving/setup.sh);
+#                                    prints their table at the end. HEADLINE_ARGS adds arguments (e.g. --rounds 3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/zmserve-bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name: $* (load $(cut -d' ' -f1 /proc/loadavg))"; "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"; echo "   rc=$?"; }
+headline() {
+  run 0_headline .venv/bin/python benchmarks/headline.py ${HEADLINE_ARGS:-}
+  echo; echo "uptime: $(uptime)"; sed -n '/^| # /,$p' "$OUT/0_headline.jsonl"
+}
+if [ "${1:-all}" = headline ]; then
+  headline
+  echo "results in $OUT"
+  exit 0
+fi
+headline
 run 1_latency_tp2 .venv/bin/python benchmarks/latency_tp2.py --profile
 run 2_batching .venv/bin/python benchmarks/batching.py
 run 3_bandwidth .venv/bin/python benchmarks/bandwidth.py --mib 64 --rounds 2

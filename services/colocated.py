@@ -1,17 +1,17 @@
 """`zmserve serve`: the broker and one worker in one process and one loop.
 
 On one machine the broker is a hop that costs a process wake-up and a copy each way (docs/BENCHMARKS.md). Here
-the broker hands a request to the worker with a function call and the worker hands the reply back the same way;
-both keep their own rules unchanged, and the broker still accepts other workers on `--worker-bind` if one is
-given. Clients cannot tell the difference: they talk to the same client ROUTER.
+the broker hands a request to the worker with a function call, already decoded, and the worker hands the reply
+back the same way, with its request id; both keep their own rules unchanged, and the broker still accepts other
+workers on `--worker-bind` if one is given. Clients cannot tell the difference: they talk to the same client ROUTER.
 """
 
 from __future__ import annotations
 
 import threading
 
-from services.broker.broker import Broker
-from services.worker.worker import Worker
+from services.broker.broker import Broker, InProcessWorker
+from services.worker.worker import InProcessBroker, Worker
 from zmserve.loop import run_services
 
 IN_PROCESS_WORKER = b"\x00in-process-worker"
@@ -23,8 +23,11 @@ class Colocated:
         if worker.broker is not None:
             raise ValueError("the colocated worker must be configured without a broker address")
         self.broker, self.worker = broker, worker
-        broker.attach_in_process_worker(IN_PROCESS_WORKER, worker.process_broker)
-        worker.attach_in_process_broker(lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames]))
+        broker.attach_in_process_worker(IN_PROCESS_WORKER, InProcessWorker(worker.take_request, worker.process_broker))
+        worker.attach_in_process_broker(InProcessBroker(
+            lambda client, request_id, frames: broker.take_in_process_reply(IN_PROCESS_WORKER, client, request_id,
+                                                                            frames),
+            lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames])))
         self.stop_event = threading.Event()
 
     def run(self) -> None:

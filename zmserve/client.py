@@ -28,7 +28,7 @@ import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode
-from zmserve.transport import new_socket
+from zmserve.transport import new_socket, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 60.0
 NOT_SERVING_YET = (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND)
@@ -81,12 +81,14 @@ class Client:
         """Run the method on one instance (a dict) or a list of them; returns one dict per instance."""
         request_id, frames, deadline = self._request(instances, timeout)
         sock = self._thread_socket()
-        sock.send_multipart(frames, copy=False)
+        send_frames(sock, frames)
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000)):  # never wake before the deadline
+            if remaining <= 0:
                 raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
-            answer = sock.recv_multipart(copy=False)
+            if not sock.poll(math.ceil(remaining * 1000)):  # rounded up: never give up before the deadline
+                continue
+            answer = recv_frames(sock)
             outcome = read_answer(answer, request_id)
             if outcome is not None:  # anything else answers an earlier request that this thread gave up on
                 return outcome.result()
@@ -224,7 +226,7 @@ class IOThread(threading.Thread):
             if self.failure is not None or self.closing.is_set():
                 raise ClientError(ErrorCode.UNAVAILABLE, self.failure or "the client is closed")
             self.pending[request_id] = pending
-            self.outbound.send_multipart(frames, copy=False)
+            send_frames(self.outbound, frames)
 
     def close(self) -> None:
         self.closing.set()
@@ -255,10 +257,10 @@ class IOThread(threading.Thread):
             events = dict(poller.poll(timeout=self.poll_timeout_ms()))
             if self.inbound in events:
                 while self.inbound.poll(0):
-                    broker.send_multipart(self.inbound.recv_multipart(copy=False), copy=False)
+                    send_frames(broker, recv_frames(self.inbound))
             if broker in events:
                 while broker.poll(0):
-                    self.resolve(broker.recv_multipart(copy=False))
+                    self.resolve(recv_frames(broker))
             self.expire()
 
     def poll_timeout_ms(self) -> int:

@@ -432,6 +432,9 @@ MAX_QUEUED_REQUESTS = 1024
 RECONNECT_MIN_MS = 100
 RECONNECT_MAX_MS = 2000
 """Reconnection backoff to a lost peer: 100 ms, doubling up to 2 s."""
+SCAN_INTERVAL_S = 0.005
+"""A busy loop scans what it holds for passed deadlines and silent peers at most this often (not after every
+message): deadlines are answered within this much of their end, and the scans cost nothing per request."""
 MAX_REQUEST_BYTES = 1 << 30
 """Requests larger than this (all frames) are refused by the broker with RESOURCE_EXHAUSTED."""
 LINGER_MS = 0

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import zmq
+import zmq.backend
 
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -53,6 +58,23 @@ def bind(socket: zmq.Socket, address: str, what: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: whoever reaches this host runs on this machine, in its network namespace."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def data_endpoint(host: str, what: str) -> str:
+    """Where to bind a data socket that peers reach at `host`: a Unix socket in the abstract namespace when the
+    host is loopback (every peer is on this machine; docs/BENCHMARKS.md measures what ipc saves over loopback
+    TCP), else a free TCP port on `host`."""
+    if is_loopback(host):
+        return f"ipc://@zmserve-{os.getpid()}-{uuid.uuid4().hex[:12]}-{what}"
+    return f"tcp://{host}:0"
+
+
 def frame_bytes(frame: zmq.Frame | bytes) -> bytes:
     """A frame's bytes, whether it came from a socket (zmq.Frame) or from a service in the same process."""
     return frame.bytes if isinstance(frame, zmq.Frame) else frame
@@ -66,10 +88,39 @@ class Delivery(Enum):
     """A ROUTER_MANDATORY socket has no connected peer of that identity."""
 
 
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_FRAME_TYPES = (bytes, zmq.Frame, np.ndarray, memoryview)
+
+
+def send_frames(socket: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+    """`send_multipart(frames, flags, copy=False)` without pyzmq's per-frame Python layer (flag enums, keyword
+    handling), which costs more than the send itself on the hot path. Frames at least the socket's copy threshold
+    are sent without copying. Every frame is checked first, so a bad one never leaves half a message queued."""
+    for frame in frames:
+        if not isinstance(frame, _FRAME_TYPES):
+            memoryview(frame)  # TypeError for anything without the buffer interface
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        _send(socket, frame, flags | _SNDMORE if index < last else flags, False, False)
+
+
+def recv_frames(socket: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """`recv_multipart(flags, copy=False)` without pyzmq's per-frame getsockopt(RCVMORE)."""
+    frame = _recv(socket, flags, False, False)
+    frames = [frame]
+    while frame.more:
+        frame = _recv(socket, 0, False, False)
+        frames.append(frame)
+    return frames
+
+
 def send_nonblocking(socket: zmq.Socket, frames: Sequence[Any]) -> Delivery:
     """Send without ever blocking the loop; the caller decides what an undelivered message means."""
     try:
-        socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        send_frames(socket, frames, _NOBLOCK)
     except zmq.Again:
         return Delivery.WOULD_BLOCK
     except zmq.ZMQError as error:
@@ -118,7 +169,7 @@ def drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: 
     never judge a peer by messages still waiting to be read."""
     for _ in range(limit):
         try:
-            frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            frames = recv_frames(socket, _NOBLOCK)
         except zmq.Again:
             return
         handle(frames)

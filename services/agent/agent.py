@@ -62,7 +62,7 @@ from zmserve.protocol import (
     subscription_topic,
 )
 from zmserve.supervision import die_with_parent
-from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket
+from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket, recv_frames, send_frames
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
@@ -239,13 +239,13 @@ class DataPlane:
 
     def receive(self) -> list[zmq.Frame]:
         """The next call: [header, *values] (the topic frame dropped)."""
-        return self.inputs.recv_multipart(copy=False)[1:]
+        return recv_frames(self.inputs)[1:]
 
     def send_output(self, frames: list[Any]) -> None:
         if self.forward == Forward.PUBLISH and self.downstream is not None:
-            self.downstream.send_multipart([MODEL_CALL_TOPIC, *frames], copy=False)
+            send_frames(self.downstream, [MODEL_CALL_TOPIC, *frames])
         elif self.forward == Forward.RESULT:
-            self.results.send_multipart(frames, copy=False)
+            send_frames(self.results, frames)
 
     def send_error(self, error: ModelError) -> None:
         self.results.send(encode(error))

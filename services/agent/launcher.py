@@ -45,7 +45,7 @@ from zmserve.protocol import (
 from zmserve.ranktable import RankTable
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, new_socket, send_nonblocking
+from zmserve.transport import HeartbeatClock, is_loopback, new_socket, send_nonblocking
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -53,6 +53,15 @@ SUPERVISE_INTERVAL_S = 0.1
 FROZEN_LIMIT_S = 3.0
 OOM_LOADING_ATTEMPTS = 3
 """OOM kills before an agent has loaded its shard, in a row, after which the launcher gives up on it."""
+
+
+def publish_address(host: str, port: int) -> str:
+    """Where an agent publishes its stage's output to the next stage: TCP on `host`:`port`, or on loopback (every
+    stage on this machine) a Unix socket named after the port, as fast as TCP for small calls and faster for big
+    ones (docs/BENCHMARKS.md); two launchers on one machine need different start ports either way."""
+    if is_loopback(host):
+        return f"ipc://@zmserve-agent-publish-{port}"
+    return f"tcp://{host}:{port}"
 
 
 class LauncherError(RuntimeError):
@@ -183,7 +192,7 @@ class AgentLauncher:
                 rank=rank,
                 model_file=Path(self.model_files[i]),
                 group_config_file=Path(self.group_config_files[i]) if self.group_config_files else None,
-                publish_address=f"tcp://{host}:{self.agent_start_port + i}",
+                publish_address=publish_address(host, self.agent_start_port + i),
             )
             for i, rank in enumerate(ranks)
         ]

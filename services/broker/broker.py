@@ -26,6 +26,7 @@ from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
+    SCAN_INTERVAL_S,
     BrokerCommand,
     Error,
     ErrorCode,
@@ -101,6 +102,16 @@ class InFlight:
         return [key for key, p in self._pending.items() if p.deadline is not None and p.deadline <= now]
 
 
+@dataclass(frozen=True)
+class InProcessWorker:
+    """A worker in this process and loop (`zmserve serve`): the broker calls it instead of sending to it."""
+
+    take_request: Callable[[bytes, Request, list[Any]], None]
+    """(client, the decoded request, its value frames): a request, handed over without re-encoding it."""
+    process_broker: Callable[[list[Any]], None]
+    """Any other message, as the frames the worker's DEALER would have read ([command, ...])."""
+
+
 class Broker:
     def __init__(
         self,
@@ -132,8 +143,11 @@ class Broker:
         self.seen_servables: set[str] = set()
         """Servables some worker served: while none does, requests for them are UNAVAILABLE, not NOT_FOUND."""
         self.requests = InFlight()
-        self.in_process_workers: dict[bytes, Callable[[list[Any]], None]] = {}
+        self.in_process_workers: dict[bytes, InProcessWorker] = {}
+        self.routes: dict[tuple[str, str, int], list[WorkerRecord]] = {}
+        """choose_worker's answers (the ready workers of a servable, method and version), until a worker changes."""
         self.heartbeat = HeartbeatClock(heartbeat_interval)
+        self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ class Broker:
             self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms),
                                                   request.servable))
             worker.inflight.add(key)
-            delivery = self.deliver_to_worker(worker.identity, [BrokerCommand.REQUEST, client, *frames[1:]])
+            delivery = self.deliver_request(worker.identity, client, request, frames[1:])
             if delivery is not Delivery.SENT:
                 self.requests.pop(key)
                 worker.inflight.discard(key)
@@ -199,6 +213,13 @@ class Broker:
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
         """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""
+        ready = self.routes.get((servable, method, version))
+        if ready is None:
+            ready = self.routes[(servable, method, version)] = self.ready_workers(servable, method, version)
+        return ready[0] if len(ready) == 1 else min(ready, key=lambda w: len(w.inflight))
+
+    def ready_workers(self, servable: str, method: str, version: int) -> list[WorkerRecord]:
+        """Every ready worker that may take (servable, method, version), or the ServingError saying why none."""
         serving = [w for w in self.workers.values() if w.servable == servable]
         if not serving and servable in self.seen_servables:
             raise ServingError(ErrorCode.UNAVAILABLE,
@@ -221,7 +242,7 @@ class Broker:
         if not ready:
             reasons = "; ".join(sorted({w.reason for w in serving if w.reason}))
             raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
-        return min(ready, key=lambda w: len(w.inflight))
+        return ready
 
     def answer_metadata(self, client: bytes, query: MetadataQuery) -> None:
         """What is served, one entry per (servable, version), for the queried servable or every one."""
@@ -270,17 +291,28 @@ class Broker:
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
             return
-        key = (client, reply.id)
-        pending = self.requests.pop(key) if reply.id is not None else None
+        self.take_reply(record, client, reply.id, frames)
+
+    def take_reply(self, record: WorkerRecord | None, client: bytes, request_id: RequestId | None,
+                   frames: list[Any]) -> None:
+        """A worker's answer ([header, *values]) to the request `request_id` of `client`: to the client, unless
+        the broker has answered that request already (deadline, lost worker) or its deadline has passed."""
+        key = (client, request_id)
+        pending = self.requests.pop(key) if request_id is not None else None
         if pending is None:
-            bursts.info("late_reply_dropped", request_id=reply.id)
+            bursts.info("late_reply_dropped", request_id=request_id)
             return
         if record is not None:
             record.inflight.discard(key)
         if pending.deadline is not None and time.monotonic() > pending.deadline:
-            self.reply_error(client, reply.id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
+            self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
             return
         self.send_to_client(client, frames)
+
+    def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None,
+                              frames: list[Any]) -> None:
+        """`take_reply` for a worker in this process: its reply's request id comes with it, not to be decoded."""
+        self.take_reply(self.workers.get(identity), client, request_id, frames)
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: Any) -> None:
         try:
@@ -294,6 +326,7 @@ class Broker:
             self.remove_worker(record, "worker disconnected", clean=True)
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
+        self.routes.clear()
         if record is None:
             record = WorkerRecord(identity, status.servable, status.version, frozenset(status.methods),
                                   status.ready, status.reason,
@@ -311,6 +344,7 @@ class Broker:
         """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
         stop (the worker said goodbye, or this broker stops) is information, a lost worker a warning."""
         self.workers.pop(record.identity, None)
+        self.routes.clear()
         (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
                                              inflight=len(record.inflight))
         for client, request_id in record.inflight:
@@ -321,6 +355,8 @@ class Broker:
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
+        if not self.scan.due(now):
+            return
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):
@@ -349,16 +385,25 @@ class Broker:
         """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
         in_process = self.in_process_workers.get(identity)
         if in_process is not None:
-            in_process(frames)
+            in_process.process_broker(frames)
             return Delivery.SENT
         if self.worker_socket is None:
             return Delivery.UNREACHABLE
         return send_nonblocking(self.worker_socket, [identity, *frames])
 
-    def attach_in_process_worker(self, identity: bytes, deliver: Callable[[list[Any]], None]) -> None:
-        """A worker running in this process and loop (`zmserve serve`): messages for it call `deliver`; it calls
-        `process_worker` with its identity in front. Everything else treats it like any worker."""
-        self.in_process_workers[identity] = deliver
+    def deliver_request(self, identity: bytes, client: bytes, request: Request, frames: list[Any]) -> Delivery:
+        """A client's request ([header, *values]) for a worker; an in-process worker takes it decoded."""
+        in_process = self.in_process_workers.get(identity)
+        if in_process is not None:
+            in_process.take_request(client, request, frames[1:])
+            return Delivery.SENT
+        return self.deliver_to_worker(identity, [BrokerCommand.REQUEST, client, *frames])
+
+    def attach_in_process_worker(self, identity: bytes, worker: InProcessWorker) -> None:
+        """A worker running in this process and loop (`zmserve serve`): messages for it are calls; it calls
+        `process_worker` with its identity in front, and `take_in_process_reply` with its replies. Everything
+        else treats it like any worker."""
+        self.in_process_workers[identity] = worker
 
     def send_to_worker(self, identity: bytes, frames: list[Any]) -> None:
         delivery = self.deliver_to_worker(identity, frames)

@@ -40,8 +40,8 @@ bursts = Bursts(log)
 
 Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
-Answer = Callable[[bytes, list[Any]], None]
-"""Send [header, *values] of a REPLY or ERROR to the client with this routing identity."""
+Answer = Callable[[bytes, Any, list[Any]], None]
+"""Send [header, *values] of a REPLY or ERROR for request id (2nd) to the client with this routing identity."""
 
 
 class Pipeline:
@@ -97,7 +97,7 @@ class Pipeline:
             self.fail(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.table.remove_run(run)
-        self.answer(run.client, [encode(Reply(id=run.request_id, instances=specs)), *frames])
+        self.answer(run.client, run.request_id, [encode(Reply(id=run.request_id, instances=specs)), *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
         """Check inputs against the model's signature, then queue one call per instance, or hand the instances
@@ -179,10 +179,14 @@ class Pipeline:
         """When the oldest waiting batch must leave (None: nothing waits)."""
         return self.batcher.seconds_until_due() if self.batcher is not None else None
 
-    def do_chores(self, now: float) -> None:
+    def send_due_batches(self) -> None:
+        """Batches that waited long enough (or every batch, when the pipeline is empty) leave now."""
         if self.batcher is not None and self.batcher.pending:
             self.flush_batches()
             self.publish_calls()
+
+    def do_chores(self, now: float) -> None:
+        self.send_due_batches()
         for run in self.table.expired(now):
             self.fail(run, ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed")
 
@@ -195,7 +199,7 @@ class Pipeline:
             return
         self.table.remove_run(run)
         bursts.info("request_failed", key=code, request_id=run.request_id, code=code, message=message)
-        self.answer(run.client, [error_frame(run.request_id, code, message)])
+        self.answer(run.client, run.request_id, [error_frame(run.request_id, code, message)])
 
     def fail_all(self, code: ErrorCode, message: str) -> None:
         """The agents are gone: answer every run, and forget every call (nothing published will come back)."""

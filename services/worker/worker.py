@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -42,6 +43,7 @@ from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
+    SCAN_INTERVAL_S,
     AgentFailed,
     AgentReady,
     AgentRegister,
@@ -55,6 +57,7 @@ from zmserve.protocol import (
     RankTableAnswer,
     RankTableQuery,
     Request,
+    RequestId,
     ServingError,
     WorkerDisconnect,
     WorkerStatus,
@@ -68,13 +71,33 @@ from zmserve.protocol import (
 )
 from zmserve.ranktable import RankTable
 from zmserve.servable import ServableSpec, load_servable, method_signatures
-from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
+from zmserve.transport import (
+    Delivery,
+    HeartbeatClock,
+    Liveness,
+    bind,
+    data_endpoint,
+    frame_bytes,
+    new_socket,
+    send_frames,
+    send_nonblocking,
+)
 
 log = get_logger("worker")
 bursts = Bursts(log)
 """Events that may come once per request or message: counted and summarised (logs.Bursts), never a line each."""
 PROGRESS_INTERVAL_S = 30.0
 """How often a worker that is not serving says what it waits for (once at once, then at this interval)."""
+
+
+@dataclass(frozen=True)
+class InProcessBroker:
+    """A broker in this process and loop (`zmserve serve`): the worker calls it instead of sending to it."""
+
+    take_reply: Callable[[bytes, RequestId | None, list[Any]], None]
+    """(client, request id, [header, *values]): an answer, with its request id so the broker need not decode it."""
+    process_worker: Callable[[list[Any]], None]
+    """Any other message, as the frames the DEALER would have sent ([command, ...])."""
 
 
 class WorkerStartError(RuntimeError):
@@ -95,7 +118,7 @@ class Worker:
         self.broker_address = normalize_address(config.broker_address) if config.broker_address else "in-process"
         self.broker: zmq.Socket | None = None
         """The DEALER to a broker in another process; None while a broker in this process is attached."""
-        self.in_process_broker: Callable[[list[Any]], None] | None = None
+        self.in_process_broker: InProcessBroker | None = None
         if config.broker_address:
             self.broker = new_socket(self.context, zmq.DEALER)
             self.broker.connect(self.broker_address)
@@ -104,8 +127,8 @@ class Worker:
         self.results = new_socket(self.context, zmq.PULL, RCVHWM=0)
         try:
             bind(self.agents, normalize_address(config.distributed_address), "worker's distributed address")
-            stage_input_endpoint = bind(self.stage_input, f"tcp://{host}:0", "worker's stage-0 publisher")
-            results_endpoint = bind(self.results, f"tcp://{host}:0", "worker's results socket")
+            stage_input_endpoint = bind(self.stage_input, data_endpoint(host, "stage0"), "worker's stage-0 publisher")
+            results_endpoint = bind(self.results, data_endpoint(host, "results"), "worker's results socket")
         except BaseException:
             self.close_sockets()
             raise
@@ -121,6 +144,7 @@ class Worker:
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
         self.broker_lost = False
         self.heartbeat = HeartbeatClock(config.heartbeat_interval)
+        self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.progress = HeartbeatClock(PROGRESS_INTERVAL_S)
         self.waiting_since = time.monotonic()
         self.stop_event = threading.Event()
@@ -155,9 +179,9 @@ class Worker:
         due = self.pipeline.seconds_until_due()
         return 0.1 if due is None else min(0.1, due)
 
-    def attach_in_process_broker(self, deliver: Callable[[list[Any]], None]) -> None:
-        """A broker in this process and loop (`zmserve serve`): what the worker sends it calls `deliver`."""
-        self.in_process_broker = deliver
+    def attach_in_process_broker(self, broker: InProcessBroker) -> None:
+        """A broker in this process and loop (`zmserve serve`): what the worker sends it is a call."""
+        self.in_process_broker = broker
 
     # ---- agents: registration and group formation -----------------------------------------------------------
     def process_agent(self, frames: list[zmq.Frame]) -> None:
@@ -229,10 +253,17 @@ class Worker:
             bursts.warning("broker_message_malformed", command=command.hex())
 
     def handle_request(self, client: bytes, header_frame: Any, value_frames: list[Any]) -> None:
-        request_id = None
         try:
             request = decode(header_frame, Request)
-            request_id = request.id
+        except ServingError as error:
+            bursts.info("request_rejected", key=error.code, request_id=None, code=error.code, message=error.message)
+            self.answer(client, None, [error_frame(None, error.code, error.message)])
+            return
+        self.take_request(client, request, value_frames)
+
+    def take_request(self, client: bytes, request: Request, value_frames: list[Any]) -> None:
+        """A decoded request (from the DEALER through `handle_request`, or from a broker in this process)."""
+        try:
             method = self.spec.methods.get(request.method)
             if method is None:
                 raise ServingError(ErrorCode.NOT_FOUND,
@@ -246,9 +277,9 @@ class Worker:
                                   deadline_of(request.timeout_ms))
             self.pipeline.admit(run)
         except ServingError as error:
-            bursts.info("request_rejected", key=error.code, request_id=request_id, code=error.code,
+            bursts.info("request_rejected", key=error.code, request_id=request.id, code=error.code,
                         message=error.message)
-            self.answer(client, [error_frame(request_id, error.code, error.message)])
+            self.answer(client, request.id, [error_frame(request.id, error.code, error.message)])
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
     def process_result(self, frames: list[zmq.Frame]) -> None:
@@ -262,6 +293,9 @@ class Worker:
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
+        if not self.scan.due(now):
+            self.pipeline.send_due_batches()
+            return
         self.pipeline.do_chores(now)
         if self.state == WorkerState.SERVING and self.pipeline.stuck_for(now) > self.config.execution_timeout:
             log.error("model_stuck", seconds=self.config.execution_timeout,
@@ -298,16 +332,19 @@ class Worker:
 
     def publish(self, frames: list[Any]) -> None:
         """A model call to every stage-0 agent (the pipeline bounds what is in flight, so this never drops)."""
-        self.stage_input.send_multipart([MODEL_CALL_TOPIC, *frames], copy=False)
+        send_frames(self.stage_input, [MODEL_CALL_TOPIC, *frames])
 
-    def answer(self, client: bytes, frames: list[Any]) -> None:
-        """A REPLY or ERROR for a client, through the broker."""
-        self.send_to_broker([BrokerCommand.REPLY, client, *frames])
+    def answer(self, client: bytes, request_id: RequestId | None, frames: list[Any]) -> None:
+        """A REPLY or ERROR ([header, *values]) for request `request_id` of a client, through the broker."""
+        if self.in_process_broker is not None:
+            self.in_process_broker.take_reply(client, request_id, frames)
+        else:
+            self.send_to_broker([BrokerCommand.REPLY, client, *frames])
 
     def send_to_broker(self, frames: list[Any]) -> None:
         """Never block on the broker: if it is gone, the reply is lost and the client's deadline answers."""
         if self.in_process_broker is not None:
-            self.in_process_broker(frames)
+            self.in_process_broker.process_worker(frames)
         elif self.broker is not None and send_nonblocking(self.broker, frames) is not Delivery.SENT:
             bursts.warning("broker_unreachable", dropped="reply" if frames[0] == BrokerCommand.REPLY else "status")
 

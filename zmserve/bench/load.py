@@ -2,8 +2,10 @@
 answer) or an open loop (`--rate R`, Poisson arrivals sent on schedule whatever is still outstanding, so a slow
 server cannot slow the offered load down, which a closed loop hides).
 
-Latency runs from just before `Client.infer_async` to the moment the client resolves the request (stamped in the
-client's IO thread, so closed and open loop measure the same span and a busy caller thread adds nothing).
+A closed-loop caller uses `Client.infer`, which sends and waits on the caller's own socket (as MindSpore Serving's
+benchmark client does with its synchronous `Client.infer`): latency runs from just before the call to its return.
+The open loop cannot wait, so it uses `Client.infer_async`: latency runs from just before that call to the moment
+the client's IO thread resolves the request, so a busy sending thread adds nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def request_targets(requests: list[RequestSpec], servable: str | None, method: s
             raise BenchError(f"request {number} names no servable: give --servable or \"servable\" in the line")
         targets.append((target, spec.method or method))
     return targets
+
+
+def share(total: int, parts: int, index: int) -> int:
+    """Part `index`'s share of `total` when split as evenly as possible (the first parts take the remainder)."""
+    return total // parts + (1 if index < total % parts else 0)
 
 
 class Tickets:
@@ -127,48 +134,55 @@ class ServiceLoad:
         return number, self.clients[self.targets[index]], self.requests[index]
 
     def warm_up(self, count: int) -> None:
-        """Unrecorded requests first, so the first recorded ones do not pay for connecting."""
+        """Unrecorded requests first, so the first recorded ones do not pay for connecting (the open loop's: its
+        requests go out through the client's IO thread)."""
         for ticket in range(count):
             _, client, spec = self.request(ticket)
             future = client.infer_async(spec.instances, self.timeout)
             with contextlib.suppress(Exception):
                 future.result(self.timeout + RESOLVE_GRACE_S)
 
-    def closed_loop(self, tickets: Tickets, concurrency: int) -> None:
-        """`concurrency` callers, each sending its next request when the previous one is answered."""
-        threads = [threading.Thread(target=self._caller, args=(tickets,), name=f"bench-caller-{i}", daemon=True)
-                   for i in range(concurrency)]
-        for thread in threads:
+    def start_callers(self, concurrency: int, warmup: int) -> Callers:
+        """The closed loop's callers, started now: each warms up its own socket with its share of `warmup` (at
+        least one request, which connects it), then waits for `closed_loop` to hand out tickets."""
+        callers = Callers(concurrency)
+        for index in range(concurrency):
+            thread = threading.Thread(target=self._caller, args=(callers, max(1, share(warmup, concurrency, index))),
+                                      name=f"bench-caller-{index}", daemon=True)
+            callers.threads.append(thread)
             thread.start()
+        return callers
+
+    def closed_loop(self, tickets: Tickets, callers: Callers) -> None:
+        """Every caller sends its next request when the previous one is answered, until the tickets run out."""
+        callers.go(tickets)
         try:
-            for thread in threads:
+            for thread in callers.threads:
                 while thread.is_alive():
                     thread.join(0.1)
         finally:
             tickets.cancelled.set()
             deadline = time.monotonic() + self.timeout + 2 * RESOLVE_GRACE_S
-            for thread in threads:
+            for thread in callers.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _caller(self, tickets: Tickets) -> None:
+    def _caller(self, callers: Callers, warmup: int) -> None:
+        for ticket in range(warmup):
+            _, client, spec = self.request(ticket)
+            with contextlib.suppress(Exception):
+                client.infer(spec.instances, self.timeout)
+        tickets = callers.ready_and_wait()
         while (ticket := tickets.take()) is not None:
             self.writer.sent = tickets.issued
             number, client, spec = self.request(ticket)
-            answered = threading.Event()
-            finished = [0.0]
-
-            def stamp(_: Future, finished: list[float] = finished, answered: threading.Event = answered) -> None:
-                finished[0] = time.perf_counter()
-                answered.set()
-
             send_time, started = time.time(), time.perf_counter()
-            future = client.infer_async(spec.instances, self.timeout)
-            future.add_done_callback(stamp)
-            if answered.wait(self.timeout + RESOLVE_GRACE_S):
-                self.writer.put(outcome(number, send_time, finished[0] - started, spec, future))
+            try:
+                answer = client.infer(spec.instances, self.timeout)
+            except Exception as exc:
+                self.writer.put(failure(number, send_time, time.perf_counter() - started, spec, exc))
             else:
-                self.writer.put(Record.measured(number, send_time, time.perf_counter() - started, LATE,
-                                                spec.bytes_out, 0, "no answer, not even the client's timeout"))
+                self.writer.put(Record.measured(number, send_time, time.perf_counter() - started, OK,
+                                                spec.bytes_out, payload_bytes(answer)))
 
     def open_loop(self, tickets: Tickets, rate: float, seed: int | None) -> None:
         """Poisson arrivals at `rate`: each request goes out at its scheduled time, answered or not; the schedule
@@ -216,23 +230,61 @@ class ServiceLoad:
                                             "no answer, not even the client's timeout"))
 
 
+class Callers:
+    """The closed loop's caller threads: each says when it is warmed up, then waits for the run's tickets."""
+
+    def __init__(self, count: int) -> None:
+        self.threads: list[threading.Thread] = []
+        self.count = count
+        self.warmed = 0
+        self.tickets: Tickets | None = None
+        self.changed = threading.Condition()
+
+    def ready_and_wait(self) -> Tickets:
+        with self.changed:
+            self.warmed += 1
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.tickets is not None)
+            assert self.tickets is not None
+            return self.tickets
+
+    def wait_warmed(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.warmed == self.count, timeout)
+
+    def go(self, tickets: Tickets) -> None:
+        """Hand out the tickets (a cancelled set ends the callers at once)."""
+        with self.changed:
+            self.tickets = tickets
+            self.changed.notify_all()
+
+
 def run_threads(load: ServiceLoad, spec: LoadSpec, writer: ResultWriter,
                 before_start: Callable[[], bool] | None = None) -> list[Record]:
     """Warm up, then the closed or open loop from threads of this process; every record, also after Ctrl-C.
     `before_start` runs between warm-up and the first recorded send; False from it ends the run there."""
+    callers: Callers | None = None
+    tickets = Tickets(0, None)
     try:
-        load.warm_up(spec.warmup)
+        if spec.rate is None:
+            callers = load.start_callers(spec.concurrency or 1, spec.warmup)
+            callers.wait_warmed((spec.warmup + 1) * (spec.timeout + RESOLVE_GRACE_S))
+        else:
+            load.warm_up(spec.warmup)
         if before_start is None or before_start():
             writer.start()
             tickets = Tickets(spec.requests, spec.duration)
             try:
-                if spec.rate is not None:
-                    load.open_loop(tickets, spec.rate, spec.seed)
+                if callers is not None:
+                    load.closed_loop(tickets, callers)
                 else:
-                    load.closed_loop(tickets, spec.concurrency or 1)
+                    load.open_loop(tickets, spec.rate or 0.0, spec.seed)
             except KeyboardInterrupt:
                 tickets.cancelled.set()
     finally:
+        tickets.cancelled.set()
+        if callers is not None:
+            callers.go(tickets)  # callers still waiting (the run ended before it began) see no ticket and end
         load.close()
         records = writer.finish()
     return records
@@ -243,6 +295,11 @@ def outcome(number: int, send_time: float, latency_s: float, spec: RequestSpec, 
     exc = future.exception()
     if exc is None:
         return Record.measured(number, send_time, latency_s, OK, spec.bytes_out, payload_bytes(future.result()))
+    return failure(number, send_time, latency_s, spec, exc)
+
+
+def failure(number: int, send_time: float, latency_s: float, spec: RequestSpec, exc: BaseException) -> Record:
+    """The record of a failed request: the error's code (or its type) and message."""
     code = getattr(exc, "code", None)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return Record.measured(number, send_time, latency_s, str(code) if code else type(exc).__name__,

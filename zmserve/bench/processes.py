@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from zmserve.bench.errors import BenchError
-from zmserve.bench.load import LoadSpec, Target
+from zmserve.bench.load import LoadSpec, Target, share
 from zmserve.bench.records import Record
 from zmserve.bench.writer import ResultWriter
 from zmserve.supervision import die_with_parent, reap
@@ -35,11 +35,6 @@ READY = {"ready": True}
 GO = "go\n"
 READY_POLL_S = 0.05
 STDERR_TAIL_LINES = 8
-
-
-def share(total: int, parts: int, index: int) -> int:
-    """Part `index`'s share of `total` when split as evenly as possible (the first parts take the remainder)."""
-    return total // parts + (1 if index < total % parts else 0)
 
 
 def parse_part(text: str) -> tuple[int, int]:

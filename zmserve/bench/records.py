@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from zmserve.bench.lines import json_object, parse_lines
@@ -46,9 +46,10 @@ class Record:
         return self.send_time + self.latency_ms / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
-        fields = asdict(self)
-        if fields["message"] is None:
-            del fields["message"]
+        fields = {"id": self.id, "send_time": self.send_time, "latency_ms": self.latency_ms, "status": self.status,
+                  "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+        if self.message is not None:
+            fields["message"] = self.message
         return fields
 
     def to_json(self) -> str:
