@@ -85,3 +85,19 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
 def normalize(vectors: np.ndarray) -> np.ndarray:
     """L2-normalise the last axis (torch.nn.functional.normalize's eps 1e-12)."""
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def embed_texts(texts: list[str], max_length: int = 256) -> np.ndarray:
+    """Each text's embedding from the float64 model, tokenized as the servable does (unpadded, truncated)."""
+    import assets
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(assets.model_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    reference = Reference()
+    rows = []
+    for text in texts:
+        ids = np.array(tokenizer.encode(text).ids, np.int64)[None]
+        rows.append(reference.embed(ids, np.ones_like(ids))[0])
+    return np.stack(rows)

@@ -17,7 +17,7 @@ from zmserve.local import LocalCluster
 EXAMPLE = REPO / "examples" / "minilm"
 sys.path.insert(0, str(EXAMPLE))
 
-from reference import Reference  # noqa: E402
+from reference import embed_texts  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +33,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def reference_embeddings() -> np.ndarray:
     """Unpadded token ids of each text through the float64 numpy model."""
-    import assets
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(assets.model_dir() / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=256)
-    reference = Reference()
-    rows = []
-    for text in TEXTS:
-        ids = np.array(tokenizer.encode(text).ids, np.int64)[None]
-        rows.append(reference.embed(ids, np.ones_like(ids))[0])
-    return np.stack(rows)
+    return embed_texts(TEXTS)
 
 
 @pytest.mark.parametrize(("rank_size", "stage_size"), [(1, 1), (2, 1), (2, 2), (4, 2)])

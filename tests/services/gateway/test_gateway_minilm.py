@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 EXAMPLE = REPO / "examples" / "minilm"
 sys.path.insert(0, str(EXAMPLE))
 
-from reference import Reference  # noqa: E402
+from reference import embed_texts  # noqa: E402
 
 TEXTS = ["A cat sits on the mat.", "Grüße aus Köln, 東京", "The quick brown fox jumps over the lazy dog."]
 RANK_SIZE, STAGE_SIZE = 2, 2
@@ -32,18 +32,7 @@ RANK_SIZE, STAGE_SIZE = 2, 2
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
     """Each text's embedding from the float64 numpy model over the same safetensors."""
-    import assets
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(assets.model_dir() / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=256)
-    model = Reference()
-    rows = []
-    for text in TEXTS:
-        ids = np.array(tokenizer.encode(text).ids, np.int64)[None]
-        rows.append(model.embed(ids, np.ones_like(ids))[0])
-    return np.stack(rows)
+    return embed_texts(TEXTS)
 
 
 @pytest.fixture(scope="module")
