@@ -34,11 +34,13 @@ from services.worker.membership import (
     WorkerState,
 )
 from services.worker.pipeline import Pipeline
+from services.worker.report import AgentHistory, worker_gauges, worker_status
 from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import get_logger
 from zmserve.loop import Handler, run_services
+from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     AgentFailed,
@@ -56,7 +58,6 @@ from zmserve.protocol import (
     Request,
     ServingError,
     WorkerDisconnect,
-    WorkerStatus,
     deadline_of,
     decode,
     encode,
@@ -108,8 +109,11 @@ class Worker:
 
         self.membership = Membership(self.model, config.heartbeat_interval, config.heartbeat_liveness,
                                      stage_input_endpoint, results_endpoint)
+        self.metrics = WorkerMetrics(self.spec.name, config.version_number, config.metrics,
+                                     gauges=lambda: worker_gauges(self))
+        self.history = AgentHistory(self.metrics)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
-                                 publish=self.publish, answer=self.answer)
+                                 publish=self.publish, answer=self.answer, metrics=self.metrics)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
@@ -169,6 +173,7 @@ class Worker:
             return
         if isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
+            self.history.registered(self.membership, identity, message)
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
@@ -191,6 +196,7 @@ class Worker:
             if isinstance(action, SendToAgent):
                 self.send_to_agent(action.identity, encode(action.message))
             elif isinstance(action, RestartGroups):
+                self.metrics.groups_restarted()
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
                 for scheduler in self.schedulers:
                     scheduler.stop()
@@ -201,6 +207,7 @@ class Worker:
                 self.check_methods_against_model(action.signature)
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
+                self.metrics.groups_formed(time.monotonic() - self.membership.since)
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
                          seconds_waited=round(time.monotonic() - self.waiting_since, 2))
@@ -240,6 +247,7 @@ class Worker:
 
     def handle_request(self, client: bytes, header_frame: Any, value_frames: list[Any]) -> None:
         request_id = None
+        method = None
         try:
             request = decode(header_frame, Request)
             request_id = request.id
@@ -257,6 +265,7 @@ class Worker:
             self.pipeline.admit(run)
         except ServingError as error:
             log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
+            self.metrics.rejected(method.name if method is not None else None, error.code)
             self.answer(client, [error_frame(request_id, error.code, error.message)])
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
@@ -300,10 +309,7 @@ class Worker:
 
     # ---- sending --------------------------------------------------------------------------------------------
     def send_status(self) -> None:
-        status = WorkerStatus(servable=self.spec.name, version=self.config.version_number,
-                              methods=list(self.spec.methods), ready=self.state == WorkerState.SERVING,
-                              reason=self.membership.status_reason(), signatures=self.signatures)
-        self.send_to_broker([BrokerCommand.CONTROL, encode(status)])
+        self.send_to_broker([BrokerCommand.CONTROL, encode(worker_status(self, time.monotonic()))])
 
     def publish(self, frames: list[Any]) -> None:
         """A model call to every stage-0 agent (the pipeline bounds what is in flight, so this never drops)."""
