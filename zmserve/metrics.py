@@ -286,6 +286,16 @@ def percentile(counts: dict[int, int], fraction: float) -> float | None:
 
 
 # ---- recorders ----------------------------------------------------------------------------------------------
+def frames_size(frames: list[Any]) -> int:
+    """Bytes of frames as they are sent: zmq.Frame and bytes (their length) or numpy arrays and memoryviews
+    (`nbytes`: an array's len() is its first dimension)."""
+    size = 0
+    for frame in frames:
+        nbytes = getattr(frame, "nbytes", None)
+        size += nbytes if nbytes is not None else len(frame)
+    return size
+
+
 @dataclass(eq=False)
 class RequestSeries:
     """The children of one (servable, method, version), found once: a request's end is a dict lookup away."""
@@ -344,7 +354,7 @@ class BrokerMetrics:
 
     def sent(self, frames: list[Any]) -> None:
         if self.enabled:
-            broker_sent_bytes.inc(sum(len(frame) for frame in frames))
+            broker_sent_bytes.inc(frames_size(frames))
 
     def finished(self, series: RequestSeries, code: str, arrived: float, now: float) -> None:
         """A routed request was answered (its reply, or the broker's error for it) at `now`."""
@@ -420,13 +430,13 @@ class WorkerMetrics:
         if self.enabled:
             self.queue.observe(now - queued_since)
             self.batch.observe(rows)
-            self.sent_bytes.inc(sum(len(frame) for frame in frames))
+            self.sent_bytes.inc(frames_size(frames))
         return now
 
     def call_returned(self, published: float, frames: list[Any]) -> None:
         if self.enabled:
             self.model.observe(time.perf_counter() - published)
-            self.received_bytes.inc(sum(len(frame) for frame in frames))
+            self.received_bytes.inc(frames_size(frames))
 
     def agent_restarted(self, rank: int) -> None:
         if self.enabled:

@@ -150,7 +150,7 @@ class ServableInfo(msgspec.Struct, frozen=True):
     signatures: dict[str, MethodSignature] = {}
 
 
-class AgentStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+class AgentStatus(msgspec.Struct, frozen=True):
     """One rank of a worker. `state`: the agent's (`registered`, `configured`, `ready`); `restarting` when its
     process was lost or told to restart and no new one has registered yet; `missing` when none ever registered.
     `host`, `pid`: the process holding the rank, or the last one that did. `heartbeat_age`: seconds since the
