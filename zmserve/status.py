@@ -114,12 +114,13 @@ def render_worker(worker: WorkerInfo) -> list[str]:
              f"  {worker.in_flight} requests in flight from the broker, {worker.requests} held, {worker.queued} "
              f"queued, {worker.calls_in_flight} model calls in the pipeline (status {worker.status_age:.1f} s old)"]
     rows = [["STAGE", "RANK", "STATE", "HOST", "PID", "HEARTBEAT", "RESTARTS"]]
-    rows += [agent_row(agent) for agent in worker.agents]
+    rows += [agent_row(agent, worker.status_age) for agent in worker.agents]
     return lines + ["  " + line for line in table(rows)]
 
 
-def agent_row(agent: AgentStatus) -> list[str]:
-    heartbeat = "-" if agent.heartbeat_age is None else f"{agent.heartbeat_age:.1f} s ago"
+def agent_row(agent: AgentStatus, status_age: float) -> list[str]:
+    """One agent; its heartbeat's age counted until now (the worker's status is `status_age` old)."""
+    heartbeat = "-" if agent.heartbeat_age is None else f"{agent.heartbeat_age + status_age:.1f} s ago"
     return [str(agent.stage), str(agent.rank), agent.state, agent.host or "-", str(agent.pid or "-"), heartbeat,
             str(agent.restarts)]
 

@@ -52,7 +52,7 @@ def test_text_lists_servables_workers_and_agents_by_stage() -> None:
     assert lines[3].split() == ["mlp", "1", "predict", "no", "120", "3", "1.23", "ms", "25.0", "ms"]
     assert lines[4].split() == ["old", "-", "-", "lost"]
     assert "NOT READY: waiting for agents: 1/2 registered" in lines[6]
-    assert lines[9].split() == ["0", "0", "ready", "a", "10", "0.2", "s", "ago", "0"]
+    assert lines[9].split() == ["0", "0", "ready", "a", "10", "0.7", "s", "ago", "0"]  # 0.25 + the status's 0.4
     assert lines[10].split() == ["1", "1", "restarting", "b", "11", "-", "2"]
 
 
