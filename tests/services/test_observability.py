@@ -294,6 +294,20 @@ def test_status_json_field_by_field(deployment: Deployment) -> None:
     assert [row[-1] for row in rows] == [str(restarts[rank]) for rank in range(4)]
 
 
+def test_status_watch_redraws_until_interrupted(deployment: Deployment) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "zmserve.cli", "status", "--broker",
+                                deployment.cluster.client_address, "--watch", "--json", "--interval", "0.2"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        answers = [json.loads(process.stdout.readline()) for _ in range(3)]
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=10)
+    assert code == 0
+    assert [a["type"] for a in answers] == ["status"] * 3
+    assert answers[0]["uptime_s"] < answers[1]["uptime_s"] < answers[2]["uptime_s"]
+
+
 # ---- the status page in Chromium ---------------------------------------------------------------------------------
 def test_status_page_in_chromium(deployment: Deployment) -> None:
     with chromium(deployment.workdir / "chromium-page") as driver:
@@ -400,9 +414,26 @@ def test_a_killed_agent_is_seen_restarting_then_ready(deployment: Deployment) ->
 
 
 # ---- zmserve serve: one endpoint, both sets ----------------------------------------------------------------------
+STAGED_CONFIG = """
+from zmserve.server import distributed, register
+
+model = distributed.declare_servable(rank_size=1, stage_size=1, with_batch_dim=False)
+
+
+def double(x):
+    return x * 2
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    x2 = register.add_stage(double, x, outputs_count=1)
+    return register.add_stage(model, x2, outputs_count=1)
+"""
+
+
 def test_serve_shows_broker_and_worker_metrics_on_one_endpoint(tmp_path: Path) -> None:
     model_files = export_matmul(tmp_path, 1)
-    servables = write_servable(tmp_path / "servables", "matmul", MATMUL_CONFIG.format(rank_size=1, stage_size=1))
+    servables = write_servable(tmp_path / "servables", "matmul", STAGED_CONFIG)
     cluster = Cluster(tmp_path, servables, "matmul", model_files, colocated=True)
     try:
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
@@ -418,4 +449,6 @@ def test_serve_shows_broker_and_worker_metrics_on_one_endpoint(tmp_path: Path) -
     labels = {"servable": "matmul", "method": "predict", "version": "1", "code": "OK"}
     assert delta(before, after, "zmserve_broker_requests_total", **labels) == 5
     assert delta(before, after, "zmserve_worker_requests_total", **labels) == 5
+    assert delta(before, after, "zmserve_worker_stage_duration_seconds_count", servable="matmul", method="predict",
+                 stage="double") == 5  # the Python stage, timed on its own
     assert total(after, "zmserve_worker_agents_ready", servable="matmul") == 1
