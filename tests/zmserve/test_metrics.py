@@ -4,15 +4,19 @@ exposition, the label rules, the live gauges, the endpoint over HTTP, and the tr
 from __future__ import annotations
 
 import gc
+import socket
 import urllib.request
 import uuid
 
+import click
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zmserve import metrics
+from zmserve.cli import metrics_endpoint, metrics_option
 from zmserve.metrics import (
     OK,
     BrokerMetrics,
@@ -23,6 +27,7 @@ from zmserve.metrics import (
     parse_bind,
     percentile,
 )
+from zmserve.transport import free_port
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -232,3 +237,36 @@ def test_series_steps_cover_the_span_oldest_first() -> None:
     assert [start for start, _ in points] == sorted(start for start, _ in points)
     assert sum(point.requests for _, point in points) == 10
     assert points[-1][1].requests == 5 and points[-2][1].requests == 5 and points[-1][0] < 0
+
+
+# ---- --metrics-bind in the CLI ----------------------------------------------------------------------------------
+def probe_command(default: str):
+    """A command with the CLI's --metrics-bind option that says whether its service would record."""
+    @click.command()
+    @metrics_option(default)
+    def probe(metrics_bind: str) -> None:
+        with metrics_endpoint(metrics_bind, ["broker"]) as recording:
+            click.echo(f"recording={recording}")
+
+    return probe
+
+
+def test_a_taken_default_port_is_a_warning_and_a_chosen_one_an_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = CliRunner().invoke(probe_command(address), [])
+        assert result.exit_code == 0 and "recording=False" in result.stdout
+        result = CliRunner().invoke(probe_command("127.0.0.1:9"), ["--metrics-bind", address])
+        assert result.exit_code == 1 and f"cannot serve metrics on {address}" in result.output
+    assert "recording=False" in CliRunner().invoke(probe_command(address), ["--metrics-bind", "off"]).stdout
+    assert CliRunner().invoke(probe_command(address), ["--metrics-bind", "nonsense"]).exit_code == 2
+
+
+def test_the_endpoint_lives_as_long_as_the_command() -> None:
+    port = free_port()
+    result = CliRunner().invoke(probe_command(f"127.0.0.1:{port}"), [])
+    assert result.exit_code == 0 and "recording=True" in result.stdout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # closed again when the command ended
