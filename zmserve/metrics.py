@@ -16,7 +16,7 @@ way they do:
   - `--metrics-bind off` makes a recorder that skips Prometheus (`enabled=False`); the broker's `TrafficWindow`
     (the last minutes of requests behind `zmserve status` and the status page) is kept either way.
 
-The metric names and labels are listed in README.md ("Metrics"); the default ports are the CLI's
+The metric names and labels are listed in README.md ("Seeing it run"); the default ports are the CLI's
 (`zmserve.cli`: broker and `zmserve serve` 9500, worker 9501, gateway 9502, on 127.0.0.1).
 """
 
