@@ -25,8 +25,8 @@ class Colocated:
         self.broker, self.worker = broker, worker
         broker.attach_in_process_worker(IN_PROCESS_WORKER, InProcessWorker(worker.take_request, worker.process_broker))
         worker.attach_in_process_broker(InProcessBroker(
-            lambda client, request_id, frames: broker.take_in_process_reply(IN_PROCESS_WORKER, client, request_id,
-                                                                            frames),
+            lambda client, request_id, code, frames: broker.take_in_process_reply(IN_PROCESS_WORKER, client,
+                                                                                  request_id, code, frames),
             lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames])))
         self.stop_event = threading.Event()
 

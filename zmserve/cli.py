@@ -4,12 +4,14 @@ Every option also reads ZMSERVE_<COMMAND>_<OPTION> from the environment (`name_e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from services.gateway.config import (
     DEFAULT_BIND,
@@ -38,12 +40,55 @@ from zmserve.supervision import handle_stop_signals
 
 log = get_logger("cli")
 
+DEFAULT_BROKER_METRICS_BIND = "127.0.0.1:9500"
+DEFAULT_WORKER_METRICS_BIND = "127.0.0.1:9501"
+DEFAULT_GATEWAY_METRICS_BIND = "127.0.0.1:9502"
+"""Where `zmserve broker` (and `zmserve serve`), `zmserve worker` and `zmserve gateway` serve Prometheus metrics
+unless told otherwise (zmserve.metrics is imported only by the commands that serve them)."""
+
 
 def run_until_signalled(service: Any) -> None:
     """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly, a second one forces the exit."""
     handle_stop_signals(service.stop)
     result = service.run()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def metrics_option(default: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return click.option("--metrics-bind", default=default, show_default=True,
+                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port); "
+                             "'off' records none.")
+
+
+@contextlib.contextmanager
+def metrics_endpoint(bind: str, roles: list[str]) -> Iterator[bool]:
+    """Serve the metrics of `roles` ("broker", "worker", "gateway") while the command runs; yields whether the
+    service should record them. A default port that is taken (a second worker on this machine) is a warning and
+    no metrics; a port the user chose that is taken is an error."""
+    from zmserve import metrics
+
+    try:
+        address = metrics.parse_bind(bind)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--metrics-bind") from None
+    if address is None:
+        yield False
+        return
+    registries = {"broker": metrics.BROKER, "worker": metrics.WORKER, "gateway": metrics.GATEWAY}
+    try:
+        endpoint = metrics.MetricsEndpoint(*address, [registries[role] for role in roles])
+    except OSError as error:
+        if click.get_current_context().get_parameter_source("metrics_bind") is not ParameterSource.DEFAULT:
+            raise click.ClickException(f"cannot serve metrics on {bind}: {error.strerror or error}") from None
+        log.warning("metrics_off", bind=bind, why=error.strerror or str(error),
+                    hint="the default metrics port is taken; pass --metrics-bind HOST:PORT (or off)")
+        yield False
+        return
+    log.info("metrics_serving", url=endpoint.url)
+    try:
+        yield True
+    finally:
+        endpoint.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -78,7 +123,9 @@ MAX_REQUEST_HELP = "Largest request taken, in MiB (all its frames); a larger one
               help=HEARTBEAT_HELP + " A lost worker's requests are answered UNAVAILABLE.")
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
-def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_request_mb: int) -> None:
+@metrics_option(DEFAULT_BROKER_METRICS_BIND)
+def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_request_mb: int,
+           metrics_bind: str) -> None:
     """Route client requests to the workers serving them.
 
     Ready when it logs `broker_started`; workers then register on --worker-bind.
@@ -86,12 +133,13 @@ def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_re
     from services.broker.broker import Broker
     from zmserve.transport import BindError
 
-    try:
-        service = Broker(bind, worker_bind or following_port(bind), heartbeat_interval=heartbeat_interval,
-                         max_request_bytes=max_request_mb * 2**20)
-    except (BindError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
-    run_until_signalled(service)
+    with metrics_endpoint(metrics_bind, ["broker"]) as recording:
+        try:
+            service = Broker(bind, worker_bind or following_port(bind), heartbeat_interval=heartbeat_interval,
+                             max_request_bytes=max_request_mb * 2**20, metrics=recording)
+        except (BindError, ValueError) as error:
+            raise click.ClickException(str(error)) from None
+        run_until_signalled(service)
 
 
 def following_port(address: str) -> str:
@@ -151,7 +199,7 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
 def make_worker(broker_address: str | None, servable_dir: str, servable: str, version: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-                max_batch_delay_ms: float) -> Any:
+                max_batch_delay_ms: float, metrics: bool = False) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
@@ -164,7 +212,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             servable_dir, servable, version, rank_table, distributed_address, broker_address, wait_agents,
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
-            max_batch_delay=max_batch_delay_ms / 1000))
+            max_batch_delay=max_batch_delay_ms / 1000, metrics=metrics))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -182,12 +230,14 @@ def run_service(service: Any) -> None:
 @click.option("--broker", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
               help="The broker's worker address (its --worker-bind) to register with; the worker keeps trying "
                    "until a broker listens there.")
-def worker(broker: str, **options: Any) -> None:
+@metrics_option(DEFAULT_WORKER_METRICS_BIND)
+def worker(broker: str, metrics_bind: str, **options: Any) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker.
 
     Ready when it logs `serving` (every agent registered, joined its group and loaded its shard).
     """
-    run_service(make_worker(broker, **options))
+    with metrics_endpoint(metrics_bind, ["worker"]) as recording:
+        run_service(make_worker(broker, **options, metrics=recording))
 
 
 @main.command()
@@ -199,24 +249,26 @@ def worker(broker: str, **options: Any) -> None:
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
 @worker_options
-def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: Any) -> None:
+@metrics_option(DEFAULT_BROKER_METRICS_BIND)
+def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind: str, **options: Any) -> None:
     """Broker and worker in one process: one machine, one servable, the shortest path for a request.
 
     Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`. Ready when it logs
-    `serving`.
+    `serving`. One metrics endpoint shows both the broker's and the worker's metrics.
     """
     from services.broker.broker import Broker
     from services.colocated import Colocated
     from zmserve.transport import BindError
 
-    worker_service = make_worker(None, **options)
-    try:
-        broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
-                                max_request_bytes=max_request_mb * 2**20)
-    except (BindError, ValueError) as error:
-        worker_service.close_sockets()
-        raise click.ClickException(str(error)) from None
-    run_service(Colocated(broker_service, worker_service))
+    with metrics_endpoint(metrics_bind, ["broker", "worker"]) as recording:
+        worker_service = make_worker(None, **options, metrics=recording)
+        try:
+            broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
+                                    max_request_bytes=max_request_mb * 2**20, metrics=recording)
+        except (BindError, ValueError) as error:
+            worker_service.close_sockets()
+            raise click.ClickException(str(error)) from None
+        run_service(Colocated(broker_service, worker_service))
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -289,18 +341,41 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
               help="a body not complete this many seconds after its headers is answered 408")
 @click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_S, show_default=True,
               type=click.FloatRange(min=0.1), help="idle keep-alive connections are closed after this long")
+@metrics_option(DEFAULT_GATEWAY_METRICS_BIND)
 def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, body_timeout: float,
-            keep_alive_timeout: float) -> None:
-    """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...) and the Open Inference Protocol (/v2/...)."""
+            keep_alive_timeout: float, metrics_bind: str) -> None:
+    """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...), the Open Inference Protocol (/v2/...) and a
+    live status page (/)."""
     from services.gateway.app import Gateway
     from services.gateway.config import GatewayConfig
 
-    config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout)
+    with metrics_endpoint(metrics_bind, ["gateway"]) as recording:
+        config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout,
+                               keep_alive_timeout, metrics=recording)
+        try:
+            service = Gateway(config)
+        except (OSError, ValueError) as error:
+            raise click.ClickException(f"cannot listen on {bind}: {error}") from None
+        run_until_signalled(service)
+
+
+@main.command()
+@click.option("--broker", "broker_address", default=DEFAULT_BROKER_CLIENT_ADDRESS, show_default=True,
+              help="the broker's client-facing address")
+@click.option("--json", "as_json", is_flag=True, help="print the broker's answer as JSON (one line per refresh)")
+@click.option("--watch", is_flag=True, help="refresh every --interval seconds until interrupted")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="seconds between refreshes with --watch")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="seconds to wait for the broker's answer")
+def status(broker_address: str, as_json: bool, watch: bool, interval: float, timeout: float) -> None:
+    """Show what is deployed: servables, workers, their agents by stage and rank, load and latency."""
+    from zmserve.status import StatusUnavailable, watch_status
+
     try:
-        service = Gateway(config)
-    except (OSError, ValueError) as error:
-        raise click.ClickException(f"cannot listen on {bind}: {error}") from None
-    run_until_signalled(service)
+        watch_status(broker_address, as_json, watch, interval, timeout)
+    except StatusUnavailable as error:
+        raise click.ClickException(str(error)) from None
 
 
 def name_environment_variables(command: click.Command, prefix: str = "ZMSERVE") -> None:

@@ -25,7 +25,9 @@ class LocalCluster:
     worker).
 
     `colocated=True` runs `zmserve serve` (broker and worker in one process) instead of `zmserve broker` +
-    `zmserve worker`; its process and log are then both `worker` and `broker`."""
+    `zmserve worker`; its process and log are then both `worker` and `broker`.
+
+    Every broker, worker and gateway serves Prometheus metrics on a free port: `metrics[name]` is its URL."""
 
     def __init__(self, workdir: Path, servable_dir: Path | None, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
@@ -37,6 +39,7 @@ class LocalCluster:
         self.servable = servable
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.metrics: dict[str, str] = {}
         if servable_dir is None:
             self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
                                   *(extra_broker_args or [])])
@@ -46,6 +49,7 @@ class LocalCluster:
         if colocated:
             self.start("worker", ["serve", "--bind", self.client_address, *(extra_broker_args or []), *worker_args])
             self.processes["broker"], self.logs["broker"] = self.processes["worker"], self.logs["worker"]
+            self.metrics["broker"] = self.metrics["worker"]
         else:
             self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
                                   *(extra_broker_args or [])])
@@ -60,6 +64,10 @@ class LocalCluster:
                           "--agent-start-port", str(free_port_range(len(model_files))), *extra])
 
     def start(self, name: str, args: list[str]) -> None:
+        if args[0] in ("broker", "worker", "serve", "gateway") and "--metrics-bind" not in args:
+            port = free_port()
+            args = [*args, "--metrics-bind", f"127.0.0.1:{port}"]
+            self.metrics[name] = f"http://127.0.0.1:{port}/metrics"
         log_path = self.workdir / f"{name}.log"
         self.logs[name] = log_path
         self.processes[name] = subprocess.Popen(

@@ -51,6 +51,9 @@ class MessageType(StrEnum):
     # client -> broker -> client: what is served (the HTTP gateway's health and model-metadata endpoints)
     METADATA_QUERY = "metadata_query"
     METADATA = "metadata"
+    # client -> broker -> client: servables, workers, agents and traffic (`zmserve status`, the status page)
+    STATUS_QUERY = "status_query"
+    STATUS = "status"
 
 
 class BrokerCommand:
@@ -148,6 +151,69 @@ class ServableInfo(msgspec.Struct, frozen=True):
     signatures: dict[str, MethodSignature] = {}
 
 
+class AgentStatus(msgspec.Struct, frozen=True):
+    """One rank of a worker. `state`: the agent's (`registered`, `configured`, `ready`); `restarting` when its
+    process was lost or told to restart and no new one has registered yet; `missing` when none ever registered.
+    `host`, `pid`: the process holding the rank, or the last one that did. `heartbeat_age`: seconds since the
+    worker last heard from it (absent when no process holds the rank). `restarts`: processes that registered for
+    the rank after its first one."""
+
+    rank: int
+    stage: int
+    state: str
+    host: str = ""
+    pid: int = 0
+    heartbeat_age: float | None = None
+    restarts: int = 0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """One worker in a STATUS answer: what its last WORKER_STATUS said (`status_age` seconds ago), and `in_flight`,
+    the requests the broker handed it that are not answered yet."""
+
+    servable: str
+    version: int
+    ready: bool
+    reason: str
+    state: str
+    address: str
+    host: str
+    pid: int
+    methods: list[str]
+    agents: list[AgentStatus]
+    requests: int
+    queued: int
+    calls_in_flight: int
+    in_flight: int
+    status_age: float
+
+
+class TrafficPoint(msgspec.Struct, frozen=True, array_like=True):
+    """`[start, requests, errors, p50_ms, p99_ms]` of one step of a servable's traffic, `start` in seconds before
+    the answer (negative); the percentiles are null when no request of the step had a latency."""
+
+    start: float
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class Traffic(msgspec.Struct, frozen=True):
+    """One servable's requests as the broker saw them end: the last `window_s` seconds summed up, and `series`,
+    one point per `step_s` seconds over the last minutes, oldest first. Latency is from a request's arrival at the
+    broker to its answer; requests refused before any worker had them count as errors with no latency."""
+
+    servable: str
+    window_s: float
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    step_s: int
+    series: list[TrafficPoint]
+
+
 # ---- messages -----------------------------------------------------------------------------------------------
 class Message(msgspec.Struct, tag_field="type", kw_only=True):
     """Every header: `v` is the protocol version, `type` (the struct's tag) the message type."""
@@ -183,7 +249,10 @@ class Error(Message, tag=MessageType.ERROR.value):
 
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     """`methods` in the order the servable declares them (the first is a client's default method);
-    `signatures` once the agents have said what the model takes and gives."""
+    `signatures` once the agents have said what the model takes and gives. The rest is what `zmserve status`
+    shows: the worker's state, its distributed address, host and pid, one entry per rank, the requests it holds,
+    the instances waiting to go to the model (`queued`: in a batch being filled, or in a call waiting for room in
+    the pipeline) and the model calls in the pipeline."""
 
     servable: str
     version: int
@@ -191,6 +260,14 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     ready: bool
     reason: str = ""
     signatures: dict[str, MethodSignature] = {}
+    state: str = ""
+    address: str = ""
+    host: str = ""
+    pid: int = 0
+    agents: list[AgentStatus] = []
+    requests: int = 0
+    queued: int = 0
+    calls_in_flight: int = 0
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
@@ -279,6 +356,25 @@ class Metadata(Message, tag=MessageType.METADATA.value):
     lost: list[str] = []
 
 
+class StatusQuery(Message, tag=MessageType.STATUS_QUERY.value):
+    """client -> broker: everything `zmserve status` shows."""
+
+    id: RequestId
+
+
+class Status(Message, tag=MessageType.STATUS.value):
+    """broker -> client: what is served (as in METADATA), every worker with its agents, each servable's traffic,
+    the broker's uptime and the requests it has handed to workers and not had answered yet."""
+
+    id: RequestId
+    uptime_s: float
+    in_flight: int
+    servables: list[ServableInfo] = []
+    lost: list[str] = []
+    workers: list[WorkerInfo] = []
+    traffic: list[Traffic] = []
+
+
 class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
     """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only."""
 
@@ -307,14 +403,14 @@ M = TypeVar("M", bound=Message)
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
     AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata,
-    ModelCall, ModelResult, ModelError,
+    ModelCall, ModelResult, ModelError, StatusQuery, Status,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
                                    | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | MetadataQuery
-                                   | Metadata | ModelCall | ModelResult | ModelError)
+                                   | Metadata | ModelCall | ModelResult | ModelError | StatusQuery | Status)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 

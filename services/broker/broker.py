@@ -18,8 +18,10 @@ from typing import Any
 import structlog
 import zmq
 
+from services.broker.status import broker_gauges, compose_status
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
+from zmserve.metrics import OK, BrokerMetrics, RequestSeries
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
@@ -39,6 +41,7 @@ from zmserve.protocol import (
     RequestId,
     ServableInfo,
     ServingError,
+    StatusQuery,
     WorkerDisconnect,
     WorkerStatus,
     deadline_of,
@@ -71,6 +74,8 @@ class WorkerRecord:
     """The methods in the order the servable declares them (the first is the default for OIP clients)."""
     signatures: dict[str, MethodSignature] = field(default_factory=dict)
     """Per method: its inputs and outputs, once the worker knows the model's signature."""
+    status: WorkerStatus | None = None
+    """The worker's last WORKER_STATUS: its agents and load, for `zmserve status`."""
 
 
 @dataclass
@@ -78,6 +83,9 @@ class PendingRequest:
     worker: bytes
     deadline: float | None
     servable: str
+    series: RequestSeries | None = None
+    """Its (servable, method, version) in the metrics; None for a request no metric follows."""
+    arrived: float = 0.0
 
 
 class InFlight:
@@ -121,6 +129,7 @@ class Broker:
         heartbeat_liveness: int = HEARTBEAT_LIVENESS,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         context: zmq.Context | None = None,
+        metrics: bool = False,
     ) -> None:
         self.context = context or zmq.Context.instance()
         self.max_request_bytes = max_request_bytes
@@ -149,6 +158,9 @@ class Broker:
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
+        self.started_at = time.monotonic()
+        self.metrics = BrokerMetrics(metrics, gauges=lambda: broker_gauges(self))
+        """Prometheus (when `metrics`) and the last minutes of each servable's traffic (always)."""
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -175,6 +187,7 @@ class Broker:
     def process_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
         request_id: RequestId | None = None
+        request: Request | MetadataQuery | StatusQuery | None = None
         try:
             if len(frames) < 2:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs a header frame")
@@ -182,17 +195,21 @@ class Broker:
             if size > self.max_request_bytes:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
-            request = decode(frames[1], Request, MetadataQuery)
+            self.metrics.received(size)
+            request = decode(frames[1], Request, MetadataQuery, StatusQuery)
             request_id = request.id
-            if isinstance(request, MetadataQuery):
-                self.answer_metadata(client, request)
+            if not isinstance(request, Request):
+                self.answer_query(client, request)
                 return
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
             worker = self.choose_worker(request.servable, request.method, request.version)
-            self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms),
-                                                  request.servable))
+            now = time.monotonic()
+            self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms, now),
+                                                  request.servable,
+                                                  self.metrics.series(request.servable, request.method,
+                                                                      worker.version), now))
             worker.inflight.add(key)
             delivery = self.deliver_request(worker.identity, client, request, frames[1:])
             if delivery is not Delivery.SENT:
@@ -209,6 +226,8 @@ class Broker:
                 request_id = peek_request_id(frames[1])
             bursts.info("request_rejected", key=error.code, request_id=request_id, code=error.code,
                         message=error.message)
+            servable, method = (request.servable, request.method) if isinstance(request, Request) else (None, None)
+            self.metrics.rejected(servable, method, error.code, servable in self.seen_servables, time.monotonic())
             self.reply_error(client, request_id, error.code, error.message)
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
@@ -244,11 +263,19 @@ class Broker:
             raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
         return ready
 
-    def answer_metadata(self, client: bytes, query: MetadataQuery) -> None:
-        """What is served, one entry per (servable, version), for the queried servable or every one."""
+    def answer_query(self, client: bytes, query: MetadataQuery | StatusQuery) -> None:
+        """What is served (METADATA_QUERY), or that and every worker, agent and servable's traffic (STATUS_QUERY)."""
+        if isinstance(query, StatusQuery):
+            answer = compose_status(self, query.id, time.monotonic())
+        else:
+            answer = self.metadata(query.servable, query.id)
+        self.send_to_client(client, [encode(answer)])
+
+    def metadata(self, servable: str | None, query_id: RequestId = 0) -> Metadata:
+        """What is served, one entry per (servable, version), for `servable` or every one (None)."""
         entries: dict[tuple[str, int], ServableInfo] = {}
         for worker in self.workers.values():
-            if query.servable is not None and worker.servable != query.servable:
+            if servable is not None and worker.servable != servable:
                 continue
             known = entries.get((worker.servable, worker.version))
             if known is None or (worker.ready and not known.ready):
@@ -256,10 +283,8 @@ class Broker:
                     worker.servable, worker.version, list(worker.declared_methods or sorted(worker.methods)),
                     worker.ready, "" if worker.ready else worker.reason, worker.signatures)
         served = {name for name, _ in entries}
-        lost = sorted(name for name in self.seen_servables
-                      if name not in served and query.servable in (None, name))
-        metadata = Metadata(id=query.id, servables=[entries[key] for key in sorted(entries)], lost=lost)
-        self.send_to_client(client, [encode(metadata)])
+        lost = sorted(name for name in self.seen_servables if name not in served and servable in (None, name))
+        return Metadata(id=query_id, servables=[entries[key] for key in sorted(entries)], lost=lost)
 
     def describe(self) -> str:
         if not self.workers:
@@ -291,9 +316,9 @@ class Broker:
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
             return
-        self.take_reply(record, client, reply.id, frames)
+        self.take_reply(record, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
 
-    def take_reply(self, record: WorkerRecord | None, client: bytes, request_id: RequestId | None,
+    def take_reply(self, record: WorkerRecord | None, client: bytes, request_id: RequestId | None, code: str,
                    frames: list[Any]) -> None:
         """A worker's answer ([header, *values]) to the request `request_id` of `client`: to the client, unless
         the broker has answered that request already (deadline, lost worker) or its deadline has passed."""
@@ -304,15 +329,23 @@ class Broker:
             return
         if record is not None:
             record.inflight.discard(key)
-        if pending.deadline is not None and time.monotonic() > pending.deadline:
+        now = time.monotonic()
+        if pending.deadline is not None and now > pending.deadline:
+            self.finished(pending, ErrorCode.DEADLINE_EXCEEDED, now)
             self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
             return
+        self.finished(pending, code, now)
         self.send_to_client(client, frames)
 
-    def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None,
+    def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
                               frames: list[Any]) -> None:
-        """`take_reply` for a worker in this process: its reply's request id comes with it, not to be decoded."""
-        self.take_reply(self.workers.get(identity), client, request_id, frames)
+        """`take_reply` for a worker in this process: its reply's request id and code come with it, not to be
+        decoded."""
+        self.take_reply(self.workers.get(identity), client, request_id, code, frames)
+
+    def finished(self, pending: PendingRequest, code: str, now: float) -> None:
+        if pending.series is not None:
+            self.metrics.finished(pending.series, code, pending.arrived, now)
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: Any) -> None:
         try:
@@ -339,6 +372,7 @@ class Broker:
             log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
         record.declared_methods, record.signatures = tuple(status.methods), status.signatures
+        record.status = status
 
     def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False) -> None:
         """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
@@ -347,8 +381,10 @@ class Broker:
         self.routes.clear()
         (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
                                              inflight=len(record.inflight))
+        now = time.monotonic()
         for client, request_id in record.inflight:
-            if self.requests.pop((client, request_id)) is not None:
+            if (pending := self.requests.pop((client, request_id))) is not None:
+                self.finished(pending, ErrorCode.UNAVAILABLE, now)
                 self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
                                  f"the worker serving {record.servable!r} was lost ({why})")
 
@@ -361,6 +397,8 @@ class Broker:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):
             pending = self.requests.pop((client, request_id))
+            if pending is not None:
+                self.finished(pending, ErrorCode.DEADLINE_EXCEEDED, now)
             if pending is not None and (record := self.workers.get(pending.worker)) is not None:
                 record.inflight.discard((client, request_id))
             self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED,
@@ -375,6 +413,7 @@ class Broker:
         self.send_to_client(client, [error_frame(request_id, code, message)])
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
+        self.metrics.sent(frames)
         delivery = send_nonblocking(self.clients, [client, *frames])
         if delivery is Delivery.WOULD_BLOCK:
             bursts.warning("client_not_reading", client=client.hex())

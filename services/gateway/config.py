@@ -30,6 +30,8 @@ class GatewayConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_S
+    metrics: bool = False
+    """Record Prometheus metrics (served on `--metrics-bind` by the CLI)."""
 
     @property
     def host_port(self) -> tuple[str, int]:

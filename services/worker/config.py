@@ -38,3 +38,5 @@ class WorkerConfig:
     execution_timeout: float = EXECUTION_TIMEOUT_S
     max_batch_size: int = MAX_BATCH_SIZE
     max_batch_delay: float = MAX_BATCH_DELAY_S
+    metrics: bool = False
+    """Record Prometheus metrics (`zmserve worker` does unless `--metrics-bind off`; the Python API does not)."""

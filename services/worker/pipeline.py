@@ -20,6 +20,7 @@ from services.worker.batching import Batcher
 from services.worker.requests import MethodRun, ModelCall, RunTable
 from zmserve.codec import decode_values, dtype_name, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
+from zmserve.metrics import OK, WorkerMetrics
 from zmserve.protocol import (
     ErrorCode,
     ModelError,
@@ -40,14 +41,15 @@ bursts = Bursts(log)
 
 Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
-Answer = Callable[[bytes, Any, list[Any]], None]
+Answer = Callable[[bytes, Any, str, list[Any]], None]
 """Send [header, *values] of a REPLY or ERROR for request id (2nd) to the client with this routing identity."""
 
 
 class Pipeline:
     def __init__(self, model: DistributedModel, max_inflight_calls: int, max_queued_requests: int,
-                 publish: Publish, answer: Answer) -> None:
+                 publish: Publish, answer: Answer, metrics: WorkerMetrics | None = None) -> None:
         self.model = model
+        self.metrics = metrics or WorkerMetrics("", 0, enabled=False)
         self.max_queued_requests = max_queued_requests
         self.publish, self.answer = publish, answer
         self.table = RunTable(max_inflight_calls)
@@ -81,10 +83,13 @@ class Pipeline:
         try:
             while (stage := run.current_stage) is not None:
                 if not stage.is_model:
+                    started = time.perf_counter()
                     run.run_python_stage(stage)
+                    self.metrics.stage_ran(run.method.name, stage.label, started)
                     continue
                 if run.deadline is not None and time.monotonic() >= run.deadline:
                     raise ServingError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the model stage")
+                run.model_queued = time.perf_counter()
                 self.queue_model_calls(run, run.model_inputs(stage))
                 self.publish_calls()
                 return
@@ -97,7 +102,8 @@ class Pipeline:
             self.fail(run, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.table.remove_run(run)
-        self.answer(run.client, run.request_id, [encode(Reply(id=run.request_id, instances=specs)), *frames])
+        self.metrics.request_done(run.method.name, OK, run.started)
+        self.answer(run.client, run.request_id, OK, [encode(Reply(id=run.request_id, instances=specs)), *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
         """Check inputs against the model's signature, then queue one call per instance, or hand the instances
@@ -133,6 +139,7 @@ class Pipeline:
             header = encode(ModelCallMessage(call=call.call_id, request_id=call.slots[0][0].request_id,
                                              values=specs))
             self.publish([header, *frames])
+            call.published = self.metrics.call_published(call.slots[0][0].model_queued, len(call.slots), frames)
             self.stats["model_calls"] += 1
             self.stats["model_rows"] += len(call.slots)
 
@@ -143,6 +150,7 @@ class Pipeline:
         if call is None:
             bursts.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
             return
+        self.metrics.call_returned(call.published, value_frames)
         if isinstance(message, ModelError):
             self.fail_call(call, message.code, f"rank {message.rank}: {message.message}")
         else:
@@ -198,8 +206,9 @@ class Pipeline:
         if run.finished:
             return
         self.table.remove_run(run)
+        self.metrics.request_done(run.method.name, code, run.started)
         bursts.info("request_failed", key=code, request_id=run.request_id, code=code, message=message)
-        self.answer(run.client, run.request_id, [error_frame(run.request_id, code, message)])
+        self.answer(run.client, run.request_id, code, [error_frame(run.request_id, code, message)])
 
     def fail_all(self, code: ErrorCode, message: str) -> None:
         """The agents are gone: answer every run, and forget every call (nothing published will come back)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,8 @@ class ModelCall:
     inputs: list[np.ndarray]
     slots: list[tuple[MethodRun, int]]
     batched: bool
+    published: float = 0.0
+    """perf_counter() when it left for stage 0 (metrics)."""
 
     @property
     def alive(self) -> bool:
@@ -51,6 +53,9 @@ class MethodRun:
     stage_index: int = 0
     awaiting: int = 0
     finished: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    model_queued: float = 0.0
+    """perf_counter() when it arrived and when it reached the model stage (metrics)."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,

@@ -36,11 +36,13 @@ from services.worker.membership import (
     WorkerState,
 )
 from services.worker.pipeline import Pipeline
+from services.worker.report import AgentHistory, worker_gauges, worker_status
 from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
+from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     SCAN_INTERVAL_S,
@@ -60,7 +62,6 @@ from zmserve.protocol import (
     RequestId,
     ServingError,
     WorkerDisconnect,
-    WorkerStatus,
     deadline_of,
     decode,
     encode,
@@ -94,8 +95,9 @@ PROGRESS_INTERVAL_S = 30.0
 class InProcessBroker:
     """A broker in this process and loop (`zmserve serve`): the worker calls it instead of sending to it."""
 
-    take_reply: Callable[[bytes, RequestId | None, list[Any]], None]
-    """(client, request id, [header, *values]): an answer, with its request id so the broker need not decode it."""
+    take_reply: Callable[[bytes, RequestId | None, str, list[Any]], None]
+    """(client, request id, code, [header, *values]): an answer, with its request id and its code ("OK" or an
+    error code) so the broker need not decode it."""
     process_worker: Callable[[list[Any]], None]
     """Any other message, as the frames the DEALER would have sent ([command, ...])."""
 
@@ -136,8 +138,11 @@ class Worker:
         self.membership = Membership(self.model, config.heartbeat_interval, config.heartbeat_liveness,
                                      stage_input_endpoint, results_endpoint, servable=self.spec.name,
                                      uses=ModelUse.of(self.spec))
+        self.metrics = WorkerMetrics(self.spec.name, config.version_number, config.metrics,
+                                     gauges=lambda: worker_gauges(self))
+        self.history = AgentHistory(self.metrics)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
-                                 publish=self.publish, answer=self.answer)
+                                 publish=self.publish, answer=self.answer, metrics=self.metrics)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
@@ -199,6 +204,7 @@ class Worker:
             return
         if isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
+            self.history.registered(self.membership, identity, message)
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
@@ -223,6 +229,7 @@ class Worker:
             if isinstance(action, SendToAgent):
                 self.send_to_agent(action.identity, encode(action.message))
             elif isinstance(action, RestartGroups):
+                self.metrics.groups_restarted()
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
                 for scheduler in self.schedulers:
                     scheduler.stop()
@@ -232,6 +239,7 @@ class Worker:
             elif isinstance(action, StartServing):
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
+                self.metrics.groups_formed(time.monotonic() - self.membership.since)
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
                          seconds_waited=round(time.monotonic() - self.waiting_since, 2))
@@ -257,12 +265,14 @@ class Worker:
             request = decode(header_frame, Request)
         except ServingError as error:
             bursts.info("request_rejected", key=error.code, request_id=None, code=error.code, message=error.message)
-            self.answer(client, None, [error_frame(None, error.code, error.message)])
+            self.metrics.rejected(None, error.code)
+            self.answer(client, None, error.code, [error_frame(None, error.code, error.message)])
             return
         self.take_request(client, request, value_frames)
 
     def take_request(self, client: bytes, request: Request, value_frames: list[Any]) -> None:
         """A decoded request (from the DEALER through `handle_request`, or from a broker in this process)."""
+        method = None
         try:
             method = self.spec.methods.get(request.method)
             if method is None:
@@ -279,7 +289,8 @@ class Worker:
         except ServingError as error:
             bursts.info("request_rejected", key=error.code, request_id=request.id, code=error.code,
                         message=error.message)
-            self.answer(client, request.id, [error_frame(request.id, error.code, error.message)])
+            self.metrics.rejected(method.name if method is not None else None, error.code)
+            self.answer(client, request.id, error.code, [error_frame(request.id, error.code, error.message)])
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
     def process_result(self, frames: list[zmq.Frame]) -> None:
@@ -325,19 +336,17 @@ class Worker:
 
     # ---- sending --------------------------------------------------------------------------------------------
     def send_status(self) -> None:
-        status = WorkerStatus(servable=self.spec.name, version=self.config.version_number,
-                              methods=list(self.spec.methods), ready=self.state == WorkerState.SERVING,
-                              reason=self.membership.status_reason(), signatures=self.signatures)
-        self.send_to_broker([BrokerCommand.CONTROL, encode(status)])
+        self.send_to_broker([BrokerCommand.CONTROL, encode(worker_status(self, time.monotonic()))])
 
     def publish(self, frames: list[Any]) -> None:
         """A model call to every stage-0 agent (the pipeline bounds what is in flight, so this never drops)."""
         send_frames(self.stage_input, [MODEL_CALL_TOPIC, *frames])
 
-    def answer(self, client: bytes, request_id: RequestId | None, frames: list[Any]) -> None:
-        """A REPLY or ERROR ([header, *values]) for request `request_id` of a client, through the broker."""
+    def answer(self, client: bytes, request_id: RequestId | None, code: str, frames: list[Any]) -> None:
+        """A REPLY (code "OK") or ERROR ([header, *values]) for request `request_id` of a client, through the
+        broker."""
         if self.in_process_broker is not None:
-            self.in_process_broker.take_reply(client, request_id, frames)
+            self.in_process_broker.take_reply(client, request_id, code, frames)
         else:
             self.send_to_broker([BrokerCommand.REPLY, client, *frames])
 

@@ -39,8 +39,8 @@ FUZZ_DEADLINE_S = 90.0
 ONES = {"x": np.ones((128, 96), np.float32)}
 HEADER_TYPES = ("request", "reply", "error", "worker_status", "worker_disconnect", "heartbeat", "agent_register",
                 "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown", "agent_stopped",
-                "rank_table_query", "rank_table", "metadata_query", "metadata", "model_call", "model_result",
-                "model_error")
+                "rank_table_query", "rank_table", "metadata_query", "metadata", "status_query", "status", "model_call",
+                "model_result", "model_error")
 """The message types of PROTOCOL.md 1.1, spelled out here so the test does not trust the code's own list."""
 VERSION = 2
 
@@ -373,7 +373,7 @@ def register_fields_valid(header: dict) -> bool:
 
 def check_broker_reply(expect: Expectations, frames: list[bytes]) -> None:
     header, _ = read_header(frames[0])
-    if header is None or header["type"] not in ("reply", "error"):
+    if header is None or header["type"] not in ("reply", "error", "metadata", "status"):
         expect.problems.append(f"unreadable reply {frames[0][:80]!r}")
         return
     key = id_key(header.get("id"))
