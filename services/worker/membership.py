@@ -159,9 +159,14 @@ class Membership:
         return ""
 
     # ---- events ---------------------------------------------------------------------------------------------
-    def schedulers_started(self, addresses: list[tuple[str, int]], now: float) -> None:
+    def schedulers_started(self, addresses: list[tuple[str, int]], now: float) -> list[Action]:
+        """New schedulers listen (at start, and after every RestartGroups): a cluster that became complete while
+        they were being replaced is configured now, with their addresses."""
         self.schedulers = list(addresses)
         self.since = now
+        if self.state == WorkerState.WAITING_FOR_AGENTS and self.agents and not self.missing():
+            return self.configure(now)
+        return []
 
     def heard(self, identity: bytes, now: float) -> AgentRecord | None:
         """Any message from an agent proves it alive."""
@@ -191,8 +196,8 @@ class Membership:
         missing = self.missing()
         log.debug("agent_registered", agent_rank=rank, host=message.host, pid=message.pid,
                   registered=self.model.rank_size - len(missing), missing=missing, previous_exit=message.previous_exit)
-        if not missing:
-            actions += self.configure(now)
+        if not missing and not any(isinstance(action, RestartGroups) for action in actions):
+            actions += self.configure(now)  # (after a restart, schedulers_started configures, with new schedulers)
         return actions
 
     def why_not_accepted(self, message: AgentRegister) -> tuple[str | None, bool]:

@@ -248,7 +248,8 @@ class Worker:
     def start_schedulers(self) -> None:
         for scheduler in self.schedulers:
             scheduler.start()
-        self.membership.schedulers_started([(s.host, s.port) for s in self.schedulers], time.monotonic())
+        self.carry_out(self.membership.schedulers_started([(s.host, s.port) for s in self.schedulers],
+                                                          time.monotonic()))
 
     # ---- broker -> worker: requests -------------------------------------------------------------------------
     def process_broker(self, frames: list[Any]) -> None:

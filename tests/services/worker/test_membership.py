@@ -147,6 +147,20 @@ def test_a_restarted_rank_naming_the_dead_pid_replaces_it_while_serving() -> Non
     assert machine.state == WorkerState.WAITING_FOR_AGENTS
 
 
+def test_a_replacement_that_completes_the_cluster_is_configured_with_the_new_schedulers() -> None:
+    """The restart a replacement causes starts new schedulers: the configuration must name them, not the old."""
+    machine = membership(rank_size=1, stage_size=1)
+    bring_to_serving(machine)
+    actions = machine.register(identity(0, generation=1), register(0, pid=555, replaces=100), 5.0)
+    assert isinstance(actions[-1], RestartGroups) and not any(
+        isinstance(message, AgentConfigure) for _, message in sends(actions))
+    configures = sends(machine.schedulers_started([("127.0.0.1", 6100)], now=5.1))
+    [(who, configure)] = configures
+    assert who == identity(0, generation=1)
+    assert isinstance(configure, AgentConfigure) and configure.scheduler_port == 6100
+    assert machine.state == WorkerState.FORMING_GROUPS
+
+
 def test_a_second_process_for_a_held_rank_is_refused_while_serving() -> None:
     machine = membership()
     bring_to_serving(machine)
