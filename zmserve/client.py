@@ -13,6 +13,7 @@ at once, never a call that waits forever.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -26,10 +27,12 @@ from typing import Any
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode
+from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, ServingError, decode, encode
 from zmserve.transport import new_socket
 
 DEFAULT_TIMEOUT_S = 60.0
+CANCEL_LINGER_MS = 500
+"""How long a closing client's socket keeps trying to deliver the cancels of its unanswered requests."""
 _ADDRESS = re.compile(r"^(?:tcp://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -78,14 +81,22 @@ class Client:
         request_id, frames, deadline = self._request(instances, timeout)
         sock = self._thread_socket()
         sock.send_multipart(frames, copy=False)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000)):
-                raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
-            answer = sock.recv_multipart(copy=False)
-            outcome = read_answer(answer, request_id)
-            if outcome is not None:  # anything else answers an earlier request that this thread gave up on
-                return outcome.result()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(math.ceil(remaining * 1000)):
+                    raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
+                answer = sock.recv_multipart(copy=False)
+                outcome = read_answer(answer, request_id)
+                if outcome is not None:  # anything else answers an earlier request that this thread gave up on
+                    break
+        except ClientError:
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt: nobody waits for this answer any more
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+            raise
+        return outcome.result()
 
     def _thread_socket(self) -> zmq.Socket:
         sock = getattr(self._per_thread, "socket", None)
@@ -102,7 +113,8 @@ class Client:
 
     # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
     def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
-        """Like `infer`, but returns a concurrent.futures.Future at once."""
+        """Like `infer`, but returns a concurrent.futures.Future at once. `future.cancel()` before it resolves
+        tells the broker and the worker (CANCEL): a request not yet handed to the agents is never computed."""
         future: Future = Future()
         try:
             request_id, frames, deadline = self._request(instances, timeout)
@@ -113,6 +125,8 @@ class Client:
             io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
         except (ClientError, ValueError) as error:
             future.set_exception(error)
+            return future
+        future.add_done_callback(lambda done: io.cancel(request_id) if done.cancelled() else None)
         return future
 
     # ---- shared -----------------------------------------------------------------------------------------------
@@ -135,6 +149,7 @@ class Client:
         return f"no reply before the deadline ({timeout:g} s) from {self.address} (is a broker listening there?)"
 
     def close(self) -> None:
+        """End every socket; requests still unanswered on the async path are cancelled (CANCEL to the broker)."""
         with self._lock:
             if self._closed:
                 return
@@ -222,6 +237,14 @@ class IOThread(threading.Thread):
             self.pending[request_id] = pending
             self.outbound.send_multipart(frames, copy=False)
 
+    def cancel(self, request_id: int) -> None:
+        """Any thread (a future's cancel): stop waiting for `request_id` and tell the broker, unless it is answered
+        already."""
+        with self.lock:
+            if self.pending.pop(request_id, None) is None or self.failure is not None or self.closing.is_set():
+                return
+            self.outbound.send(encode(Cancel(id=request_id)))
+
     def close(self) -> None:
         self.closing.set()
         self.join()
@@ -231,11 +254,13 @@ class IOThread(threading.Thread):
     def run(self) -> None:
         try:
             broker = new_socket(self.context, zmq.DEALER)
+            linger = 0
             try:
                 broker.connect(self.address)
                 self.serve(broker)
+                linger = self.cancel_pending(broker)
             finally:
-                broker.close()
+                broker.close(linger=linger)
         except Exception as exc:  # the promise is one answer per request, so a crash must answer them all
             self.fail_all(f"the client's IO thread failed: {type(exc).__name__}: {exc}")
         else:
@@ -256,6 +281,18 @@ class IOThread(threading.Thread):
                 while broker.poll(0):
                     self.resolve(broker.recv_multipart(copy=False))
             self.expire()
+
+    def cancel_pending(self, broker: zmq.Socket) -> int:
+        """The client is closing: cancel what is still unanswered (and still queued to go out); returns the linger
+        the socket needs for those cancels to leave."""
+        while self.inbound.poll(0):
+            broker.send_multipart(self.inbound.recv_multipart(copy=False), copy=False)
+        with self.lock:
+            unanswered = [rid for rid, pending in self.pending.items() if not pending.future.done()]
+        for request_id in unanswered:
+            with contextlib.suppress(zmq.Again):
+                broker.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+        return CANCEL_LINGER_MS if unanswered else 0
 
     def poll_timeout_ms(self) -> int:
         with self.lock:

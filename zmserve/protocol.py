@@ -28,6 +28,7 @@ class MessageType(StrEnum):
     REQUEST = "request"
     REPLY = "reply"
     ERROR = "error"
+    CANCEL = "cancel"
     # worker <-> broker (control). A worker repeats its status every heartbeat interval, so a restarted broker
     # learns every worker again within one interval.
     WORKER_STATUS = "worker_status"
@@ -55,13 +56,14 @@ class MessageType(StrEnum):
 class BrokerCommand:
     """First frame of every message between a worker (DEALER) and the broker's worker-facing ROUTER.
 
-    REQUEST and REPLY carry the client's routing identity in the second frame so the broker never re-encodes a
-    header; CONTROL carries a header only.
+    REQUEST, REPLY and CANCEL carry the client's routing identity in the second frame so the broker never
+    re-encodes a header; CONTROL carries a header only.
     """
 
     REQUEST = b"\x01"
     REPLY = b"\x02"
     CONTROL = b"\x03"
+    CANCEL = b"\x04"
 
 
 class ErrorCode(StrEnum):
@@ -73,6 +75,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
 
 
 class Forward(StrEnum):
@@ -178,6 +181,14 @@ class Error(Message, tag=MessageType.ERROR.value):
     id: RequestId | None
     code: ErrorCode
     message: str
+
+
+class Cancel(Message, tag=MessageType.CANCEL.value):
+    """client -> broker -> worker: the client gave up on request `id` (a cancelled future, a closed client, an HTTP
+    caller that hung up). The broker answers it CANCELLED; the worker drops it if it has not reached the agents,
+    and discards its result if it has."""
+
+    id: RequestId
 
 
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
@@ -294,13 +305,13 @@ class ModelError(Message, tag=MessageType.MODEL_ERROR.value):
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
+    Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
     AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata, ModelCall,
     ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
+_decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
                                    | AgentShutdown | RankTableQuery | RankTableAnswer | MetadataQuery | Metadata
                                    | ModelCall | ModelResult | ModelError)

@@ -27,6 +27,7 @@ from zmserve.protocol import (
     HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
     BrokerCommand,
+    Cancel,
     Error,
     ErrorCode,
     Heartbeat,
@@ -166,10 +167,13 @@ class Broker:
             if size > self.max_request_bytes:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
-            request = decode(frames[1], Request, MetadataQuery)
+            request = decode(frames[1], Request, MetadataQuery, Cancel)
             request_id = request.id
             if isinstance(request, MetadataQuery):
                 self.answer_metadata(client, request)
+                return
+            if isinstance(request, Cancel):
+                self.cancel(client, request.id, frames[1])
                 return
             key = (client, request_id)
             if key in self.requests:
@@ -193,6 +197,21 @@ class Broker:
                 request_id = peek_request_id(frames[1])
             log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
+
+    def cancel(self, client: bytes, request_id: RequestId, header: Any) -> None:
+        """The client gave up: answer CANCELLED now (one answer per request, as always) and tell the worker, which
+        drops the request or discards its result. A cancel for a request already answered changes nothing."""
+        key = (client, request_id)
+        pending = self.requests.pop(key)
+        if pending is None:
+            log.debug("cancel_unmatched", request_id=request_id)
+            return
+        record = self.workers.get(pending.worker)
+        if record is not None:
+            record.inflight.discard(key)
+            self.send_to_worker(record.identity, [BrokerCommand.CANCEL, client, header])
+        log.info("request_cancelled", request_id=request_id, servable=pending.servable)
+        self.reply_error(client, request_id, ErrorCode.CANCELLED, "the client cancelled the request")
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
         """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""

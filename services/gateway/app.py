@@ -64,6 +64,35 @@ class ClientGone(Exception):
     """The client closed its connection before its body arrived: nobody to answer."""
 
 
+class HangUpWatch:
+    """Whether the HTTP caller hangs up while its request is computed. Once the body is read, a task waits for
+    uvicorn's `http.disconnect`; if it comes before the answer, the request's task is cancelled, and with it its
+    broker requests (BrokerLink sends CANCEL, so the worker drops what has not reached the agents)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.request_task = asyncio.current_task()
+        self.watcher: asyncio.Task | None = None
+        self.hung_up = False
+
+    async def receive(self) -> dict[str, Any]:
+        """The handlers' `receive`: starts watching once the last body chunk is handed over."""
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False) and self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self.watch())
+        return message
+
+    async def watch(self) -> None:
+        if (await self._receive())["type"] == "http.disconnect" and self.request_task is not None:
+            self.hung_up = True
+            self.request_task.cancel()
+
+    def stop(self) -> None:
+        """The answer is ready: from now on a disconnect is uvicorn's business, not a cancel."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
 class GatewayApp:
     """The ASGI application: routes a request to its scheme, which answers it through the broker link."""
 
@@ -77,16 +106,28 @@ class GatewayApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
+        caller = HangUpWatch(receive)
         try:
-            if path.startswith(ms_rest.PREFIX):
-                response = await self.ms_rest(scope, receive)
-            elif path == "/v2" or path.startswith("/v2/"):
-                response = await self.oip(scope, receive)
-            else:
-                response = Response(404, oip.error_body(
-                    f"no route for {path}: this gateway answers /model/{{servable}}[/version/{{n}}]:{{method}} "
-                    "(MindSpore Serving) and /v2/... (Open Inference Protocol)"))
+            try:
+                if path.startswith(ms_rest.PREFIX):
+                    response = await self.ms_rest(scope, caller.receive)
+                elif path == "/v2" or path.startswith("/v2/"):
+                    response = await self.oip(scope, caller.receive)
+                else:
+                    response = Response(404, oip.error_body(
+                        f"no route for {path}: this gateway answers /model/{{servable}}[/version/{{n}}]:{{method}} "
+                        "(MindSpore Serving) and /v2/... (Open Inference Protocol)"))
+            finally:
+                caller.stop()
         except ClientGone:
+            return
+        except asyncio.CancelledError:
+            if not caller.hung_up:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            log.info("request_abandoned", path=path, why="the HTTP client disconnected before its answer")
             return
         except Exception as exc:  # a bug: answer it, never leave the client waiting
             log.exception("request_crashed", path=path)

@@ -30,6 +30,7 @@ import zmq
 from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.logs import get_logger
 from zmserve.protocol import (
+    Cancel,
     Error,
     ErrorCode,
     Metadata,
@@ -98,6 +99,7 @@ class BrokerLink:
         request_id = next(self.ids)
         header = encode(Request(id=request_id, servable=servable, method=method, version=version,
                                 timeout_ms=timeout * 1000, instances=specs))
+        log.debug("request_sent", request_id=request_id, servable=servable, method=method)
         reply, reply_frames = await self.call(request_id, [header, *frames], timeout)
         if not isinstance(reply, Reply):
             raise ServingError(ErrorCode.INTERNAL, f"the broker answered a request with {type(reply).__name__}")
@@ -126,6 +128,9 @@ class BrokerLink:
             self.loop.call_soon(self.drain)
             async with asyncio.timeout(timeout + REPLY_GRACE_S):
                 header, values = await future
+        except asyncio.CancelledError:  # the HTTP caller hung up: the broker and the worker drop the request
+            self.cancel(request_id)
+            raise
         except TimeoutError:
             raise ServingError(ErrorCode.DEADLINE_EXCEEDED,
                                f"no reply from the broker at {self.address} within {timeout:g} s") from None
@@ -134,6 +139,14 @@ class BrokerLink:
         if isinstance(header, Error):
             raise ServingError(header.code, header.message)
         return header, values
+
+    def cancel(self, request_id: int) -> None:
+        """Tell the broker nobody waits for `request_id` any more (never blocks; a full queue drops the cancel,
+        and the request's deadline ends it instead)."""
+        try:
+            self.socket.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.info("cancel_not_sent", request_id=request_id)
 
     def drain(self) -> None:
         """Hand every queued answer to the request awaiting it; answers nobody awaits any more are dropped."""

@@ -179,6 +179,11 @@ class RunTable:
         self.last_progress = time.monotonic()
         return self.calls.pop(call_id, None)
 
+    def reached_agents(self, run: MethodRun) -> bool:
+        """Whether a call serving `run` has been published to the agents and is not back yet."""
+        return any(call_id in self.calls and any(r is run for r, _ in self.calls[call_id].slots)
+                   for call_id in self.in_pipeline)
+
     def add_run(self, run: MethodRun) -> None:
         key = (run.client, run.request_id)
         if key in self.runs:

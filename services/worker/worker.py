@@ -45,6 +45,7 @@ from zmserve.protocol import (
     AgentReady,
     AgentRegister,
     BrokerCommand,
+    Cancel,
     ErrorCode,
     Heartbeat,
     MethodSignature,
@@ -235,6 +236,8 @@ class Worker:
         command = frame_bytes(frames[0])
         if command == BrokerCommand.REQUEST and len(frames) >= 3:
             self.handle_request(frame_bytes(frames[1]), frames[2], frames[3:])
+        elif command == BrokerCommand.CANCEL and len(frames) == 3:
+            self.cancel_request(frame_bytes(frames[1]), frames[2])
         elif command != BrokerCommand.CONTROL:
             log.warning("broker_message_malformed", command=command.hex())
 
@@ -258,6 +261,15 @@ class Worker:
         except ServingError as error:
             log.info("request_rejected", request_id=request_id, code=error.code, message=error.message)
             self.answer(client, [error_frame(request_id, error.code, error.message)])
+
+    def cancel_request(self, client: bytes, header_frame: Any) -> None:
+        """The client gave up (the broker has answered it CANCELLED): drop the request, or discard its result."""
+        try:
+            cancel = decode(header_frame, Cancel)
+        except ServingError as error:
+            log.warning("broker_message_malformed", message=error.message)
+            return
+        self.pipeline.cancel(client, cancel.id)
 
     # ---- last stage -> worker: results ----------------------------------------------------------------------
     def process_result(self, frames: list[zmq.Frame]) -> None:
