@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import zmq
 
+from services.agent.agent import rank_of_process_name
 from zmserve.client import Client, ClientError, IOThread
 from zmserve.local import LocalCluster
 from zmserve.protocol import Error, Reply, ServingError, decode
+from zmserve.supervision import process_name
 
 REPO = Path(__file__).resolve().parent.parent
 MATMUL_EXAMPLE = REPO / "examples" / "matmul_distributed"
@@ -170,6 +172,11 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def agent_pids(launcher: int) -> list[int]:
+    """The launcher's active agents (its other children are standby agents waiting to be used)."""
+    return [pid for pid in child_pids(launcher) if rank_of_process_name(process_name(pid)) is not None]
+
+
 def descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -281,7 +288,7 @@ class Chaos:
                 time.sleep(0.1)
             if time.monotonic() >= end:
                 return []
-            agents = sorted(child_pids(launcher))
+            agents = sorted(agent_pids(launcher))
             if not agents:
                 return [f"the launcher has no agents to kill\n{cluster.log_tails()}"]
             victim = self.rng.choice(agents)

@@ -41,9 +41,12 @@ class MessageType(StrEnum):
     AGENT_FAILED = "agent_failed"
     AGENT_REJECTED = "agent_rejected"
     AGENT_SHUTDOWN = "agent_shutdown"
-    # agent launcher <-> worker: which ranks does this machine hold?
+    # agent launcher <-> worker: which ranks does this machine hold? And the launcher's own link: its hello (also
+    # its heartbeat), and the agents the worker shut down, which the launcher ends if they do not exit by themselves
     RANK_TABLE_QUERY = "rank_table_query"
     RANK_TABLE = "rank_table"
+    LAUNCHER_HELLO = "launcher_hello"
+    AGENTS_SHUT_DOWN = "agents_shut_down"
     # worker -> stage 0 -> ... -> last stage -> worker (data plane)
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"
@@ -263,6 +266,32 @@ class RankTableAnswer(Message, tag=MessageType.RANK_TABLE.value):
     table: dict[str, Any] | None = None
 
 
+class LauncherHello(Message, tag=MessageType.LAUNCHER_HELLO.value):
+    """launcher -> worker, every heartbeat interval on the launcher's own DEALER: here is a launcher (its host and
+    ranks, for the logs). The worker answers with heartbeats and tells it which agents it shuts down."""
+
+    host: str
+    pid: int
+    ranks: list[int] = []
+
+
+class StoppedAgent(msgspec.Struct, frozen=True):
+    """An agent process the worker told to shut down (its rank and pid, as it registered them)."""
+
+    rank: int
+    pid: int
+
+
+class AgentsShutDown(Message, tag=MessageType.AGENTS_SHUT_DOWN.value):
+    """worker -> every launcher: these agents were told to shut down (or were given up on) because of `reason`. A
+    launcher ends any of its own that is still running `grace_s` later: an agent inside MindSpore's init() holds the
+    GIL, so its control thread cannot act on AGENT_SHUTDOWN."""
+
+    agents: list[StoppedAgent]
+    reason: str
+    grace_s: float
+
+
 class MetadataQuery(Message, tag=MessageType.METADATA_QUERY.value):
     """client -> broker: what is served (every servable, or only `servable`)."""
 
@@ -306,14 +335,15 @@ M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata, ModelCall,
-    ModelResult, ModelError,
+    AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, LauncherHello, AgentsShutDown,
+    MetadataQuery, Metadata, ModelCall, ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | RankTableQuery | RankTableAnswer | MetadataQuery | Metadata
+                                   | AgentShutdown | RankTableQuery | RankTableAnswer | LauncherHello
+                                   | AgentsShutDown | MetadataQuery | Metadata
                                    | ModelCall | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 
@@ -415,6 +445,8 @@ DEFAULT_DISTRIBUTED_ADDRESS = "127.0.0.1:6200"
 DEFAULT_AGENT_START_PORT = 7000
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3
+SHUTDOWN_GRACE_S = 1.0
+"""How long an agent told to shut down may take to exit before its launcher ends it (a healthy one takes ~0.1 s)."""
 ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
 """Tensors at least this big are sent without copying (pyzmq copies small frames anyway)."""
 MAX_INFLIGHT_MODEL_CALLS = 64

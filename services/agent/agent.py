@@ -60,7 +60,8 @@ from zmserve.protocol import (
     parse_subscription,
     subscription_topic,
 )
-from zmserve.supervision import die_with_parent
+from zmserve.standby import STANDBY_FLAG, wait_for_activation
+from zmserve.supervision import die_with_parent, name_process
 from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
 
 EXIT_STOPPED = 0
@@ -247,10 +248,16 @@ class ShardRunner:
         # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
+            started = time.monotonic()
             join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id)
+            log.debug("group_joined", seconds=round(time.monotonic() - started, 3))
+            started = time.monotonic()
             self.shard = ShardModel.load(self.model_file)
+            log.debug("shard_loaded", seconds=round(time.monotonic() - started, 3))
             if self.signature.inputs:
+                started = time.monotonic()
                 self.shard.warm_up(self.signature.inputs)
+                log.debug("warmed_up", seconds=round(time.monotonic() - started, 3))
         finally:
             faulthandler.cancel_dump_traceback_later()
 
@@ -282,8 +289,11 @@ def serve(settings: AgentSettings) -> int:
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
                             previous_exit=settings.previous_exit, shard=shard))
     log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
+    started = time.monotonic()
     runner = ShardRunner(model_file, shard.signature)
+    log.debug("mindspore_imported", seconds=round(time.monotonic() - started, 3))
     config = link.inbox.get()
+    log.debug("agent_configured", scheduler=f"{config.scheduler_host}:{config.scheduler_port}")
     structlog.contextvars.bind_contextvars(stage=config.stage)
     started = time.monotonic()
     try:
@@ -325,12 +335,42 @@ def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank
     data.send_output([header, *out_frames])
 
 
+def process_name(rank: int, standby: bool = False) -> str:
+    """What `ps` shows for an agent process (a standby's command line stays what it was started with)."""
+    return f"zms-{'spare' if standby else 'agent'}-r{rank}"
+
+
+def rank_of_process_name(name: str | None) -> int | None:
+    """The rank of an active agent from its process name (None for a standby or any other process)."""
+    prefix = process_name(0).removesuffix("0")
+    return int(name.removeprefix(prefix)) if name and name.startswith(prefix) and name[len(prefix):].isdigit() \
+        else None
+
+
+def wait_as_standby(settings: AgentSettings) -> AgentSettings | None:
+    """A standby agent (started by its launcher ahead of need): import MindSpore now, then wait for the settings of
+    the process it is to become; None when the launcher retires it instead."""
+    name_process(process_name(settings.rank, standby=True))
+    started = time.monotonic()
+    import_mindspore()
+    log.debug("standby_ready", seconds=round(time.monotonic() - started, 3))
+    line = wait_for_activation()
+    return AgentSettings.from_argument(line) if line is not None else None
+
+
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()
-    settings = AgentSettings.from_argument((argv if argv is not None else sys.argv[1:])[0])
+    arguments = argv if argv is not None else sys.argv[1:]
+    settings = AgentSettings.from_argument(arguments[-1])
     configure_logging()
     structlog.contextvars.bind_contextvars(rank=settings.rank)
     try:
+        if arguments[0] == STANDBY_FLAG:
+            activated = wait_as_standby(settings)
+            if activated is None:
+                os._exit(EXIT_STOPPED)
+            settings = activated
+        name_process(process_name(settings.rank))
         code = serve(settings)
         sys.stderr.flush()
     except KeyboardInterrupt:

@@ -84,9 +84,12 @@ class SendToAgent:
 
 @dataclass(frozen=True)
 class RestartGroups:
-    """Answer every held request UNAVAILABLE with `why`, start new schedulers, report the status at once."""
+    """Answer every held request UNAVAILABLE with `why`, start new schedulers, report the status at once, and tell
+    the launchers which agent processes (rank, pid) were shut down or given up on: each launcher ends its own that
+    do not exit by themselves (an agent inside MindSpore's init() cannot act on AGENT_SHUTDOWN)."""
 
     why: str
+    stopped: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -265,17 +268,19 @@ class Membership:
     def lose(self, agent: AgentRecord, why: str, now: float) -> list[Action]:
         log.warning("agent_lost", agent_rank=agent.rank, why=why, state=self.state)
         self.agents.pop(agent.rank, None)
-        return self.restart(f"agent rank {agent.rank} was lost ({why})", now)
+        return self.restart(f"agent rank {agent.rank} was lost ({why})", now, lost=agent)
 
-    def restart(self, why: str, now: float) -> list[Action]:
+    def restart(self, why: str, now: float, lost: AgentRecord | None = None) -> list[Action]:
         """A group with a lost or stuck member is broken for good: every agent exits so that its launcher starts
-        a fresh process, and the servable waits for all ranks again."""
+        a fresh process, and the servable waits for all ranks again. The lost agent is not told (it is dead, or
+        replaced, or not listening), but its launcher is, with the others: a live one is ended all the same."""
         shutdown = AgentShutdown(reason=why)
         actions: list[Action] = [SendToAgent(a.identity, shutdown) for a in self.agents.values()]
+        stopped = tuple((a.rank, a.pid) for a in [*([lost] if lost is not None else []), *self.agents.values()])
         self.agents.clear()
         self.subscribed.clear()
         self.state, self.since, self.last_restart = WorkerState.WAITING_FOR_AGENTS, now, why
-        return [*actions, RestartGroups(why)]
+        return [*actions, RestartGroups(why, stopped)]
 
     def stop(self, reason: str) -> list[Action]:
         """The worker is stopping: every agent exits (its launcher starts a new one for the next worker)."""

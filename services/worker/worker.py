@@ -25,6 +25,7 @@ import structlog
 import zmq
 
 from services.worker.config import WorkerConfig
+from services.worker.launchers import Launchers
 from services.worker.membership import (
     Action,
     Membership,
@@ -41,13 +42,17 @@ from zmserve.logs import get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
+    SHUTDOWN_GRACE_S,
     AgentFailed,
     AgentReady,
     AgentRegister,
+    AgentShutdown,
+    AgentsShutDown,
     BrokerCommand,
     Cancel,
     ErrorCode,
     Heartbeat,
+    LauncherHello,
     MethodSignature,
     ModelError,
     ModelResult,
@@ -56,6 +61,7 @@ from zmserve.protocol import (
     RankTableQuery,
     Request,
     ServingError,
+    StoppedAgent,
     WorkerDisconnect,
     WorkerStatus,
     deadline_of,
@@ -112,6 +118,7 @@ class Worker:
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
+        self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
@@ -164,17 +171,27 @@ class Worker:
             log.warning("agent_message_malformed", frames=len(frames))
             return
         try:
-            message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, Heartbeat, RankTableQuery)
+            message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, Heartbeat, RankTableQuery,
+                             LauncherHello)
         except ServingError as error:
             log.warning("agent_message_malformed", message=error.message)
             return
-        if isinstance(message, AgentRegister):
+        self.launchers.heard(identity, now)
+        if isinstance(message, LauncherHello):
+            self.launchers.hello(identity, message, now)
+        elif isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
         elif agent is None:
-            if not isinstance(message, Heartbeat):
+            if isinstance(message, Heartbeat) and message.rank is not None:
+                # an agent of a worker that restarted (or one this worker gave up on): it cannot serve here
+                # without a new group, so it starts again now rather than after its 3 s of silence
+                log.info("unknown_agent_told_to_restart", agent_rank=message.rank)
+                self.send_to_agent(identity, encode(AgentShutdown(
+                    reason="this worker does not know this agent (the worker restarted, or gave it up)")))
+            elif not isinstance(message, Heartbeat):
                 log.info("unknown_agent_message", type=type(message).__name__)
         elif isinstance(message, AgentReady):
             self.carry_out(self.membership.ready(agent, message.load_seconds))
@@ -193,6 +210,7 @@ class Worker:
                 self.send_to_agent(action.identity, encode(action.message))
             elif isinstance(action, RestartGroups):
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
+                self.tell_launchers(action.stopped, action.why)
                 for scheduler in self.schedulers:
                     scheduler.stop()
                 self.start_schedulers()
@@ -202,10 +220,21 @@ class Worker:
                 self.check_methods_against_model(action.signature)
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
+                for scheduler in self.schedulers:
+                    scheduler.keep_standby()
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
                          seconds_waited=round(time.monotonic() - self.waiting_since, 2))
                 self.send_status()
+
+    def tell_launchers(self, stopped: tuple[tuple[int, int], ...], why: str) -> None:
+        """Every launcher ends those of these agent processes that are its own and still run after the grace."""
+        if not stopped:
+            return
+        message = encode(AgentsShutDown(agents=[StoppedAgent(rank, pid) for rank, pid in stopped], reason=why,
+                                        grace_s=SHUTDOWN_GRACE_S))
+        for identity in self.launchers.alive(time.monotonic()):
+            self.send_to_agent(identity, message)
 
     def start_schedulers(self) -> None:
         for scheduler in self.schedulers:
@@ -298,6 +327,8 @@ class Worker:
             heartbeat = encode(Heartbeat())
             for agent in list(self.membership.agents.values()):
                 self.send_to_agent(agent.identity, heartbeat)
+            for identity in self.launchers.alive(now):
+                self.send_to_agent(identity, heartbeat)
         if self.state != WorkerState.SERVING:
             self.report_waiting(now)
 
@@ -339,9 +370,10 @@ class Worker:
     def shutdown(self) -> None:
         self.pipeline.fail_all(ErrorCode.UNAVAILABLE, "the worker is shutting down")
         self.send_to_broker([BrokerCommand.CONTROL, encode(WorkerDisconnect())])
+        self.tell_launchers(tuple((a.rank, a.pid) for a in self.membership.agents.values()), "worker stopping")
         self.carry_out(self.membership.stop("worker stopping"))
         for scheduler in self.schedulers:
-            scheduler.stop()
+            scheduler.close()
         self.close_sockets(linger=200)
         log.info("worker_stopped", **self.pipeline.stats)
 
