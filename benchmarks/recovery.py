@@ -77,6 +77,14 @@ def first_event(records: list[dict[str, Any]], event: str, after: float) -> floa
     return next((wall(r) for r in records if r.get("event") == event and wall(r) > after), None)
 
 
+def standbys_ready(cluster: LocalCluster, rank_size: int) -> bool:
+    """Every rank's newest standby agent has imported MindSpore (a failure long after start finds them so)."""
+    records = log_records(cluster.logs["agents"])
+    newest = {r["agent_rank"]: r["pid"] for r in records if r.get("event") == "standby_started"}
+    ready = {r["pid"] for r in records if r.get("event") == "standby_ready"}
+    return len(newest) == rank_size and all(pid in ready for pid in newest.values())
+
+
 def split(cluster: LocalCluster, killed_at: float, answered_at: float) -> dict[str, float]:
     """The outage's steps, each the time from the previous milestone (0 when it was passed before)."""
     worker = log_records(cluster.logs["worker"])
@@ -116,7 +124,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--serve-between", type=float, nargs=2, default=(3.0, 6.0),
                         help="seconds of service after a recovery before the next kill (uniform)")
-    parser.add_argument("--agent-args", default="", help="extra `zmserve agent` arguments, e.g. '--standby 0'")
+    parser.add_argument("--agent-args", default="", help="extra `zmserve agent` arguments, e.g. '--no-standby'")
+    parser.add_argument("--no-wait-standby", dest="wait_standby", action="store_false",
+                        help="kill without waiting for the standby agents to have imported MindSpore")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -146,6 +156,12 @@ def main() -> None:
         for kill in range(args.kills):
             time.sleep(rng.uniform(*args.serve_between))  # serve a while: this is the load being measured
             cluster.check_alive()
+            waited = time.monotonic()
+            while args.wait_standby and "--no-standby" not in args.agent_args \
+                    and not standbys_ready(cluster, args.rank_size):
+                if time.monotonic() - waited > RECOVERY_TIMEOUT_S:
+                    raise SystemExit(f"standby agents not ready after {RECOVERY_TIMEOUT_S} s\n{cluster.log_tails()}")
+                time.sleep(0.2)
             victim = rng.choice(agent_pids(launcher))
             index, load_average = len(load), load1()
             killed_mono, killed_wall = time.monotonic(), time.time()

@@ -47,6 +47,7 @@ class MessageType(StrEnum):
     RANK_TABLE = "rank_table"
     LAUNCHER_HELLO = "launcher_hello"
     AGENTS_SHUT_DOWN = "agents_shut_down"
+    AGENT_EXITED = "agent_exited"
     # worker -> stage 0 -> ... -> last stage -> worker (data plane)
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"
@@ -292,6 +293,16 @@ class AgentsShutDown(Message, tag=MessageType.AGENTS_SHUT_DOWN.value):
     grace_s: float
 
 
+class AgentExited(Message, tag=MessageType.AGENT_EXITED.value):
+    """launcher -> worker: agent process `pid` of `rank` ended by itself, `why` as its launcher saw it (a signal,
+    the OOM killer, an exit code). The worker restarts the agents at once, without waiting for the silence of its
+    heartbeats or for the rank's next process to register."""
+
+    rank: int
+    pid: int
+    why: str
+
+
 class MetadataQuery(Message, tag=MessageType.METADATA_QUERY.value):
     """client -> broker: what is served (every servable, or only `servable`)."""
 
@@ -336,14 +347,14 @@ M = TypeVar("M", bound=Message)
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
     AgentFailed, AgentRejected, AgentShutdown, RankTableQuery, RankTableAnswer, LauncherHello, AgentsShutDown,
-    MetadataQuery, Metadata, ModelCall, ModelResult, ModelError,
+    AgentExited, MetadataQuery, Metadata, ModelCall, ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
                                    | AgentShutdown | RankTableQuery | RankTableAnswer | LauncherHello
-                                   | AgentsShutDown | MetadataQuery | Metadata
+                                   | AgentsShutDown | AgentExited | MetadataQuery | Metadata
                                    | ModelCall | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 

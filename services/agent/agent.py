@@ -353,7 +353,7 @@ def wait_as_standby(settings: AgentSettings) -> AgentSettings | None:
     name_process(process_name(settings.rank, standby=True))
     started = time.monotonic()
     import_mindspore()
-    log.debug("standby_ready", seconds=round(time.monotonic() - started, 3))
+    log.debug("standby_ready", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
     line = wait_for_activation()
     return AgentSettings.from_argument(line) if line is not None else None
 

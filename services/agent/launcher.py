@@ -58,7 +58,9 @@ from zmserve.supervision import die_with_parent, reap
 from zmserve.transport import HeartbeatClock, new_socket
 
 log = get_logger("launcher")
-CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+CRASH_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+"""Restart delay after the 1st, 2nd, ... crash of a rank in a row: the first costs one supervision tick (every agent
+restarts with it anyway), a crash loop slows down."""
 SUPERVISE_INTERVAL_S = 0.1
 FROZEN_LIMIT_S = 3.0
 OOM_LOADING_ATTEMPTS = 3
@@ -414,7 +416,10 @@ class AgentLauncher:
                 self.check_ended_in_time(agent, now)
                 continue
             ended = self.ended(agent, code)
-            agent.previous_pid, agent.process, agent.end_at = agent.process.pid, None, None
+            pid = agent.process.pid
+            agent.previous_pid, agent.process, agent.end_at = pid, None, None
+            if self.link is not None and not agent.ended_by_launcher and code != EXIT_RESTART:
+                self.link.agent_exited(agent.rank, pid, ended.describe(self.memory_limit))
             if agent.ended_by_launcher:
                 agent.ended_by_launcher = False
                 agent.crashes, agent.restart_at, agent.previous_exit = 0, now, None

@@ -16,7 +16,7 @@ import contextlib
 import zmq
 
 from zmserve.logs import get_logger
-from zmserve.protocol import AgentsShutDown, Heartbeat, LauncherHello, ServingError, decode, encode
+from zmserve.protocol import AgentExited, AgentsShutDown, Heartbeat, LauncherHello, ServingError, decode, encode
 from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
 
 log = get_logger("launcher")
@@ -48,6 +48,12 @@ class LauncherLink:
             went_silent = self.worker_lost
             log.warning("worker_lost" if self.worker_lost else "worker_back")
         return orders, went_silent
+
+    def agent_exited(self, rank: int, pid: int, why: str) -> None:
+        """Tell the worker at once that an agent ended by itself (it restarts the agents without waiting for the
+        silence of the agent's heartbeats); lost if the worker is not reachable, which its heartbeats then cover."""
+        with contextlib.suppress(zmq.Again):
+            self.socket.send(encode(AgentExited(rank=rank, pid=pid, why=why)), flags=zmq.NOBLOCK)
 
     def handle(self, frames: list[zmq.Frame]) -> None:
         self.worker.heard()

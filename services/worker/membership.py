@@ -249,6 +249,14 @@ class Membership:
     def failed(self, agent: AgentRecord, message: str, now: float) -> list[Action]:
         return self.lose(agent, f"agent failed: {message}", now)
 
+    def exited(self, rank: int, pid: int, why: str, now: float) -> list[Action]:
+        """Its launcher saw agent process `pid` of `rank` end: lose it now if it is the one holding the rank (a
+        report about an older process of the rank changes nothing)."""
+        agent = self.agents.get(rank)
+        if agent is None or agent.pid != pid:
+            return []
+        return self.lose(agent, f"its process {pid} was {why}", now)
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: a silent agent while serving, or a formation that takes too long, restarts the groups.
 

@@ -43,6 +43,7 @@ from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     SHUTDOWN_GRACE_S,
+    AgentExited,
     AgentFailed,
     AgentReady,
     AgentRegister,
@@ -172,13 +173,15 @@ class Worker:
             return
         try:
             message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, Heartbeat, RankTableQuery,
-                             LauncherHello)
+                             LauncherHello, AgentExited)
         except ServingError as error:
             log.warning("agent_message_malformed", message=error.message)
             return
         self.launchers.heard(identity, now)
         if isinstance(message, LauncherHello):
             self.launchers.hello(identity, message, now)
+        elif isinstance(message, AgentExited):
+            self.carry_out(self.membership.exited(message.rank, message.pid, message.why, now))
         elif isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
         elif isinstance(message, RankTableQuery):

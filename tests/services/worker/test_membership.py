@@ -210,3 +210,15 @@ def test_stop_tells_every_agent_to_shut_down() -> None:
     assert {ident for ident, m in sends(machine.stop("worker stopping")) if isinstance(m, AgentShutdown)} == {
         identity(r) for r in range(4)}
     assert all(a.state == AgentState.READY for a in machine.agents.values())
+
+
+def test_the_launcher_reporting_an_agents_exit_restarts_the_groups_at_once() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    assert machine.exited(1, 999, "killed by signal SIGKILL", 5.0) == [], "not the process holding rank 1"
+    assert machine.state == WorkerState.SERVING
+    actions = machine.exited(1, 101, "killed by signal SIGKILL", 5.0)
+    restart = actions[-1]
+    assert isinstance(restart, RestartGroups)
+    assert restart.why == "agent rank 1 was lost (its process 101 was killed by signal SIGKILL)"
+    assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
