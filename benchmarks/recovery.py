@@ -37,6 +37,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import GLOG_ENV, MATMUL_EXPORT, SERVABLE_CONFIG, load1
@@ -108,6 +110,14 @@ def split(cluster: LocalCluster, killed_at: float, answered_at: float) -> dict[s
     return steps
 
 
+def matmul_input(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((128, 96)).astype(np.float32)
+
+
+def matmul_reference(x: np.ndarray) -> np.ndarray:
+    return -(x.astype(np.float64) @ np.full((96, 16), 0.5)).astype(np.float32)
+
+
 def export(workdir: Path, rank_size: int) -> list[Path]:
     import subprocess
 
@@ -142,14 +152,13 @@ def main() -> None:
     load, stop, threads, clients = Load(), threading.Event(), [], []
     rows = []
     try:
-        import numpy as np
-
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)}, timeout=300)
         for index in range(args.clients):
             client = CountingClient(cluster.client_address, "matmul", "predict")
             clients.append(client)
             thread = threading.Thread(target=client_loop, daemon=True,
-                                      args=(client, load, stop, args.seed * 100 + index, 5.0, 0.02, [0]))
+                                      args=(client, load, stop, args.seed * 100 + index, 5.0, 0.02, [0], index,
+                                            matmul_input, matmul_reference))
             threads.append(thread)
             thread.start()
         launcher = cluster.processes["agents"].pid

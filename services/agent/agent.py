@@ -38,6 +38,7 @@ from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MODEL_CALL_TOPIC,
+    RECONNECT_MIN_MS,
     AgentConfigure,
     AgentFailed,
     AgentReady,
@@ -197,7 +198,9 @@ class DataPlane:
 
     def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str) -> None:
         self.forward = config.forward
-        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0)
+        # the previous stage's leader binds its XPUB only once its own group has formed, maybe seconds after this
+        # connect: retry every RECONNECT_MIN_MS instead of backing off to seconds (a restart would wait for it)
+        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0, RECONNECT_IVL_MAX=RECONNECT_MIN_MS)
         self.inputs.connect(config.input_address)
         self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
         self.inputs.setsockopt(zmq.SUBSCRIBE, subscription_topic(rank))
