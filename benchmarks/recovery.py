@@ -84,7 +84,8 @@ def standbys_ready(cluster: LocalCluster, rank_size: int) -> bool:
     records = log_records(cluster.logs["agents"])
     newest = {r["agent_rank"]: r["pid"] for r in records if r.get("event") == "standby_started"}
     ready = {r["pid"] for r in records if r.get("event") == "standby_ready"}
-    return len(newest) == rank_size and all(pid in ready for pid in newest.values())
+    used = {r["pid"] for r in records if r.get("event") == "standby_used"}
+    return len(newest) == rank_size and all(pid in ready and pid not in used for pid in newest.values())
 
 
 def split(cluster: LocalCluster, killed_at: float, answered_at: float) -> dict[str, float]:
