@@ -276,6 +276,32 @@ class LogTail:
         return records
 
 
+def check_wire(clients: list[CountingClient], sent: list[int], excused: set[tuple[int, int]] | None = None
+               ) -> list[str]:
+    """Every request id 1..n of every client answered exactly once on the wire: none twice, and none never except
+    the `excused` (client index, id) pairs."""
+    excused = excused or set()
+
+    def unanswered(index: int, client: CountingClient, count: int) -> bool:
+        answers = client.answers()
+        return any(answers[i] == 0 and (index, i) not in excused for i in range(1, count + 1))
+
+    deadline = time.monotonic() + WIRE_SETTLE_S
+    pairs = list(enumerate(zip(clients, sent, strict=True)))
+    while time.monotonic() < deadline and any(unanswered(i, c, n) for i, (c, n) in pairs):
+        time.sleep(0.05)
+    problems = []
+    for index, (client, count) in pairs:
+        answers = client.answers()
+        missing = [i for i in range(1, count + 1) if answers[i] == 0 and (index, i) not in excused]
+        duplicated = {i: n for i, n in answers.items() if n > 1}
+        unknown = {i: n for i, n in answers.items() if not (isinstance(i, int) and 1 <= i <= count)}
+        if missing or duplicated or unknown:
+            problems.append(f"client {index}: no answer to {missing[:10]} ({len(missing)}), several answers "
+                            f"to {duplicated}, answers to unknown ids {unknown}")
+    return problems
+
+
 def export_mlp(workdir: Path) -> list[Path]:
     subprocess.run([sys.executable, str(MLP_EXAMPLE / "export_model.py"), "--rank-size", str(RANK_SIZE),
                     "--stage-size", str(STAGE_SIZE), "--output-dir", str(workdir / "model")],
@@ -488,29 +514,9 @@ class Chaos:
         return outcome.local and any(outcome.sent - 1.0 <= killed <= outcome.done for killed in self.broker_kills)
 
     def check_wire(self, clients: list[CountingClient], sent: list[int]) -> list[str]:
-        """Every request id 1..n of every client answered exactly once on the wire (none twice; none never,
-        unless a broker died with it)."""
         with self.load.lock:
             excused = {(o.client, o.request_id) for o in self.load.outcomes if self.lost_with_a_broker(o)}
-
-        def unanswered(index: int, client: CountingClient, count: int) -> bool:
-            answers = client.answers()
-            return any(answers[i] == 0 and (index, i) not in excused for i in range(1, count + 1))
-
-        deadline = time.monotonic() + WIRE_SETTLE_S
-        pairs = list(enumerate(zip(clients, sent, strict=True)))
-        while time.monotonic() < deadline and any(unanswered(i, c, n) for i, (c, n) in pairs):
-            time.sleep(0.05)
-        problems = []
-        for index, (client, count) in pairs:
-            answers = client.answers()
-            missing = [i for i in range(1, count + 1) if answers[i] == 0 and (index, i) not in excused]
-            duplicated = {i: n for i, n in answers.items() if n > 1}
-            unknown = {i: n for i, n in answers.items() if not (isinstance(i, int) and 1 <= i <= count)}
-            if missing or duplicated or unknown:
-                problems.append(f"client {index}: no answer to {missing[:10]} ({len(missing)}), several answers "
-                                f"to {duplicated}, answers to unknown ids {unknown}")
-        return problems
+        return check_wire(clients, sent, excused)
 
     def orphans(self, markers: list[str]) -> list[str]:
         """Processes still alive after stop(): any the cluster ran, or any naming its ports or directory."""
