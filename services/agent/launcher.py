@@ -106,6 +106,9 @@ class AgentProcess:
     exited by itself."""
     end_why: str = ""
     ended_by_launcher: bool = False
+    started_at: float = 0.0
+    """When the running process was started (or a standby activated): only a process that could have heard the
+    worker can be stuck waiting for it."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ class AgentLauncher:
             agent.process, agent.status, agent.cgroup, agent.loaded = (standby.process, standby.status,
                                                                        standby.cgroup, False)
             if activate(standby.process, self.settings(agent, standby.status).to_argument()):
-                self.standby_failures = 0
+                self.standby_failures, agent.started_at = 0, time.monotonic()
                 log.info("standby_used", agent_rank=agent.rank, pid=standby.process.pid, restarts=agent.restarts)
                 return
             log.warning("standby_lost", agent_rank=agent.rank, pid=standby.process.pid)
@@ -262,6 +265,7 @@ class AgentLauncher:
         except BaseException:
             self.release(agent)
             raise
+        agent.started_at = time.monotonic()
         log.info("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts,
                  cpu=self.cpu_for(agent), memory_limit=format_size(self.memory_limit) if self.memory_limit else None)
 
@@ -398,10 +402,10 @@ class AgentLauncher:
             orders, worker_lost = self.link.exchange(now)
             for order in orders:
                 self.enforce(order, now)
-            if worker_lost:
+            if worker_lost:  # agents that heard the worker: a process started since has nothing to wait for
                 for agent in self.agents:
-                    self.end_later(agent, agent.process.pid if agent.process else None, now + SHUTDOWN_GRACE_S,
-                                   "the worker went silent")
+                    if agent.process is not None and agent.started_at <= self.link.worker.last_heard:
+                        self.end_later(agent, agent.process.pid, now + SHUTDOWN_GRACE_S, "the worker went silent")
         for agent in self.agents:
             if agent.process is None:
                 if now >= agent.restart_at:
