@@ -199,7 +199,11 @@ def process_identity(pid: int) -> tuple[str, str] | None:
 
 def child_pids(pid: int) -> list[int]:
     children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # gone meanwhile
+        return children
+    for task in tasks:
         try:
             children.extend(int(c) for c in (task / "children").read_text().split())
         except OSError:

@@ -73,9 +73,15 @@ def load_example_module(path: Path, name: str):
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (Linux /proc)."""
     children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        text = (task / "children").read_text().split()
-        children.extend(int(c) for c in text)
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process is gone
+        return children
+    for task in tasks:
+        try:
+            children.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:  # a thread that ended meanwhile
+            continue
     return children
 
 
