@@ -313,13 +313,16 @@ class AgentLauncher:
             return
         for agent in self.agents:
             if agent.standby is None:
-                cgroup, status = self.new_cgroup(agent), StatusPipe()
+                cgroup, status = None, StatusPipe()
                 try:
+                    cgroup = self.new_cgroup(agent)
                     process = self.spawn(agent, [STANDBY_FLAG, self.settings(agent, status, False).to_argument()],
                                          status, cgroup, stdin=subprocess.PIPE)
-                except BaseException:
+                except (LauncherError, OSError) as error:  # a standby is an optimisation: never worth a failure
                     self.release_parts(status, cgroup)
-                    raise
+                    self.standby = False
+                    log.warning("standby_disabled", why=f"a standby agent could not start: {error}")
+                    return
                 agent.standby = Standby(process, status, cgroup)
                 log.info("standby_started", agent_rank=agent.rank, pid=process.pid)
 
