@@ -73,23 +73,36 @@ def load_example_module(path: Path, name: str):
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (Linux /proc)."""
     children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        text = (task / "children").read_text().split()
-        children.extend(int(c) for c in text)
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process is gone
+        return children
+    for task in tasks:
+        try:
+            children.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:  # a thread that ended meanwhile
+            continue
     return children
 
 
 def agent_rank(pid: int) -> int | None:
-    """The rank of the agent process `pid` (from the settings its launcher passed it), None if it is not one."""
-    from services.agent.agent import AgentSettings
+    """The rank of the active agent process `pid` (from its process name), None if it is not one (a standby agent
+    waiting to be used is not)."""
+    from services.agent.agent import rank_of_process_name
+    from zmserve.supervision import process_name
 
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if b"services.agent.agent" not in arguments or len(arguments) < 2:
-        return None
-    return AgentSettings.from_argument(arguments[-2].decode()).rank
+    return rank_of_process_name(process_name(pid))
+
+
+def agent_pids(launcher: int) -> list[int]:
+    """A launcher's active agent processes, in rank order (its other children are standby agents)."""
+    ranked = sorted((rank, pid) for pid in child_pids(launcher) if (rank := agent_rank(pid)) is not None)
+    return [pid for _, pid in ranked]
+
+
+def standby_pids(launcher: int) -> list[int]:
+    """A launcher's standby agents: the children that are not active agents."""
+    return [pid for pid in child_pids(launcher) if agent_rank(pid) is None]
 
 
 def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "condition", details=None):

@@ -13,6 +13,7 @@ at once, never a call that waits forever.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
@@ -27,13 +28,15 @@ from typing import Any
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode
+from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, ServingError, decode, encode
 from zmserve.transport import new_socket, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 60.0
 NOT_SERVING_YET = (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND)
 """What a servable that is still starting answers: no worker registered it yet, or not all its agents are in."""
 RETRY_WHILE_STARTING_S = 0.5
+CANCEL_LINGER_MS = 500
+"""How long a closing client's socket keeps trying to deliver the cancels of its unanswered requests."""
 _ADDRESS = re.compile(r"^(?:tcp://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -82,16 +85,23 @@ class Client:
         request_id, frames, deadline = self._request(instances, timeout)
         sock = self._thread_socket()
         send_frames(sock, frames)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
-            if not sock.poll(math.ceil(remaining * 1000)):  # rounded up: never give up before the deadline
-                continue
-            answer = recv_frames(sock)
-            outcome = read_answer(answer, request_id)
-            if outcome is not None:  # anything else answers an earlier request that this thread gave up on
-                return outcome.result()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
+                if not sock.poll(math.ceil(remaining * 1000)):  # rounded up: never give up before the deadline
+                    continue
+                outcome = read_answer(recv_frames(sock), request_id)
+                if outcome is not None:  # anything else answers an earlier request that this thread gave up on
+                    break
+        except ClientError:
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt: nobody waits for this answer any more
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+            raise
+        return outcome.result()
 
     def _thread_socket(self) -> zmq.Socket:
         sock = getattr(self._per_thread, "socket", None)
@@ -108,7 +118,8 @@ class Client:
 
     # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
     def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
-        """Like `infer`, but returns a concurrent.futures.Future at once."""
+        """Like `infer`, but returns a concurrent.futures.Future at once. `future.cancel()` before it resolves
+        tells the broker and the worker (CANCEL): a request not yet handed to the agents is never computed."""
         future: Future = Future()
         try:
             request_id, frames, deadline = self._request(instances, timeout)
@@ -119,6 +130,8 @@ class Client:
             io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
         except (ClientError, ValueError) as error:
             future.set_exception(error)
+            return future
+        future.add_done_callback(lambda done: io.cancel(request_id) if done.cancelled() else None)
         return future
 
     # ---- shared -----------------------------------------------------------------------------------------------
@@ -141,6 +154,7 @@ class Client:
         return f"no reply before the deadline ({timeout:g} s) from {self.address} (is a broker listening there?)"
 
     def close(self) -> None:
+        """End every socket; requests still unanswered on the async path are cancelled (CANCEL to the broker)."""
         with self._lock:
             if self._closed:
                 return
@@ -228,6 +242,14 @@ class IOThread(threading.Thread):
             self.pending[request_id] = pending
             send_frames(self.outbound, frames)
 
+    def cancel(self, request_id: int) -> None:
+        """Any thread (a future's cancel): stop waiting for `request_id` and tell the broker, unless it is answered
+        already."""
+        with self.lock:
+            if self.pending.pop(request_id, None) is None or self.failure is not None or self.closing.is_set():
+                return
+            self.outbound.send(encode(Cancel(id=request_id)))
+
     def close(self) -> None:
         self.closing.set()
         self.join()
@@ -237,11 +259,13 @@ class IOThread(threading.Thread):
     def run(self) -> None:
         try:
             broker = new_socket(self.context, zmq.DEALER)
+            linger = 0
             try:
                 broker.connect(self.address)
                 self.serve(broker)
+                linger = self.cancel_pending(broker)
             finally:
-                broker.close()
+                broker.close(linger=linger)
         except Exception as exc:  # the promise is one answer per request, so a crash must answer them all
             self.fail_all(f"the client's IO thread failed: {type(exc).__name__}: {exc}")
         else:
@@ -262,6 +286,18 @@ class IOThread(threading.Thread):
                 while broker.poll(0):
                     self.resolve(recv_frames(broker))
             self.expire()
+
+    def cancel_pending(self, broker: zmq.Socket) -> int:
+        """The client is closing: cancel what is still unanswered (and still queued to go out); returns the linger
+        the socket needs for those cancels to leave."""
+        while self.inbound.poll(0):
+            broker.send_multipart(self.inbound.recv_multipart(copy=False), copy=False)
+        with self.lock:
+            unanswered = [rid for rid, pending in self.pending.items() if not pending.future.done()]
+        for request_id in unanswered:
+            with contextlib.suppress(zmq.Again):
+                broker.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+        return CANCEL_LINGER_MS if unanswered else 0
 
     def poll_timeout_ms(self) -> int:
         with self.lock:

@@ -14,6 +14,7 @@ called once its process is in the group (outside one, MindSpore segfaults).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from zmserve.protocol import TensorSpec
+from zmserve.standby import STANDBY_FLAG, activate, wait_for_activation
 from zmserve.supervision import die_with_parent
 
 SCHEDULER_ROLE = "MS_SCHED"
@@ -57,6 +59,19 @@ def start_scheduler(host: str, port: int, group_size: int, **popen_kwargs: Any) 
     popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
     return subprocess.Popen([sys.executable, "-m", "zmserve.collective"], env=env, preexec_fn=die_with_parent,
                             **popen_kwargs)
+
+
+def start_standby_scheduler(**popen_kwargs: Any) -> subprocess.Popen:
+    """A scheduler process that imports MindSpore now and waits (zmserve/standby.py); `activate_scheduler` makes
+    it the scheduler of a group, at once."""
+    popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "zmserve.collective", STANDBY_FLAG], stdin=subprocess.PIPE,
+                            preexec_fn=die_with_parent, **popen_kwargs)
+
+
+def activate_scheduler(process: subprocess.Popen, host: str, port: int, group_size: int) -> bool:
+    """Make a standby scheduler the scheduler of a group of `group_size` on host:port; False if it is gone."""
+    return activate(process, json.dumps(group_environment(SCHEDULER_ROLE, host, port, group_size)))
 
 
 @functools.cache
@@ -146,8 +161,18 @@ def run_compiled(phase: str, tensors: list[Any]) -> Any:
     return _cell_graph_executor._graph_executor(tuple(tensors), phase)
 
 
-if __name__ == "__main__":
-    # A scheduler process (start_scheduler): the group's MS_* environment is set by the parent.
-    from mindspore.communication import init
+def run_scheduler(argv: list[str]) -> None:
+    """A scheduler process: the group's MS_* environment was set by the parent (start_scheduler), or comes on
+    stdin once MindSpore is imported (start_standby_scheduler)."""
+    from mindspore.communication import init  # the slow part: MindSpore's import
 
+    if argv[:1] == [STANDBY_FLAG]:
+        line = wait_for_activation()
+        if line is None:
+            return
+        os.environ.update(json.loads(line))
     init()
+
+
+if __name__ == "__main__":
+    run_scheduler(sys.argv[1:])

@@ -28,6 +28,7 @@ class MessageType(StrEnum):
     REQUEST = "request"
     REPLY = "reply"
     ERROR = "error"
+    CANCEL = "cancel"
     # worker <-> broker (control). A worker repeats its status every heartbeat interval, so a restarted broker
     # learns every worker again within one interval.
     WORKER_STATUS = "worker_status"
@@ -41,9 +42,13 @@ class MessageType(StrEnum):
     AGENT_REJECTED = "agent_rejected"
     AGENT_SHUTDOWN = "agent_shutdown"
     AGENT_STOPPED = "agent_stopped"
-    # agent launcher <-> worker: which ranks does this machine hold?
+    # agent launcher <-> worker: which ranks does this machine hold? And the launcher's own link: its hello (also
+    # its heartbeat), and the agents the worker shut down, which the launcher ends if they do not exit by themselves
     RANK_TABLE_QUERY = "rank_table_query"
     RANK_TABLE = "rank_table"
+    LAUNCHER_HELLO = "launcher_hello"
+    AGENTS_SHUT_DOWN = "agents_shut_down"
+    AGENT_EXITED = "agent_exited"
     # worker -> stage 0 -> ... -> last stage -> worker (data plane)
     MODEL_CALL = "model_call"
     MODEL_RESULT = "model_result"
@@ -59,13 +64,14 @@ class MessageType(StrEnum):
 class BrokerCommand:
     """First frame of every message between a worker (DEALER) and the broker's worker-facing ROUTER.
 
-    REQUEST and REPLY carry the client's routing identity in the second frame so the broker never re-encodes a
-    header; CONTROL carries a header only.
+    REQUEST, REPLY and CANCEL carry the client's routing identity in the second frame so the broker never
+    re-encodes a header; CONTROL carries a header only.
     """
 
     REQUEST = b"\x01"
     REPLY = b"\x02"
     CONTROL = b"\x03"
+    CANCEL = b"\x04"
 
 
 class ErrorCode(StrEnum):
@@ -77,6 +83,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
 
 
 class Forward(StrEnum):
@@ -247,6 +254,14 @@ class Error(Message, tag=MessageType.ERROR.value):
     message: str
 
 
+class Cancel(Message, tag=MessageType.CANCEL.value):
+    """client -> broker -> worker: the client gave up on request `id` (a cancelled future, a closed client, an HTTP
+    caller that hung up). The broker answers it CANCELLED; the worker drops it if it has not reached the agents,
+    and discards its result if it has."""
+
+    id: RequestId
+
+
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     """`methods` in the order the servable declares them (the first is a client's default method);
     `signatures` once the agents have said what the model takes and gives. The rest is what `zmserve status`
@@ -340,6 +355,42 @@ class RankTableAnswer(Message, tag=MessageType.RANK_TABLE.value):
     table: dict[str, Any] | None = None
 
 
+class LauncherHello(Message, tag=MessageType.LAUNCHER_HELLO.value):
+    """launcher -> worker, every heartbeat interval on the launcher's own DEALER: here is a launcher (its host and
+    ranks, for the logs). The worker answers with heartbeats and tells it which agents it shuts down."""
+
+    host: str
+    pid: int
+    ranks: list[int] = []
+
+
+class StoppedAgent(msgspec.Struct, frozen=True):
+    """An agent process the worker told to shut down (its rank and pid, as it registered them)."""
+
+    rank: int
+    pid: int
+
+
+class AgentsShutDown(Message, tag=MessageType.AGENTS_SHUT_DOWN.value):
+    """worker -> every launcher: these agents were told to shut down (or were given up on) because of `reason`. A
+    launcher ends any of its own that is still running `grace_s` later: an agent inside MindSpore's init() holds the
+    GIL, so its control thread cannot act on AGENT_SHUTDOWN."""
+
+    agents: list[StoppedAgent]
+    reason: str
+    grace_s: float
+
+
+class AgentExited(Message, tag=MessageType.AGENT_EXITED.value):
+    """launcher -> worker: agent process `pid` of `rank` ended by itself, `why` as its launcher saw it (a signal,
+    the OOM killer, an exit code). The worker restarts the agents at once, without waiting for the silence of its
+    heartbeats or for the rank's next process to register."""
+
+    rank: int
+    pid: int
+    why: str
+
+
 class MetadataQuery(Message, tag=MessageType.METADATA_QUERY.value):
     """client -> broker: what is served (every servable, or only `servable`)."""
 
@@ -401,16 +452,17 @@ class ModelError(Message, tag=MessageType.MODEL_ERROR.value):
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata,
-    ModelCall, ModelResult, ModelError, StatusQuery, Status,
+    Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
+    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, LauncherHello,
+    AgentsShutDown, AgentExited, MetadataQuery, Metadata, ModelCall, ModelResult, ModelError, StatusQuery, Status,
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
+_decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
                                    | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | MetadataQuery
-                                   | Metadata | ModelCall | ModelResult | ModelError | StatusQuery | Status)
+                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | LauncherHello
+                                   | AgentsShutDown | AgentExited | MetadataQuery | Metadata
+                                   | ModelCall | ModelResult | ModelError | StatusQuery | Status)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 
@@ -511,6 +563,8 @@ DEFAULT_DISTRIBUTED_ADDRESS = "127.0.0.1:6200"
 DEFAULT_AGENT_START_PORT = 7000
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3
+SHUTDOWN_GRACE_S = 1.0
+"""How long an agent told to shut down may take to exit before its launcher ends it (a healthy one takes ~0.1 s)."""
 ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
 """Tensors at least this big are sent without copying (pyzmq copies small frames anyway)."""
 MAX_INFLIGHT_MODEL_CALLS = 64

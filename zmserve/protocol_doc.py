@@ -21,7 +21,7 @@ END = "<!-- END MESSAGE REFERENCE -->"
 VALUE_TYPES: tuple[type[msgspec.Struct], ...] = (protocol.TensorSpec, protocol.ModelSignature, protocol.ShardInfo,
                                                   protocol.ValueSpec, protocol.MethodSignature, protocol.ServableInfo,
                                                   protocol.AgentStatus, protocol.WorkerInfo, protocol.Traffic,
-                                                  protocol.TrafficPoint)
+                                                  protocol.TrafficPoint, protocol.StoppedAgent)
 
 
 def type_name(annotation: Any) -> str:

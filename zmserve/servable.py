@@ -31,6 +31,12 @@ class ServableConfigError(Exception):
     """A servable_config.py that cannot be served; raised at start, never at request time."""
 
 
+class InvalidInput(ValueError):
+    """Raised by a servable's Python stage when the request's input is wrong (e.g. a number where text is
+    expected): the caller gets INVALID_ARGUMENT with this message. A stage's TypeError and ValueError count the
+    same way; any other exception is the servable's fault and answers INTERNAL."""
+
+
 @dataclass(frozen=True)
 class ValueRef:
     """A value inside a traced method: output `index` of stage `stage`, or method parameter `index`."""

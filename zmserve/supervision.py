@@ -15,12 +15,29 @@ from zmserve.logs import get_logger
 log = get_logger("supervision")
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to signal this process when its parent dies, so a SIGKILLed supervisor leaves no orphans."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
+def name_process(name: str) -> None:
+    """Name this process as `ps`, `top` and /proc/<pid>/comm show it (15 bytes at most; call it from the main
+    thread): the command line of a standby process says what it was started as, not what it became."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def process_name(pid: int) -> str | None:
+    """The name of a running process (/proc/<pid>/comm), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return None
 
 
 def reap(process: subprocess.Popen, timeout: float = 5.0) -> int:

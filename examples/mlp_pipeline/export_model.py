@@ -7,6 +7,9 @@ AllReduce(sum) adds the partials and b2 is added once. Every rank of a stage end
 the stage leader forwards to the next stage.
 
     python export_model.py --rank-size 4 --stage-size 2 --output-dir model
+
+With --dynamic-batch the input is [batch, hidden] with the batch dynamic, for a servable declared
+with_batch_dim=True: its worker stacks concurrent instances ([hidden] each) into one model call.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def build_stage_shard(blocks: list[dict[str, np.ndarray]], tp_rank: int, tp_size
 
 def export(output_dir: Path, rank_size: int, stage_size: int, batch: int = DEFAULT_BATCH,
            hidden: int = DEFAULT_HIDDEN, ffn: int = DEFAULT_FFN, layers: int = DEFAULT_LAYERS, seed: int = 0,
-           rank_table: Path | None = None) -> list[Path]:
+           rank_table: Path | None = None, dynamic_batch: bool = False) -> list[Path]:
     import mindspore as ms
 
     tp_size = rank_size // stage_size
@@ -94,8 +97,12 @@ def export(output_dir: Path, rank_size: int, stage_size: int, batch: int = DEFAU
                          f"(rank_size {rank_size}, stage_size {stage_size}, layers {layers}, ffn {ffn})")
     weights = make_weights(layers, hidden, ffn, seed)
     per_stage = layers // stage_size
-    example = ms.Tensor(np.zeros((batch, hidden), np.float32))
-    spec = tensor_spec("x", (batch, hidden))
+    if dynamic_batch:
+        example = ms.Tensor(shape=[None, hidden], dtype=ms.float32)
+        spec = tensor_spec("x", (-1, hidden))
+    else:
+        example = ms.Tensor(np.zeros((batch, hidden), np.float32))
+        spec = tensor_spec("x", (batch, hidden))
     paths = []
     for rank in range(rank_size):
         stage, tp_rank = divmod(rank, tp_size)
@@ -121,9 +128,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "model")
     parser.add_argument("--rank-table", type=Path, default=None)
+    parser.add_argument("--dynamic-batch", action="store_true", help="input [batch, hidden], the batch dynamic")
     args = parser.parse_args()
     for path in export(args.output_dir, args.rank_size, args.stage_size, args.batch, args.hidden, args.ffn,
-                       args.layers, args.seed, args.rank_table):
+                       args.layers, args.seed, args.rank_table, args.dynamic_batch):
         print(f"exported {path}")
 
 

@@ -39,6 +39,7 @@ from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     MODEL_CALL_TOPIC,
+    RECONNECT_MIN_MS,
     AgentConfigure,
     AgentFailed,
     AgentReady,
@@ -61,7 +62,8 @@ from zmserve.protocol import (
     parse_subscription,
     subscription_topic,
 )
-from zmserve.supervision import die_with_parent
+from zmserve.standby import STANDBY_FLAG, wait_for_activation
+from zmserve.supervision import die_with_parent, name_process
 from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket, recv_frames, send_frames
 
 EXIT_STOPPED = 0
@@ -214,7 +216,9 @@ class DataPlane:
 
     def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str) -> None:
         self.forward = config.forward
-        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0)
+        # the previous stage's leader binds its XPUB only once its own group has formed, maybe seconds after this
+        # connect: retry every RECONNECT_MIN_MS instead of backing off to seconds (a restart would wait for it)
+        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0, RECONNECT_IVL_MAX=RECONNECT_MIN_MS)
         self.inputs.connect(config.input_address)
         self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
         self.inputs.setsockopt(zmq.SUBSCRIBE, subscription_topic(rank))
@@ -265,10 +269,16 @@ class ShardRunner:
         # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
+            started = time.monotonic()
             join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id)
+            log.debug("group_joined", seconds=round(time.monotonic() - started, 3))
+            started = time.monotonic()
             self.shard = ShardModel.load(self.model_file)
+            log.debug("shard_loaded", seconds=round(time.monotonic() - started, 3))
             if self.signature.inputs:
+                started = time.monotonic()
                 self.shard.warm_up(self.signature.inputs)
+                log.debug("warmed_up", seconds=round(time.monotonic() - started, 3))
         finally:
             faulthandler.cancel_dump_traceback_later()
 
@@ -309,8 +319,11 @@ def serve(settings: AgentSettings) -> int:
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
                             previous_exit=settings.previous_exit, shard=shard))
     log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
+    started = time.monotonic()
     runner = ShardRunner(model_file, shard.signature)
+    log.debug("mindspore_imported", seconds=round(time.monotonic() - started, 3))
     config = link.inbox.get()
+    log.debug("agent_configured", scheduler=f"{config.scheduler_host}:{config.scheduler_port}")
     structlog.contextvars.bind_contextvars(stage=config.stage)
     started = time.monotonic()
     try:
@@ -355,12 +368,42 @@ def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank
     data.send_output([header, *out_frames])
 
 
+def process_name(rank: int, standby: bool = False) -> str:
+    """What `ps` shows for an agent process (a standby's command line stays what it was started with)."""
+    return f"zms-{'spare' if standby else 'agent'}-r{rank}"
+
+
+def rank_of_process_name(name: str | None) -> int | None:
+    """The rank of an active agent from its process name (None for a standby or any other process)."""
+    prefix = process_name(0).removesuffix("0")
+    return int(name.removeprefix(prefix)) if name and name.startswith(prefix) and name[len(prefix):].isdigit() \
+        else None
+
+
+def wait_as_standby(settings: AgentSettings) -> AgentSettings | None:
+    """A standby agent (started by its launcher ahead of need): import MindSpore now, then wait for the settings of
+    the process it is to become; None when the launcher retires it instead."""
+    name_process(process_name(settings.rank, standby=True))
+    started = time.monotonic()
+    import_mindspore()
+    log.debug("standby_ready", pid=os.getpid(), seconds=round(time.monotonic() - started, 3))
+    line = wait_for_activation()
+    return AgentSettings.from_argument(line) if line is not None else None
+
+
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()
-    settings = AgentSettings.from_argument((argv if argv is not None else sys.argv[1:])[0])
+    arguments = argv if argv is not None else sys.argv[1:]
+    settings = AgentSettings.from_argument(arguments[-1])
     configure_logging()
     structlog.contextvars.bind_contextvars(rank=settings.rank)
     try:
+        if arguments[0] == STANDBY_FLAG:
+            activated = wait_as_standby(settings)
+            if activated is None:
+                os._exit(EXIT_STOPPED)
+            settings = activated
+        name_process(process_name(settings.rank))
         code = serve(settings)
         sys.stderr.flush()
     except KeyboardInterrupt:

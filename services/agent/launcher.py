@@ -11,6 +11,14 @@ With a memory limit, each agent runs in a memory cgroup of its own (services/age
 learns why an agent died (the OOM killer at the limit, a signal, an exit code) and tells the replacement, which
 tells the worker; an agent the OOM killer ends OOM_LOADING_ATTEMPTS times before it has loaded its shard will
 never fit, so the launcher stops with that reason instead of restarting it forever.
+
+Two things make a restart prompt:
+  - standby agents (`standby=True`, the default): once every agent has loaded, the launcher starts one more
+    process per rank that imports MindSpore and waits (zmserve/standby.py); a restart hands it its settings, so
+    the new agent registers at once instead of after its import (1-2 s idle, 15-20 s for eight on two cores);
+  - its own link to the worker (services/agent/launcher_link.py): the worker names the agents it shut down, and
+    the launcher ends those that did not exit within the grace (an agent inside MindSpore's init() holds the GIL
+    and cannot act on the shutdown), and every agent once the worker has gone silent.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pathlib import Path
 import zmq
 
 from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, AgentSettings
+from services.agent.launcher_link import LauncherLink
 from services.agent.memory_limit import CGROUP_PREFIX, AgentCgroup, MemoryLimitError, find_hierarchy, format_size
 from services.agent.status_pipe import StatusPipe
 from zmserve.logs import get_logger
@@ -34,7 +43,11 @@ from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
     DEFAULT_DISTRIBUTED_ADDRESS,
     HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    SHUTDOWN_GRACE_S,
+    AgentsShutDown,
     AgentStopped,
+    LauncherHello,
     RankTableAnswer,
     RankTableQuery,
     ServingError,
@@ -43,16 +56,21 @@ from zmserve.protocol import (
     normalize_address,
 )
 from zmserve.ranktable import RankTable
+from zmserve.standby import STANDBY_FLAG, activate, retire
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, is_loopback, new_socket, send_nonblocking
+from zmserve.transport import HeartbeatClock, is_loopback, new_socket
 
 log = get_logger("launcher")
-CRASH_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+CRASH_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+"""Restart delay after the 1st, 2nd, ... crash of a rank in a row: the first costs one supervision tick (every agent
+restarts with it anyway), a crash loop slows down."""
 SUPERVISE_INTERVAL_S = 0.1
 FROZEN_LIMIT_S = 3.0
 OOM_LOADING_ATTEMPTS = 3
 """OOM kills before an agent has loaded its shard, in a row, after which the launcher gives up on it."""
+STANDBY_FAILURES = 3
+"""Standby agents that die before they are used, in a row, after which the launcher stops starting them."""
 
 
 def publish_address(host: str, port: int) -> str:
@@ -66,6 +84,17 @@ def publish_address(host: str, port: int) -> str:
 
 class LauncherError(RuntimeError):
     pass
+
+
+@dataclass
+class Standby:
+    """A process waiting to become this rank's next agent, with MindSpore imported (or importing)."""
+
+    process: subprocess.Popen
+    status: StatusPipe
+    cgroup: AgentCgroup | None
+    reasons: int
+    reason_fd: int
 
 
 @dataclass
@@ -88,6 +117,15 @@ class AgentProcess:
     oom_kills_loading: int = 0
     reasons: int | None = None
     """The read end of the pipe on which the running process says why it was rejected for good."""
+    standby: Standby | None = None
+    end_at: float | None = None
+    """When the launcher ends the running process, which the worker shut down (or left for dead) and which has not
+    exited by itself."""
+    end_why: str = ""
+    ended_by_launcher: bool = False
+    started_at: float = 0.0
+    """When the running process was started (or a standby activated): only a process that could have heard the
+    worker can be stuck waiting for it."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +158,7 @@ class AgentLauncher:
         heartbeat_interval: float | None = None,
         pin_cpus: bool = False,
         memory_limit: int | None = None,
+        standby: bool = True,
     ) -> None:
         if not model_files:
             raise LauncherError("no model files given: one agent runs per model file")
@@ -137,6 +176,9 @@ class AgentLauncher:
         self.heartbeat_interval = heartbeat_interval
         self.pin_cpus = pin_cpus
         self.memory_limit = memory_limit
+        self.standby = standby
+        self.standby_failures = 0
+        self.link: LauncherLink | None = None
         self.cgroups = None
         self.cgroups_created = 0
         if memory_limit is not None:
@@ -151,19 +193,19 @@ class AgentLauncher:
         self.stop_requested = False
         self._wakeup_read, self._wakeup_write = os.pipe()
         self.failure: str | None = None
-        self.worker: zmq.Socket | None = None
-        """DEALER to the worker, for the life of `run`: the rank-table query, and AGENT_STOPPED at the end."""
 
-    def command(self, agent: AgentProcess, reason_fd: int | None = None) -> list[str]:
-        settings = AgentSettings(
+    def settings(self, agent: AgentProcess, status: StatusPipe | None, reason_fd: int | None,
+                 restart: bool = True) -> AgentSettings:
+        """What agent process `agent` is told: its rank and files, and on a restart whom it replaces and why."""
+        return AgentSettings(
             worker=self.worker_address, rank=agent.rank, model_file=str(agent.model_file),
             publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
             group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
-            replaces_pid=agent.previous_pid, previous_exit=agent.previous_exit,
-            status_fd=agent.status.child_fd if agent.status is not None else None,
+            replaces_pid=agent.previous_pid if restart else None,
+            previous_exit=agent.previous_exit if restart else None,
+            status_fd=status.child_fd if status is not None else None,
             heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S, reason_fd=reason_fd,
         )
-        return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
 
     def assign_ranks(self) -> bool:
         """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's
@@ -200,64 +242,130 @@ class AgentLauncher:
 
     def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
         """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
-        assert self.worker is not None
+        context = zmq.Context.instance()
+        sock = new_socket(context, zmq.DEALER)
+        sock.connect(self.worker_address)
         waiting = HeartbeatClock(5.0)
         asked = False
-        while not self.stop_requested:
-            if waiting.due():
-                (log.info if asked else log.debug)("asking_worker_for_rank_table", worker=self.worker_address)
-                self.worker.send(encode(RankTableQuery()))
-                asked = True
-            if self.worker.poll(100):
-                try:
-                    answer = decode(self.worker.recv(), RankTableAnswer)
-                except ServingError as error:
-                    raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
-                                        f"query with something else: {error.message}") from None
-                return answer.table, answer.rank_size
-        return None
+        try:
+            while not self.stop_requested:
+                if waiting.due():
+                    (log.info if asked else log.debug)("asking_worker_for_rank_table", worker=self.worker_address)
+                    sock.send(encode(RankTableQuery()))
+                    asked = True
+                if sock.poll(100):
+                    try:
+                        answer = decode(sock.recv(), RankTableAnswer)
+                    except ServingError as error:
+                        raise LauncherError(f"the worker at {self.worker_address} answered the rank-table "
+                                            f"query with something else: {error.message}") from None
+                    return answer.table, answer.rank_size
+            return None
+        finally:
+            sock.close()
 
     def start(self, agent: AgentProcess) -> None:
-        env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
-        cpu = self.cpu_for(agent)
-        if self.cgroups is not None and self.memory_limit is not None:
-            self.cgroups_created += 1
-            name = f"{CGROUP_PREFIX}{os.getpid()}-rank{agent.rank}-{self.cgroups_created}"
-            try:
-                agent.cgroup = self.cgroups.create(name, self.memory_limit)
-            except OSError as error:
-                raise LauncherError(f"cannot create the memory cgroup of rank {agent.rank}: {error}") from None
-        cgroup, status = agent.cgroup, StatusPipe()
-        agent.status, agent.loaded = status, False
-        agent.reasons, reason_write = os.pipe()
+        """Run the next process of this rank: its standby if it has one, else a new process."""
+        standby, agent.standby = agent.standby, None
+        if standby is not None:
+            agent.process, agent.status, agent.cgroup, agent.loaded = (standby.process, standby.status,
+                                                                       standby.cgroup, False)
+            agent.reasons = standby.reasons
+            if activate(standby.process, self.settings(agent, standby.status, standby.reason_fd).to_argument()):
+                self.standby_failures, agent.started_at = 0, time.monotonic()
+                log.info("standby_used", agent_rank=agent.rank, pid=standby.process.pid, restarts=agent.restarts)
+                return
+            log.warning("standby_lost", agent_rank=agent.rank, pid=standby.process.pid)
+            reap(standby.process, timeout=1.0)
+            self.read_reason(agent)
+            self.release(agent)
+            agent.process = None
+        cgroup, status = self.new_cgroup(agent), StatusPipe()
+        agent.cgroup, agent.status, agent.loaded = cgroup, status, False
+        agent.reasons, reason_fd = os.pipe()
         try:
-            agent.process = subprocess.Popen(self.command(agent, reason_write), env=env,
-                                             pass_fds=(status.child_fd, reason_write), process_group=0,
-                                             preexec_fn=lambda: self.prepare_child(cpu, cgroup))
+            agent.process = self.spawn(agent, [self.settings(agent, status, reason_fd).to_argument()], status,
+                                       cgroup, reason_fd)
         except BaseException:
-            status.spawned()
+            self.read_reason(agent)
             self.release(agent)
             raise
+        agent.started_at = time.monotonic()
+        log.debug("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts,
+                 cpu=self.cpu_for(agent), memory_limit=format_size(self.memory_limit) if self.memory_limit else None)
+
+    def spawn(self, agent: AgentProcess, arguments: list[str], status: StatusPipe, cgroup: AgentCgroup | None,
+              reason_fd: int, **popen: object) -> subprocess.Popen:
+        """An agent process (or a standby) in its cgroup, on its core, in its own process group, holding the child
+        end of `status` and the only write end of its reason pipe (its exit ends the pipe)."""
+        env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
+        cpu = self.cpu_for(agent)
+        try:
+            return subprocess.Popen([sys.executable, "-m", "services.agent.agent", *arguments], env=env,
+                                    pass_fds=(status.child_fd, reason_fd), process_group=0,
+                                    preexec_fn=lambda: self.prepare_child(cpu, cgroup),
+                                    **popen)  # type: ignore[call-overload]
         finally:
-            os.close(reason_write)  # the agent holds the only write end: its exit ends the pipe
-        status.spawned()
-        log.debug("agent_started", agent_rank=agent.rank, pid=agent.process.pid, restarts=agent.restarts, cpu=cpu,
-                 memory_limit=format_size(self.memory_limit) if self.memory_limit else None)
+            status.spawned()
+            os.close(reason_fd)
 
     @staticmethod
     def read_reason(agent: AgentProcess) -> str:
         """What the exited agent wrote into its pipe (empty if nothing), and close the pipe."""
         if agent.reasons is None:
             return ""
-        chunks = []
-        try:
-            while chunk := os.read(agent.reasons, 4096):
-                chunks.append(chunk)
-        except OSError:
-            pass
-        os.close(agent.reasons)
+        reason = read_all(agent.reasons)
         agent.reasons = None
-        return b"".join(chunks).decode(errors="replace").strip()
+        return reason
+
+    def new_cgroup(self, agent: AgentProcess) -> AgentCgroup | None:
+        if self.cgroups is None or self.memory_limit is None:
+            return None
+        self.cgroups_created += 1
+        name = f"{CGROUP_PREFIX}{os.getpid()}-rank{agent.rank}-{self.cgroups_created}"
+        try:
+            return self.cgroups.create(name, self.memory_limit)
+        except OSError as error:
+            raise LauncherError(f"cannot create the memory cgroup of rank {agent.rank}: {error}") from None
+
+    def keep_standbys(self) -> None:
+        """Once every agent has loaded (so that their imports never compete with a forming group for the CPU),
+        each rank gets a standby; a standby that died is dropped, and after STANDBY_FAILURES in a row the launcher
+        stops starting them."""
+        if not self.standby or self.stop_requested:
+            return
+        for agent in self.agents:
+            standby = agent.standby
+            if standby is not None and standby.process.poll() is not None:
+                agent.standby = None
+                read_all(standby.reasons)
+                self.release_parts(standby.status, standby.cgroup)
+                self.standby_failures += 1
+                log.warning("standby_died", agent_rank=agent.rank, pid=standby.process.pid,
+                            code=standby.process.returncode, failures=self.standby_failures)
+                if self.standby_failures >= STANDBY_FAILURES:
+                    self.standby = False
+                    log.warning("standby_disabled", why=f"{STANDBY_FAILURES} standby agents died before use")
+                    return
+        if not all(agent.process is not None and agent.loaded for agent in self.agents):
+            return
+        for agent in self.agents:
+            if agent.standby is None:
+                cgroup, status = None, StatusPipe()
+                reasons, reason_fd = os.pipe()
+                try:
+                    cgroup = self.new_cgroup(agent)
+                    settings = self.settings(agent, status, reason_fd, restart=False)
+                    process = self.spawn(agent, [STANDBY_FLAG, settings.to_argument()], status, cgroup, reason_fd,
+                                         stdin=subprocess.PIPE)
+                except (LauncherError, OSError) as error:  # a standby is an optimisation: never worth a failure
+                    read_all(reasons)
+                    self.release_parts(status, cgroup)
+                    self.standby = False
+                    log.warning("standby_disabled", why=f"a standby agent could not start: {error}")
+                    return
+                agent.standby = Standby(process, status, cgroup, reasons, reason_fd)
+                log.info("standby_started", agent_rank=agent.rank, pid=process.pid)
 
     def cpu_for(self, agent: AgentProcess) -> int | None:
         """With pinning, agent i of this machine runs on core i mod (cores this launcher may use)."""
@@ -284,24 +392,25 @@ class AgentLauncher:
         self.release(agent)
         return AgentExit(code, oom_killed, loaded, peak)
 
+    @classmethod
+    def release(cls, agent: AgentProcess) -> None:
+        cls.release_parts(agent.status, agent.cgroup)
+        agent.status, agent.cgroup = None, None
+
     @staticmethod
-    def release(agent: AgentProcess) -> None:
-        if agent.status is not None:
-            agent.status.close()
-            agent.status = None
-        if agent.cgroup is not None:
+    def release_parts(status: StatusPipe | None, cgroup: AgentCgroup | None) -> None:
+        if status is not None:
+            status.close()
+        if cgroup is not None:
             try:
-                agent.cgroup.remove()
+                cgroup.remove()
             except OSError as error:
-                log.warning("cgroup_not_removed", path=str(agent.cgroup.path), error=str(error))
-            agent.cgroup = None
+                log.warning("cgroup_not_removed", path=str(cgroup.path), error=str(error))
 
     def run(self) -> int:
         """Start every agent and supervise until stopped; returns the exit code for the CLI (0), or raises
         LauncherError when the agents cannot serve (the worker refused a shard for good, or a shard cannot load
         under the memory limit)."""
-        self.worker = new_socket(zmq.Context.instance(), zmq.DEALER)
-        self.worker.connect(self.worker_address)
         try:
             if not self.assign_ranks():
                 return 0
@@ -318,6 +427,10 @@ class AgentLauncher:
                                     memory_limit=format_size(self.memory_limit))
             for agent in self.agents:
                 self.start(agent)
+            self.link = LauncherLink(zmq.Context.instance(), self.worker_address,
+                                     LauncherHello(host=self.agent_ip or "127.0.0.1", pid=os.getpid(),
+                                                   ranks=[a.rank for a in self.agents]),
+                                     self.heartbeat_interval or HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS)
             while not self.stop_requested:
                 select.select([self._wakeup_read], [], [], SUPERVISE_INTERVAL_S)
                 if not self.stop_requested:
@@ -330,6 +443,14 @@ class AgentLauncher:
 
     def supervise(self) -> None:
         now = time.monotonic()
+        if self.link is not None:
+            orders, worker_lost = self.link.exchange(now)
+            for order in orders:
+                self.enforce(order, now)
+            if worker_lost:  # agents that heard the worker: a process started since has nothing to wait for
+                for agent in self.agents:
+                    if agent.process is not None and agent.started_at <= self.link.worker.last_heard:
+                        self.end_later(agent, agent.process.pid, now + SHUTDOWN_GRACE_S, "the worker went silent")
         for agent in self.agents:
             if agent.process is None:
                 if now >= agent.restart_at:
@@ -341,10 +462,19 @@ class AgentLauncher:
                 if not agent.loaded and agent.status is not None and agent.status.loaded():
                     agent.loaded, agent.oom_kills_loading = True, 0
                 self.check_not_frozen(agent, now)
+                self.check_ended_in_time(agent, now)
                 continue
             ended = self.ended(agent, code)
             reason = self.read_reason(agent)
-            agent.previous_pid, agent.process = agent.process.pid, None
+            pid = agent.process.pid
+            agent.previous_pid, agent.process, agent.end_at = pid, None, None
+            if self.link is not None and not agent.ended_by_launcher and code != EXIT_RESTART:
+                self.link.agent_exited(agent.rank, pid, ended.describe(self.memory_limit))
+            if agent.ended_by_launcher:
+                agent.ended_by_launcher = False
+                agent.crashes, agent.restart_at, agent.previous_exit = 0, now, None
+                log.info("agent_exited", agent_rank=agent.rank, code=code, action="restart", why=agent.end_why)
+                continue
             if code == EXIT_REJECTED:
                 self.failure = f"rank {agent.rank} cannot serve: {reason or 'its agent gave no reason'}"
                 self.stop()
@@ -370,6 +500,32 @@ class AgentLauncher:
             agent.restart_at = now + backoff
             log.warning("agent_crashed", agent_rank=agent.rank, code=code, why=agent.previous_exit,
                         peak_memory=peak, restart_in=backoff)
+        self.keep_standbys()
+
+    def enforce(self, order: AgentsShutDown, now: float) -> None:
+        """The worker shut these agents down: any of ours still running after the grace is ended."""
+        for stopped in order.agents:
+            for agent in self.agents:
+                if agent.rank == stopped.rank:
+                    self.end_later(agent, stopped.pid, now + order.grace_s,
+                                   f"the worker shut it down ({order.reason}) and it did not exit within "
+                                   f"{order.grace_s:g} s")
+
+    @staticmethod
+    def end_later(agent: AgentProcess, pid: int | None, at: float, why: str) -> None:
+        """Mark the running process `pid` of this agent to be ended at `at` (not a later process of the rank)."""
+        if agent.process is not None and agent.process.pid == pid and agent.process.poll() is None \
+                and agent.end_at is None:
+            agent.end_at, agent.end_why = at, why
+
+    def check_ended_in_time(self, agent: AgentProcess, now: float) -> None:
+        """An agent the worker shut down exits by itself within ~0.1 s, unless MindSpore's init() holds its GIL
+        (or a long compile does): then the launcher ends it, and restarts it at once."""
+        assert agent.process is not None
+        if agent.end_at is not None and now >= agent.end_at:
+            log.warning("agent_ended", agent_rank=agent.rank, pid=agent.process.pid, why=agent.end_why)
+            agent.process.kill()
+            agent.ended_by_launcher, agent.end_at = True, None
 
     def does_not_fit(self, agent: AgentProcess) -> str:
         """The one-line reason the launcher gives up on a rank whose shard cannot load under the limit."""
@@ -406,6 +562,12 @@ class AgentLauncher:
         for process in running:
             if process.poll() is None:
                 process.terminate()
+        for agent in self.agents:
+            if agent.standby is not None:
+                retire(agent.standby.process)
+                read_all(agent.standby.reasons)
+                self.release_parts(agent.standby.status, agent.standby.cgroup)
+                agent.standby = None
         for process in running:
             reap(process, timeout=5.0)
         for agent in self.agents:
@@ -416,8 +578,8 @@ class AgentLauncher:
                          peak_memory=format_size(peak) if peak is not None else None, peak_bytes=peak)
             self.release(agent)
             agent.process = None
-        if self.worker is not None:
-            self.worker.close(linger=500)
+        if self.link is not None:
+            self.link.close()
         os.close(self._wakeup_read)
         os.close(self._wakeup_write)
         log.info("launcher_stopped")
@@ -425,9 +587,20 @@ class AgentLauncher:
     def tell_worker_stopping(self, agents: list[AgentProcess]) -> None:
         """The agents about to end stop on purpose: the worker logs that as a stop, not as lost agents (if the
         note cannot leave, the worker finds out from the missing heartbeats)."""
-        if self.worker is None or self.failure:
+        if self.link is None or self.failure:
             return
         for agent in agents:
             assert agent.process is not None
-            stopped = AgentStopped(rank=agent.rank, pid=agent.process.pid, reason="its launcher is stopping")
-            send_nonblocking(self.worker, [encode(stopped)])
+            self.link.send(AgentStopped(rank=agent.rank, pid=agent.process.pid, reason="its launcher is stopping"))
+
+
+def read_all(fd: int) -> str:
+    """Everything left in pipe `fd` (its writer has exited or never wrote), closing it."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except OSError:
+        pass
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace").strip()

@@ -30,6 +30,7 @@ from zmserve.protocol import (
     MAX_REQUEST_BYTES,
     SCAN_INTERVAL_S,
     BrokerCommand,
+    Cancel,
     Error,
     ErrorCode,
     Heartbeat,
@@ -187,7 +188,7 @@ class Broker:
     def process_client(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
         request_id: RequestId | None = None
-        request: Request | MetadataQuery | StatusQuery | None = None
+        request: Request | MetadataQuery | StatusQuery | Cancel | None = None
         try:
             if len(frames) < 2:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs a header frame")
@@ -196,8 +197,11 @@ class Broker:
                 raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
                                    f"the request has {size} bytes; this broker takes at most {self.max_request_bytes}")
             self.metrics.received(size)
-            request = decode(frames[1], Request, MetadataQuery, StatusQuery)
+            request = decode(frames[1], Request, MetadataQuery, StatusQuery, Cancel)
             request_id = request.id
+            if isinstance(request, Cancel):
+                self.cancel(client, request.id, frames[1])
+                return
             if not isinstance(request, Request):
                 self.answer_query(client, request)
                 return
@@ -229,6 +233,22 @@ class Broker:
             servable, method = (request.servable, request.method) if isinstance(request, Request) else (None, None)
             self.metrics.rejected(servable, method, error.code, servable in self.seen_servables, time.monotonic())
             self.reply_error(client, request_id, error.code, error.message)
+
+    def cancel(self, client: bytes, request_id: RequestId, header: Any) -> None:
+        """The client gave up: answer CANCELLED now (one answer per request, as always) and tell the worker, which
+        drops the request or discards its result. A cancel for a request already answered changes nothing."""
+        key = (client, request_id)
+        pending = self.requests.pop(key)
+        if pending is None:
+            log.debug("cancel_unmatched", request_id=request_id)
+            return
+        record = self.workers.get(pending.worker)
+        if record is not None:
+            record.inflight.discard(key)
+            self.send_to_worker(record.identity, [BrokerCommand.CANCEL, client, header])
+        self.finished(pending, ErrorCode.CANCELLED, time.monotonic())
+        log.info("request_cancelled", request_id=request_id, servable=pending.servable)
+        self.reply_error(client, request_id, ErrorCode.CANCELLED, "the client cancelled the request")
 
     def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
         """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""

@@ -65,6 +65,39 @@ class ClientGone(Exception):
     """The client closed its connection before its body arrived: nobody to answer."""
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""The status counted (never sent) for a caller that hung up before its answer, as nginx logs it."""
+
+
+class HangUpWatch:
+    """Whether the HTTP caller hangs up while its request is computed. Once the body is read, a task waits for
+    uvicorn's `http.disconnect`; if it comes before the answer, the request's task is cancelled, and with it its
+    broker requests (BrokerLink sends CANCEL, so the worker drops what has not reached the agents)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.request_task = asyncio.current_task()
+        self.watcher: asyncio.Task | None = None
+        self.hung_up = False
+
+    async def receive(self) -> dict[str, Any]:
+        """The handlers' `receive`: starts watching once the last body chunk is handed over."""
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False) and self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self.watch())
+        return message
+
+    async def watch(self) -> None:
+        if (await self._receive())["type"] == "http.disconnect" and self.request_task is not None:
+            self.hung_up = True
+            self.request_task.cancel()
+
+    def stop(self) -> None:
+        """The answer is ready: from now on a disconnect is uvicorn's business, not a cancel."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
 class GatewayApp:
     """The ASGI application: routes a request to its scheme, which answers it through the broker link."""
 
@@ -81,18 +114,31 @@ class GatewayApp:
         path = scope["path"]
         started = time.perf_counter()
         route = route_of(path)
+        caller = HangUpWatch(receive)
         try:
-            if route == "ms_rest":
-                response = await self.ms_rest(scope, receive)
-            elif route == "oip":
-                response = await self.oip(scope, receive)
-            elif route == "status":
-                response = await self.status(scope)
-            else:
-                response = Response(404, oip.error_body(
-                    f"no route for {path}: this gateway answers /model/{{servable}}[/version/{{n}}]:{{method}} "
-                    "(MindSpore Serving), /v2/... (Open Inference Protocol) and / (the status page)"))
+            try:
+                if route == "ms_rest":
+                    response = await self.ms_rest(scope, caller.receive)
+                elif route == "oip":
+                    response = await self.oip(scope, caller.receive)
+                elif route == "status":
+                    response = await self.status(scope)
+                else:
+                    response = Response(404, oip.error_body(
+                        f"no route for {path}: this gateway answers /model/{{servable}}[/version/{{n}}]:{{method}} "
+                        "(MindSpore Serving), /v2/... (Open Inference Protocol) and / (the status page)"))
+            finally:
+                caller.stop()
         except ClientGone:
+            return
+        except asyncio.CancelledError:
+            if not caller.hung_up:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            log.info("request_abandoned", path=path, why="the HTTP client disconnected before its answer")
+            self.metrics.http_request(route, CLIENT_CLOSED_REQUEST, started, 0)
             return
         except Exception as exc:  # a bug: answer it, never leave the client waiting
             log.exception("request_crashed", path=path)

@@ -32,6 +32,7 @@ from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.logs import get_logger
 from zmserve.metrics import OK, GatewayMetrics, GaugeSample
 from zmserve.protocol import (
+    Cancel,
     Error,
     ErrorCode,
     Metadata,
@@ -103,11 +104,15 @@ class BrokerLink:
         request_id = next(self.ids)
         header = encode(Request(id=request_id, servable=servable, method=method, version=version,
                                 timeout_ms=timeout * 1000, instances=specs))
+        log.debug("request_sent", request_id=request_id, servable=servable, method=method)
         started = time.perf_counter()
         try:
             reply, reply_frames = await self.call(request_id, [header, *frames], timeout)
         except ServingError as error:
             self.metrics.broker_request(servable, method, version, error.code, started)
+            raise
+        except asyncio.CancelledError:  # the HTTP caller hung up: call() sent CANCEL
+            self.metrics.broker_request(servable, method, version, ErrorCode.CANCELLED, started)
             raise
         self.metrics.broker_request(servable, method, version, OK, started)
         if not isinstance(reply, Reply):
@@ -149,6 +154,9 @@ class BrokerLink:
             self.loop.call_soon(self.drain)
             async with asyncio.timeout(timeout + REPLY_GRACE_S):
                 header, values = await future
+        except asyncio.CancelledError:  # the HTTP caller hung up: the broker and the worker drop the request
+            self.cancel(request_id)
+            raise
         except TimeoutError:
             raise ServingError(ErrorCode.DEADLINE_EXCEEDED,
                                f"no reply from the broker at {self.address} within {timeout:g} s") from None
@@ -157,6 +165,14 @@ class BrokerLink:
         if isinstance(header, Error):
             raise ServingError(header.code, header.message)
         return header, values
+
+    def cancel(self, request_id: int) -> None:
+        """Tell the broker nobody waits for `request_id` any more (never blocks; a full queue drops the cancel,
+        and the request's deadline ends it instead)."""
+        try:
+            self.socket.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.info("cancel_not_sent", request_id=request_id)
 
     def drain(self) -> None:
         """Hand every queued answer to the request awaiting it; answers nobody awaits any more are dropped."""

@@ -45,6 +45,18 @@ class Batcher:
         batch.rows.append(row)
         batch.arrived.append(time.monotonic())
 
+    def discard(self, owner: Any) -> None:
+        """Drop the waiting rows of `owner` (the first element of their slots): its request was cancelled."""
+        for key, batch in list(self.pending.items()):
+            keep = [i for i, (slot_owner, _) in enumerate(batch.slots) if slot_owner is not owner]
+            if len(keep) == len(batch.slots):
+                continue
+            batch.slots = [batch.slots[i] for i in keep]
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.arrived = [batch.arrived[i] for i in keep]
+            if not batch.slots:
+                del self.pending[key]
+
     def take_ready(self, now: float | None = None, idle: bool = False) -> list[ReadyBatch]:
         """Full batches, and batches whose oldest instance has waited max_delay; everything when `idle` (the
         pipeline is empty, so waiting would only add latency)."""

@@ -101,9 +101,12 @@ class SendToAgent:
 
 @dataclass(frozen=True)
 class RestartGroups:
-    """Answer every held request UNAVAILABLE with `why`, start new schedulers, report the status at once."""
+    """Answer every held request UNAVAILABLE with `why`, start new schedulers, report the status at once, and tell
+    the launchers which agent processes (rank, pid) were shut down or given up on: each launcher ends its own that
+    do not exit by themselves (an agent inside MindSpore's init() cannot act on AGENT_SHUTDOWN)."""
 
     why: str
+    stopped: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,14 @@ class Membership:
         log.info("agent_stopped", agent_rank=rank, reason=reason, state=self.state)
         return self.forget(agent, f"agent rank {rank} stopped ({reason})", now)
 
+    def exited(self, rank: int, pid: int, why: str, now: float) -> list[Action]:
+        """Its launcher saw agent process `pid` of `rank` end: lose it now if it is the one holding the rank (a
+        report about an older process of the rank changes nothing)."""
+        agent = self.agents.get(rank)
+        if agent is None or agent.pid != pid:
+            return []
+        return self.lose(agent, f"its process {pid} was {why}", now)
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: a silent agent while serving, or a formation that takes too long, restarts the groups.
 
@@ -343,17 +354,19 @@ class Membership:
 
     def forget(self, agent: AgentRecord, why: str, now: float) -> list[Action]:
         self.agents.pop(agent.rank, None)
-        return self.restart(why, now)
+        return self.restart(why, now, lost=agent)
 
-    def restart(self, why: str, now: float) -> list[Action]:
+    def restart(self, why: str, now: float, lost: AgentRecord | None = None) -> list[Action]:
         """A group with a lost or stuck member is broken for good: every agent exits so that its launcher starts
-        a fresh process, and the servable waits for all ranks again."""
+        a fresh process, and the servable waits for all ranks again. The lost agent is not told (it is dead, or
+        replaced, or not listening), but its launcher is, with the others: a live one is ended all the same."""
         shutdown = AgentShutdown(reason=why)
         actions: list[Action] = [SendToAgent(a.identity, shutdown) for a in self.agents.values()]
+        stopped = tuple((a.rank, a.pid) for a in [*([lost] if lost is not None else []), *self.agents.values()])
         self.agents.clear()
         self.subscribed.clear()
         self.state, self.since, self.last_restart = WorkerState.WAITING_FOR_AGENTS, now, why
-        return [*actions, RestartGroups(why)]
+        return [*actions, RestartGroups(why, stopped)]
 
     def stop(self, reason: str) -> list[Action]:
         """The worker is stopping: every agent exits (its launcher starts a new one for the next worker)."""

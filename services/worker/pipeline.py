@@ -143,6 +143,20 @@ class Pipeline:
             self.stats["model_calls"] += 1
             self.stats["model_rows"] += len(call.slots)
 
+    def cancel(self, client: bytes, request_id: Any) -> None:
+        """The client gave up, and the broker has answered it: forget the run without answering. Its calls still
+        queued here are never published (`next_sendable` and `flush_batches` skip finished runs, and its rows leave
+        the batcher now); a call already with the agents finishes, and `finish_call` discards its rows."""
+        run = self.table.runs.get((client, request_id))
+        if run is None:
+            return
+        reached_agents = self.table.reached_agents(run)
+        self.table.remove_run(run)
+        if self.batcher is not None:
+            self.batcher.discard(run)
+        self.metrics.request_done(run.method.name, ErrorCode.CANCELLED, run.started)
+        log.info("request_cancelled", request_id=request_id, reached_agents=reached_agents)
+
     # ---- results in -----------------------------------------------------------------------------------------
     def take_result(self, message: ModelResult | ModelError, value_frames: list[Any]) -> None:
         """A result or an error from the agents: finish the call's runs, or fail them."""

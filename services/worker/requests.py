@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 
 from zmserve.codec import Instance, Value
+from zmserve.logs import get_logger
 from zmserve.protocol import ErrorCode, ServingError
-from zmserve.servable import METHOD_INPUT, MethodSpec, Stage, ValueRef
+from zmserve.servable import METHOD_INPUT, InvalidInput, MethodSpec, Stage, ValueRef
+
+log = get_logger("worker")
+
+INPUT_ERRORS = (InvalidInput, TypeError, ValueError)
+"""What a Python stage raises when the request's input is wrong (InvalidInput is a ValueError; named for clarity)."""
 
 
 @dataclass(eq=False)
@@ -80,12 +86,18 @@ class MethodRun:
         return stages[self.stage_index] if self.stage_index < len(stages) else None
 
     def run_python_stage(self, stage: Stage) -> None:
-        """Run a Python stage for every instance and keep its outputs."""
+        """Run a Python stage for every instance and keep its outputs. A stage that refuses its input (InvalidInput,
+        TypeError, ValueError) is the caller's fault: INVALID_ARGUMENT with the stage's message. Anything else it
+        raises is the servable's: INTERNAL, logged with its traceback."""
         assert stage.function is not None
         for index, values in enumerate(self.values):
             try:
                 returned = stage.function(*(values[ref] for ref in stage.inputs))
+            except INPUT_ERRORS as exc:
+                raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                                   f"instance {index}: stage {stage.label!r} rejected its input: {exc}") from None
             except Exception as exc:
+                log.exception("stage_crashed", request_id=self.request_id, stage=stage.label, instance=index)
                 raise ServingError(
                     ErrorCode.INTERNAL, f"instance {index}: stage {stage.label!r} raised {type(exc).__name__}: {exc}"
                 ) from None
@@ -171,6 +183,11 @@ class RunTable:
         self.in_pipeline.discard(call_id)
         self.last_progress = time.monotonic()
         return self.calls.pop(call_id, None)
+
+    def reached_agents(self, run: MethodRun) -> bool:
+        """Whether a call serving `run` has been published to the agents and is not back yet."""
+        return any(call_id in self.calls and any(r is run for r, _ in self.calls[call_id].slots)
+                   for call_id in self.in_pipeline)
 
     def add_run(self, run: MethodRun) -> None:
         key = (run.client, run.request_id)

@@ -26,6 +26,7 @@ import structlog
 import zmq
 
 from services.worker.config import WorkerConfig
+from services.worker.launchers import Launchers
 from services.worker.membership import (
     Action,
     Membership,
@@ -46,13 +47,19 @@ from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
     SCAN_INTERVAL_S,
+    SHUTDOWN_GRACE_S,
+    AgentExited,
     AgentFailed,
     AgentReady,
     AgentRegister,
+    AgentShutdown,
+    AgentsShutDown,
     AgentStopped,
     BrokerCommand,
+    Cancel,
     ErrorCode,
     Heartbeat,
+    LauncherHello,
     MethodSignature,
     ModelError,
     ModelResult,
@@ -61,6 +68,7 @@ from zmserve.protocol import (
     Request,
     RequestId,
     ServingError,
+    StoppedAgent,
     WorkerDisconnect,
     deadline_of,
     decode,
@@ -144,6 +152,7 @@ class Worker:
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer, metrics=self.metrics)
         self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
+        self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)
@@ -198,11 +207,16 @@ class Worker:
             return
         try:
             message = decode(frames[1], AgentRegister, AgentReady, AgentFailed, AgentStopped, Heartbeat,
-                             RankTableQuery)
+                             RankTableQuery, LauncherHello, AgentExited)
         except ServingError as error:
             bursts.warning("agent_message_malformed", message=error.message)
             return
-        if isinstance(message, AgentRegister):
+        self.launchers.heard(identity, now)
+        if isinstance(message, LauncherHello):
+            self.launchers.hello(identity, message, now)
+        elif isinstance(message, AgentExited):
+            self.carry_out(self.membership.exited(message.rank, message.pid, message.why, now))
+        elif isinstance(message, AgentRegister):
             self.carry_out(self.membership.register(identity, message, now))
             self.history.registered(self.membership, identity, message)
         elif isinstance(message, RankTableQuery):
@@ -211,7 +225,13 @@ class Worker:
         elif isinstance(message, AgentStopped):  # from the agent's launcher
             self.carry_out(self.membership.stopped(message.rank, message.pid, message.reason, now))
         elif agent is None:
-            if not isinstance(message, Heartbeat):
+            if isinstance(message, Heartbeat) and message.rank is not None:
+                # an agent of a worker that restarted (or one this worker gave up on): it cannot serve here
+                # without a new group, so it starts again now rather than after its 3 s of silence
+                log.info("unknown_agent_told_to_restart", agent_rank=message.rank)
+                self.send_to_agent(identity, encode(AgentShutdown(
+                    reason="this worker does not know this agent (the worker restarted, or gave it up)")))
+            elif not isinstance(message, Heartbeat):
                 bursts.info("unknown_agent_message", type=type(message).__name__)
         elif isinstance(message, AgentReady):
             self.carry_out(self.membership.ready(agent, message.load_seconds))
@@ -231,6 +251,7 @@ class Worker:
             elif isinstance(action, RestartGroups):
                 self.metrics.groups_restarted()
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
+                self.tell_launchers(action.stopped, action.why)
                 for scheduler in self.schedulers:
                     scheduler.stop()
                 self.start_schedulers()
@@ -240,10 +261,21 @@ class Worker:
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
                 self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
                 self.metrics.groups_formed(time.monotonic() - self.membership.since)
+                for scheduler in self.schedulers:
+                    scheduler.keep_standby()
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
                          seconds_waited=round(time.monotonic() - self.waiting_since, 2))
                 self.send_status()
+
+    def tell_launchers(self, stopped: tuple[tuple[int, int], ...], why: str) -> None:
+        """Every launcher ends those of these agent processes that are its own and still run after the grace."""
+        if not stopped:
+            return
+        message = encode(AgentsShutDown(agents=[StoppedAgent(rank, pid) for rank, pid in stopped], reason=why,
+                                        grace_s=SHUTDOWN_GRACE_S))
+        for identity in self.launchers.alive(time.monotonic()):
+            self.send_to_agent(identity, message)
 
     def start_schedulers(self) -> None:
         for scheduler in self.schedulers:
@@ -258,6 +290,8 @@ class Worker:
         command = frame_bytes(frames[0])
         if command == BrokerCommand.REQUEST and len(frames) >= 3:
             self.handle_request(frame_bytes(frames[1]), frames[2], frames[3:])
+        elif command == BrokerCommand.CANCEL and len(frames) == 3:
+            self.cancel_request(frame_bytes(frames[1]), frames[2])
         elif command != BrokerCommand.CONTROL:
             bursts.warning("broker_message_malformed", command=command.hex())
 
@@ -293,6 +327,15 @@ class Worker:
             self.metrics.rejected(method.name if method is not None else None, error.code)
             self.answer(client, request.id, error.code, [error_frame(request.id, error.code, error.message)])
 
+    def cancel_request(self, client: bytes, header_frame: Any) -> None:
+        """The client gave up (the broker has answered it CANCELLED): drop the request, or discard its result."""
+        try:
+            cancel = decode(header_frame, Cancel)
+        except ServingError as error:
+            log.warning("broker_message_malformed", message=error.message)
+            return
+        self.pipeline.cancel(client, cancel.id)
+
     # ---- last stage -> worker: results ----------------------------------------------------------------------
     def process_result(self, frames: list[zmq.Frame]) -> None:
         try:
@@ -323,6 +366,8 @@ class Worker:
             heartbeat = encode(Heartbeat())
             for agent in list(self.membership.agents.values()):
                 self.send_to_agent(agent.identity, heartbeat)
+            for identity in self.launchers.alive(now):
+                self.send_to_agent(identity, heartbeat)
         if self.state != WorkerState.SERVING:
             self.report_waiting(now)
 
@@ -365,9 +410,10 @@ class Worker:
     def shutdown(self) -> None:
         self.pipeline.fail_all(ErrorCode.UNAVAILABLE, "the worker is shutting down")
         self.send_to_broker([BrokerCommand.CONTROL, encode(WorkerDisconnect())])
+        self.tell_launchers(tuple((a.rank, a.pid) for a in self.membership.agents.values()), "worker stopping")
         self.carry_out(self.membership.stop("worker stopping"))
         for scheduler in self.schedulers:
-            scheduler.stop()
+            scheduler.close()
         self.close_sockets(linger=200)
         log.info("worker_stopped", **self.pipeline.stats)
 

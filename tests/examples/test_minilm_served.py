@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cluster import REPO
 
+from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
 EXAMPLE = REPO / "examples" / "minilm"
@@ -55,6 +56,8 @@ def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.
         with cluster.client("embed") as client:
             served = client.infer([{"text": text} for text in TEXTS], timeout=120)
             alone = client.infer({"text": CAT}, timeout=60)[0]["embedding"]
+            with pytest.raises(ClientError) as refused:
+                client.infer({"text": 42}, timeout=60)
     finally:
         codes = cluster.stop()
     embeddings = np.stack([row["embedding"] for row in served])
@@ -62,5 +65,8 @@ def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.
     differences = np.abs(embeddings - reference_embeddings).max(axis=1)
     assert (differences <= 1e-5).all(), dict(zip(["short", "long", "non_ascii", "empty"], differences, strict=True))
     assert abs(float(np.linalg.norm(alone)) - 1.0) < 1e-6
+    assert refused.value.code == "INVALID_ARGUMENT", refused.value
+    assert refused.value.message == ("instance 0: stage 'tokenize' rejected its input: text must be a string, got "
+                                     "a tensor (int64, shape [])"), refused.value
     np.testing.assert_allclose(alone, embeddings[0], atol=1e-6)
     assert set(codes.values()) == {0}, codes

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster import child_pids, log_events, matmul_reference, start_matmul_cluster
+from cluster import agent_pids, log_events, matmul_reference, start_matmul_cluster
 
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
@@ -37,10 +37,11 @@ WINDOW = 64
 """Unanswered messages per broker socket: the broker drops replies to a client that stops reading."""
 FUZZ_DEADLINE_S = 90.0
 ONES = {"x": np.ones((128, 96), np.float32)}
-HEADER_TYPES = ("request", "reply", "error", "worker_status", "worker_disconnect", "heartbeat", "agent_register",
-                "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown", "agent_stopped",
-                "rank_table_query", "rank_table", "metadata_query", "metadata", "status_query", "status", "model_call",
-                "model_result", "model_error")
+HEADER_TYPES = ("request", "reply", "error", "cancel", "worker_status", "worker_disconnect", "heartbeat",
+                "agent_register", "agent_configure", "agent_ready", "agent_failed", "agent_rejected", "agent_shutdown",
+                "agent_stopped", "rank_table_query", "rank_table", "launcher_hello", "agents_shut_down",
+                "agent_exited", "metadata_query", "metadata", "status_query", "status", "model_call", "model_result",
+                "model_error")
 """The message types of PROTOCOL.md 1.1, spelled out here so the test does not trust the code's own list."""
 VERSION = 2
 
@@ -73,6 +74,13 @@ class Malformed(Exception):
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_cancel(header: dict | None) -> bool:
+    """A readable CANCEL (an int or str id): the broker answers the request it names, if it holds it, and never
+    the cancel itself (PROTOCOL.md 4.1)."""
+    return header is not None and header["type"] == "cancel" and (is_int(header.get("id"))
+                                                                   or isinstance(header.get("id"), str))
 
 
 def id_key(value: Any) -> bytes:
@@ -346,8 +354,8 @@ class AgentFuzzer:
 
 def expected_agent_reply(frames: list[bytes]) -> str | None:
     """The worker answers a 2-frame AGENT_REGISTER whose fields have their types (with AGENT_REJECTED, while it
-    serves) and a readable RANK_TABLE_QUERY (with RANK_TABLE); everything else is dropped (PROTOCOL.md 1.3, 4.3,
-    4.4)."""
+    serves), a readable RANK_TABLE_QUERY (with RANK_TABLE) and an agent HEARTBEAT with an int rank from an identity
+    it does not know (with AGENT_SHUTDOWN); everything else is dropped (PROTOCOL.md 1.3, 4.3, 4.4)."""
     if len(frames) != 1:
         return None
     try:
@@ -360,6 +368,12 @@ def expected_agent_reply(frames: list[bytes]) -> str | None:
         return "rank_table"
     if header["type"] == "agent_register" and register_fields_valid(header):
         return "agent_rejected"
+    if header["type"] == "heartbeat" and is_int(header.get("rank")):
+        return "agent_shutdown"  # a heartbeat naming a rank from an unknown agent: "start again and register"
+    if header["type"] == "launcher_hello" and isinstance(header.get("host"), str) and is_int(header.get("pid")) \
+            and (header.get("ranks", []) == [] or (isinstance(header.get("ranks"), list)
+                                                   and all(is_int(r) for r in header["ranks"]))):
+        return "launcher"  # no reply of its own, but the worker heartbeats a launcher from now on
     return None
 
 
@@ -382,10 +396,10 @@ def check_broker_reply(expect: Expectations, frames: list[bytes]) -> None:
         code = header.get("code")
         expect.codes[code] += 1
         if code not in ("INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
-                        "INTERNAL") or not isinstance(header.get("message"), str):
+                        "INTERNAL", "CANCELLED") or not isinstance(header.get("message"), str):
             expect.problems.append(f"error without a known code and message: {header}")
     else:
-        expect.codes["OK"] += 1
+        expect.codes["OK" if header["type"] == "reply" else "METADATA"] += 1  # a readable METADATA_QUERY's answer
     if key in expect.valid:
         x = expect.valid.pop(key)
         if header["type"] != "reply" or len(frames) != 2:
@@ -400,7 +414,7 @@ def check_broker_reply(expect: Expectations, frames: list[bytes]) -> None:
 
 def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> None:
     rng = random.Random(SEED)
-    agents_before = set(child_pids(cluster.processes["agents"].pid))
+    agents_before = set(agent_pids(cluster.processes["agents"].pid))
     assert len(agents_before) == 2
     broker_fuzzer = BrokerFuzzer(rng)
     agent_fuzzer = AgentFuzzer(rng, agents_before)
@@ -424,7 +438,8 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
     started = time.monotonic()
     try:
         while sent_broker < BROKER_MESSAGES or sent_agent < AGENT_MESSAGES or sum(outstanding.values()) > 0 \
-                or sum(n for kind, n in agent_expected.items() if kind != "maybe") > sum(agent_replies.values()):
+                or sum(n for kind, n in agent_expected.items() if kind not in ("maybe", "launcher")) \
+                > sum(n for kind, n in agent_replies.items() if kind != "heartbeat"):
             assert time.monotonic() - started < FUZZ_DEADLINE_S, (
                 f"not every message answered after {FUZZ_DEADLINE_S} s: sent {sent_broker}, "
                 f"missing {broker_expect.ids - broker_expect.replies}, agent replies {agent_replies} of "
@@ -441,12 +456,15 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
                 else:
                     message = broker_fuzzer.message()
                 try:
-                    _, request_id = read_header(message[0])
-                    broker_expect.ids[id_key(request_id)] += 1
+                    header, request_id = read_header(message[0])
+                    answered = not is_cancel(header)
+                    if answered:
+                        broker_expect.ids[id_key(request_id)] += 1
                 except Malformed:
+                    answered = True
                     broker_expect.malformed += 1
                 sock.send_multipart(message)
-                outstanding[index] += 1
+                outstanding[index] += answered
                 sent_broker += 1
             if sent_agent < AGENT_MESSAGES and sent_agent * BROKER_MESSAGES <= sent_broker * AGENT_MESSAGES:
                 message = agent_fuzzer.message()
@@ -476,6 +494,8 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
         f"{broker_expect.malformed} malformed messages but {sum(extra.values())} replies beyond the expected ids: "
         f"{extra}")
     maybe = agent_expected.pop("maybe", 0)
+    if agent_expected.pop("launcher", 0):
+        agent_replies.pop("heartbeat", None)
     assert not agent_expected - agent_replies, f"agent replies {agent_replies} of {agent_expected}"
     assert sum((agent_replies - agent_expected).values()) <= maybe, (
         f"agent replies {agent_replies} beyond {agent_expected} and {maybe} malformed messages")
@@ -489,7 +509,7 @@ def test_fuzzed_routers_answer_once_and_keep_serving(cluster: LocalCluster) -> N
     with cluster.client() as client:
         for x in xs:
             np.testing.assert_allclose(client.infer({"x": x}, timeout=10)[0]["y"], matmul_reference(x), atol=1e-5)
-    assert set(child_pids(cluster.processes["agents"].pid)) == agents_before, "the fuzz restarted an agent"
+    assert set(agent_pids(cluster.processes["agents"].pid)) == agents_before, "the fuzz restarted an agent"
     assert not log_events(cluster.logs["worker"], "agent_lost")
 
 

@@ -18,6 +18,7 @@ import pytest
 from cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
+    agent_pids,
     child_pids,
     export_matmul,
     export_mlp,
@@ -97,9 +98,9 @@ def test_signal_stops_worker_launcher_and_broker_cleanly(
         slow_cluster: LocalCluster, slow_model: tuple[list[Path], Path, np.ndarray], signum: int) -> None:
     cluster, expected = slow_cluster, slow_model[2]
     worker, launcher, broker = (cluster.processes[name] for name in ("worker", "agents", "broker"))
-    schedulers = snapshot(child_pids(worker.pid))
-    agents = snapshot(child_pids(launcher.pid))
-    assert len(schedulers) == 1 and len(agents) == 2
+    schedulers = snapshot(child_pids(worker.pid))  # the stage's scheduler, and its standby once started
+    agents = snapshot(child_pids(launcher.pid))  # the agents, and their standbys once started
+    assert 1 <= len(schedulers) <= 2 and len(agent_pids(launcher.pid)) == 2
 
     with cluster.client() as client:
         futures = [client.infer_async({"x": X}, timeout=60) for _ in range(8)]

@@ -3,6 +3,7 @@ answers every pending request. A raw ROUTER in the test plays the broker."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import zmq
 
 from zmserve.client import Client, ClientError, IOThread, broker_endpoint, infer_when_ready
 from zmserve.codec import encode_instances
-from zmserve.protocol import Error, ErrorCode, Reply, Request, decode, encode
+from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, decode, encode
 from zmserve.transport import free_port
 
 ONES = {"x": np.ones((2, 3), np.float32)}
@@ -54,9 +55,14 @@ class FakeBroker:
         self.address = f"127.0.0.1:{self.socket.bind_to_random_port('tcp://127.0.0.1')}"
 
     def receive(self, timeout_s: float = 5.0) -> tuple[bytes, Request]:
-        assert self.socket.poll(int(timeout_s * 1000)), "no request arrived"
+        identity, message = self.receive_message(timeout_s)
+        assert isinstance(message, Request), message
+        return identity, message
+
+    def receive_message(self, timeout_s: float = 5.0) -> tuple[bytes, Request | Cancel]:
+        assert self.socket.poll(int(timeout_s * 1000)), "no message arrived"
         identity, header, *_ = self.socket.recv_multipart()
-        return identity, decode(header, Request)
+        return identity, decode(header, Request, Cancel)
 
     def reply(self, identity: bytes, request_id: int, value: np.ndarray) -> None:
         specs, frames = encode_instances([{"y": value}])
@@ -211,3 +217,42 @@ def test_infer_when_ready_raises_other_errors_and_gives_up_in_time(broker: FakeB
         player.join()
         assert caught.value.code == ErrorCode.UNAVAILABLE and time.monotonic() - started < 1.5
 
+def test_a_cancelled_future_tells_the_broker_and_ignores_a_late_answer(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        kept, dropped = client.infer_async(ONES, timeout=30), client.infer_async(ONES, timeout=30)
+        (_, first), (identity, second) = broker.receive(), broker.receive()
+        assert dropped.cancel()
+        _, cancel = broker.receive_message()
+        assert cancel == Cancel(id=second.id)
+        broker.reply(identity, second.id, np.zeros(1, np.float32))  # answered anyway: nobody takes it
+        broker.reply(identity, first.id, np.ones(1, np.float32))
+        np.testing.assert_array_equal(kept.result(timeout=5)[0]["y"], np.ones(1, np.float32))
+        assert dropped.cancelled()
+        assert not kept.cancel(), "a resolved future cannot be cancelled, so it sends nothing"
+        assert not broker.socket.poll(200), "only one cancel"
+
+
+def test_closing_a_client_cancels_what_it_still_waits_for(broker: FakeBroker) -> None:
+    client = Client(broker.address, "s", "m")
+    futures = [client.infer_async(ONES, timeout=30) for _ in range(3)]
+    identity, answered = broker.receive()
+    broker.receive(), broker.receive()
+    broker.reply(identity, answered.id, np.zeros(1, np.float32))
+    futures[0].result(timeout=5)
+    client.close()
+    cancels = sorted(broker.receive_message()[1].id for _ in range(2))
+    assert cancels == [answered.id + 1, answered.id + 2]
+    assert not broker.socket.poll(200)
+
+
+def test_an_interrupted_infer_cancels_its_request(broker: FakeBroker) -> None:
+    """Ctrl-C while `infer` waits: a real SIGINT to this (main) thread; the request is cancelled on the way out."""
+    with Client(broker.address, "s", "m") as client:
+        interrupt = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.infer(ONES, timeout=30)
+        interrupt.join()
+        _, request = broker.receive()
+        _, cancel = broker.receive_message()
+    assert cancel == Cancel(id=request.id)

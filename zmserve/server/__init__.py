@@ -10,15 +10,19 @@ A reference `serving_server.py` ports by changing its imports and its client-fac
 
 Each call starts its service on a thread of this process and returns; the process then runs until SIGINT or
 SIGTERM (a second one forces the exit). A service that fails ends the process with exit code 1.
+
+A servable's Python stage raises `InvalidInput` (or TypeError, ValueError) when the request's input is wrong:
+the caller gets INVALID_ARGUMENT with its message, not INTERNAL.
 """
 
 from __future__ import annotations
 
 from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS
+from zmserve.servable import InvalidInput
 from zmserve.server import distributed, register
 from zmserve.server.running import run_in_background, stop
 
-__all__ = ["distributed", "register", "start_broker", "stop"]
+__all__ = ["InvalidInput", "distributed", "register", "start_broker", "stop"]
 
 
 def start_broker(address: str = DEFAULT_BROKER_CLIENT_ADDRESS,

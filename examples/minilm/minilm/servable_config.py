@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from zmserve.server import distributed, register
+from zmserve.server import InvalidInput, distributed, register
 
 MAX_TOKENS = 256
 BUCKETS = (16, 32, 64, 128, 256)
@@ -43,12 +43,19 @@ def bucket_length(tokens: int) -> int:
     return next(bucket for bucket in BUCKETS if bucket >= tokens)
 
 
+def describe(value: Any) -> str:
+    """What a client sent instead of text, in the words of its request (a JSON number arrives as a 0-d array)."""
+    if isinstance(value, np.ndarray):
+        return f"a tensor ({value.dtype}, shape {list(value.shape)})"
+    return type(value).__name__
+
+
 def tokenize(text: Any) -> tuple[np.ndarray, np.ndarray]:
     """One text -> (input_ids, attention_mask), int32 [bucket], with [CLS]/[SEP] and zero padding, no batch dim."""
     if isinstance(text, bytes):
         text = text.decode()
     if not isinstance(text, str):
-        raise TypeError(f"text must be a string, got {type(text).__name__}")
+        raise InvalidInput(f"text must be a string, got {describe(text)}")
     ids = _tokenizer().encode(text).ids
     length = bucket_length(len(ids))
     input_ids = np.zeros(length, np.int32)

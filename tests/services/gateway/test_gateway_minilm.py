@@ -78,3 +78,11 @@ def test_tritonclient_embeds_a_sentence(gateway: str, reference: np.ndarray, bin
         embedding = result.as_numpy("embedding")
         assert embedding.dtype == np.float32 and embedding.shape == (384,)
         assert np.abs(embedding - expected).max() <= 1e-5
+
+
+def test_a_number_where_text_belongs_is_the_callers_error(gateway: str) -> None:
+    """The tokenize stage refuses it (InvalidInput): 400 with its words, not a 500 blaming the server."""
+    status, answer = curl(gateway, "/model/minilm:embed", json.dumps({"instances": [{"text": 42}]}).encode())
+    assert status == 400, answer
+    assert answer == {"error_msg": "instance 0: stage 'tokenize' rejected its input: text must be a string, got a "
+                                   "tensor (int32, shape [])"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cluster import (
     Cluster,
-    child_pids,
+    agent_pids,
     log_events,
     matmul_reference,
     start_matmul_cluster,
@@ -50,7 +50,7 @@ def serves(cluster: Cluster) -> bool:
 @pytest.mark.parametrize("victim", [0, 1])
 def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim: int) -> None:
     launcher = cluster.processes["agents"].pid
-    agents = sorted(child_pids(launcher))
+    agents = agent_pids(launcher)
     assert len(agents) == 2
     killed_at = time.time()
     os.kill(agents[victim], signal.SIGKILL)
@@ -60,18 +60,18 @@ def test_killed_agent_is_noticed_answered_and_replaced(cluster: Cluster, victim:
     # kill, plus at most one 0.1 s turn of the worker's loop and the scheduling slack of a loaded machine
     assert noticed - killed_at < 3.5, f"noticed after {noticed - killed_at:.2f} s"
     wait_for(lambda: serves(cluster), timeout=15, interval=0.2, what="serving again", details=cluster.log_tails)
-    assert sorted(child_pids(launcher)) != agents
+    assert agent_pids(launcher) != agents
 
 
 def test_frozen_agent_is_killed_and_replaced(cluster: Cluster) -> None:
     """SIGSTOP: the worker sees the heartbeats stop, the launcher sees the stopped state and replaces it."""
     launcher = cluster.processes["agents"].pid
-    agents = sorted(child_pids(launcher))
+    agents = agent_pids(launcher)
     os.kill(agents[0], signal.SIGSTOP)
     try:
         wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=5, what="agent_lost")
         wait_for(lambda: log_events(cluster.logs["agents"], "agent_frozen"), timeout=10, what="agent_frozen")
         wait_for(lambda: serves(cluster), timeout=20, interval=0.2, what="serving again", details=cluster.log_tails)
     finally:
-        if agents[0] in child_pids(launcher):
+        if agents[0] in agent_pids(launcher):
             os.kill(agents[0], signal.SIGCONT)

@@ -124,6 +124,8 @@ def test_a_silent_agent_restarts_every_group_only_while_serving() -> None:
     shut_down = {ident for ident, message in sends(actions) if isinstance(message, AgentShutdown)}
     assert shut_down == {identity(0), identity(1), identity(3)}
     assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
+    # the silent one is not told, but its launcher is, with the others: a live but stuck process is ended too
+    assert sorted(actions[-1].stopped) == [(0, 100), (1, 101), (2, 102), (3, 103)]
 
 
 def test_silence_while_forming_is_not_judged_but_the_forming_timeout_is() -> None:
@@ -287,9 +289,34 @@ def test_an_agent_its_launcher_stops_restarts_every_group_once() -> None:
     assert machine.stopped(2, pid=102, reason="its launcher is stopping", now=2.1) == [], "already forgotten"
 
 
+def test_a_restart_while_forming_names_every_agent_process_for_the_launchers() -> None:
+    """The agents still inside init() cannot act on AGENT_SHUTDOWN: their launchers end them, by (rank, pid)."""
+    machine = membership()
+    for rank in range(4):
+        machine.register(identity(rank), register(rank), 1.0)
+    actions = machine.register(identity(1, generation=1), register(1, pid=555, replaces=101), 3.0)
+    restart = next(a for a in actions if isinstance(a, RestartGroups))
+    assert restart.stopped[0] == (1, 101), "the replaced process first"
+    assert sorted(restart.stopped) == [(0, 100), (1, 101), (2, 102), (3, 103)]
+    assert {ident for ident, m in sends(actions) if isinstance(m, AgentShutdown)} == {
+        identity(0), identity(2), identity(3)}
+
+
 def test_stop_tells_every_agent_to_shut_down() -> None:
     machine = membership()
     bring_to_serving(machine)
     assert {ident for ident, m in sends(machine.stop("worker stopping")) if isinstance(m, AgentShutdown)} == {
         identity(r) for r in range(4)}
     assert all(a.state == AgentState.READY for a in machine.agents.values())
+
+
+def test_the_launcher_reporting_an_agents_exit_restarts_the_groups_at_once() -> None:
+    machine = membership()
+    bring_to_serving(machine)
+    assert machine.exited(1, 999, "killed by signal SIGKILL", 5.0) == [], "not the process holding rank 1"
+    assert machine.state == WorkerState.SERVING
+    actions = machine.exited(1, 101, "killed by signal SIGKILL", 5.0)
+    restart = actions[-1]
+    assert isinstance(restart, RestartGroups)
+    assert restart.why == "agent rank 1 was lost (its process 101 was killed by signal SIGKILL)"
+    assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
