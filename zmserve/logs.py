@@ -11,6 +11,7 @@ request.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -169,4 +170,10 @@ def flush_bursts(final: bool = False) -> None:
         bursts.flush(final=final)
 
 
-atexit.register(flush_bursts, final=True)
+def flush_bursts_at_exit() -> None:
+    """The last summaries; a stream already closed at exit (a test runner's capture) gets none, quietly."""
+    with contextlib.suppress(ValueError, OSError):
+        flush_bursts(final=True)
+
+
+atexit.register(flush_bursts_at_exit)
