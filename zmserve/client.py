@@ -60,14 +60,18 @@ def broker_endpoint(address: str) -> str:
 
 class Client:
     """Calls one method of one servable through a broker. Thread-safe: each thread that calls `infer` gets its
-    own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`."""
+    own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`.
+
+    `retry`: may the broker send a request to another replica when the worker holding it is lost before the request
+    reached the model (True or False), or as the servable says (None, the default: yes unless its
+    `declare_servable(retry_on_replica_loss=False)`)."""
 
     io_thread_class: type[IOThread]
 
     def __init__(self, address: str, servable: str, method: str, version: int = 0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, retry: bool | None = None) -> None:
         self.address = broker_endpoint(address)
-        self.servable, self.method, self.version = servable, method, version
+        self.servable, self.method, self.version, self.retry = servable, method, version, retry
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -134,7 +138,7 @@ class Client:
             raise ClientError(error.code, error.message) from None
         request_id = next(self._ids)
         header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=specs))
+                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry))
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:

@@ -33,6 +33,10 @@ class MessageType(StrEnum):
     WORKER_STATUS = "worker_status"
     WORKER_DISCONNECT = "worker_disconnect"
     HEARTBEAT = "heartbeat"
+    # worker -> broker, once per loop turn that publishes: which requests reached the model (never retried after)
+    REQUESTS_STARTED = "requests_started"
+    # broker -> worker: a draining worker is routed nothing more (every request sent before this has arrived)
+    DRAIN_ACK = "drain_ack"
     # agent <-> worker (control)
     AGENT_REGISTER = "agent_register"
     AGENT_CONFIGURE = "agent_configure"
@@ -156,7 +160,9 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class Request(Message, tag=MessageType.REQUEST.value):
-    """client -> broker -> worker. `version` 0 means the newest ready version."""
+    """client -> broker -> worker. `version` 0 means the newest version that has a ready worker. `retry`: may the
+    broker send it to another replica when its worker is lost (or answers UNAVAILABLE) before the request reached
+    the model (PROTOCOL.md §4.9); None takes the servable's choice (`retry_on_replica_loss`, default yes)."""
 
     id: RequestId
     servable: str
@@ -164,6 +170,7 @@ class Request(Message, tag=MessageType.REQUEST.value):
     version: int = 0
     timeout_ms: float | None = None
     instances: list[list[TensorSpec]] = []
+    retry: bool | None = None
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
@@ -183,7 +190,9 @@ class Error(Message, tag=MessageType.ERROR.value):
 
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     """`methods` in the order the servable declares them (the first is a client's default method);
-    `signatures` once the agents have said what the model takes and gives."""
+    `signatures` once the agents have said what the model takes and gives. `draining`: the worker was asked to
+    stop and finishes what it holds; the broker routes it nothing more and answers with DRAIN_ACK. `retry`: the
+    servable's `retry_on_replica_loss`, for requests that do not choose."""
 
     servable: str
     version: int
@@ -191,6 +200,8 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     ready: bool
     reason: str = ""
     signatures: dict[str, MethodSignature] = {}
+    draining: bool = False
+    retry: bool = True
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
@@ -199,6 +210,20 @@ class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
 
 class Heartbeat(Message, tag=MessageType.HEARTBEAT.value):
     rank: int | None = None
+
+
+class RequestsStarted(Message, tag=MessageType.REQUESTS_STARTED.value):
+    """worker -> broker, before the worker publishes the first model call of these requests (one message per loop
+    turn, the i-th client with the i-th id): from now on they may have reached a model, so they are never sent to
+    another replica."""
+
+    clients: list[bytes]
+    ids: list[RequestId]
+
+
+class DrainAck(Message, tag=MessageType.DRAIN_ACK.value):
+    """broker -> worker, on a status that says `draining`: the broker routes this worker nothing more. It travels
+    behind every request the broker sent before, so a worker that has it and holds nothing is done."""
 
 
 class AgentRegister(Message, tag=MessageType.AGENT_REGISTER.value):
@@ -305,16 +330,16 @@ class ModelError(Message, tag=MessageType.MODEL_ERROR.value):
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, MetadataQuery, Metadata,
-    ModelCall, ModelResult, ModelError,
+    Request, Reply, Error, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted, DrainAck, AgentRegister,
+    AgentConfigure, AgentReady, AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery,
+    RankTableAnswer, MetadataQuery, Metadata, ModelCall, ModelResult, ModelError,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | WorkerStatus | WorkerDisconnect | Heartbeat
-                                   | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | MetadataQuery
-                                   | Metadata | ModelCall | ModelResult | ModelError)
+                                   | RequestsStarted | DrainAck | AgentRegister | AgentConfigure | AgentReady
+                                   | AgentFailed | AgentRejected | AgentShutdown | AgentStopped | RankTableQuery
+                                   | RankTableAnswer | MetadataQuery | Metadata | ModelCall | ModelResult | ModelError)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 
@@ -427,6 +452,8 @@ MAX_BATCH_DELAY_S = 0.002
 """How long the first instance of a batch may wait for others."""
 EXECUTION_TIMEOUT_S = 30.0
 """A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
+DRAIN_TIMEOUT_S = 30.0
+"""A worker told to stop (SIGTERM) finishes the requests it holds for at most this long, then stops anyway."""
 MAX_QUEUED_REQUESTS = 1024
 """Requests a worker holds (running or waiting) before it answers RESOURCE_EXHAUSTED."""
 RECONNECT_MIN_MS = 100

@@ -92,6 +92,9 @@ class ServableSpec:
     config_path: Path
     model: DistributedModel | None = None
     methods: dict[str, MethodSpec] = field(default_factory=dict)
+    retry_on_replica_loss: bool = True
+    """May the broker send a request to another replica when its worker is lost before the request reached the
+    model (PROTOCOL.md §4.9)? A request can choose otherwise (`Request.retry`)."""
 
 
 @dataclass
@@ -110,11 +113,14 @@ def declare_servable(
     with_batch_dim: bool = True,
     without_batch_dim_inputs: int | list[int] | tuple[int, ...] | None = None,
     enable_pipeline_infer: bool = False,
+    retry_on_replica_loss: bool = True,
 ) -> DistributedModel:
     """Declare the distributed model of this servable: `rank_size` agents in `stage_size` pipeline stages.
 
     `enable_pipeline_infer` is accepted for compatibility: zmserve always pipelines stages.
     `without_batch_dim_inputs` is not supported: with a batch dimension, every model input is batched.
+    `retry_on_replica_loss` (zmserve's own): False when a request must never run twice, even when its replica
+    was lost before the model saw it (a Python stage with side effects); requests may still ask for it.
     """
     spec = _require_loading("declare_servable")
     if without_batch_dim_inputs not in (None, [], ()):
@@ -131,6 +137,7 @@ def declare_servable(
             "number of agents"
         )
     spec.model = DistributedModel(rank_size, stage_size, bool(with_batch_dim))
+    spec.retry_on_replica_loss = bool(retry_on_replica_loss)
     return spec.model
 
 

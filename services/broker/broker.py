@@ -2,9 +2,12 @@
 
 One class, one poll loop (Majordomo style). State is three plain containers:
   - `workers`: identity -> WorkerRecord (what it serves, whether it is ready, when it was last heard from);
-  - `requests`: `InFlight`, (client identity, request id) -> the worker holding it and its deadline;
+  - `requests`: `InFlight`, (client identity, request id) -> the worker holding it, its deadline, and whether it
+    may have reached a model yet;
   - nothing else. A request is answered exactly once: by the worker's reply, or by the broker with
-    UNAVAILABLE (worker lost) or DEADLINE_EXCEEDED (deadline passed), whichever comes first.
+    UNAVAILABLE (worker lost) or DEADLINE_EXCEEDED (deadline passed), whichever comes first. Which worker takes
+    it is `routing.py`'s rule; a request whose worker is lost (or answers UNAVAILABLE) before the request reached
+    a model is sent to another replica instead (`retry`, PROTOCOL.md §4.9).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 import zmq
 
+from services.broker.routing import LeastOutstanding, ready_of_version
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.protocol import (
@@ -28,6 +33,7 @@ from zmserve.protocol import (
     MAX_REQUEST_BYTES,
     SCAN_INTERVAL_S,
     BrokerCommand,
+    DrainAck,
     Error,
     ErrorCode,
     Heartbeat,
@@ -37,6 +43,7 @@ from zmserve.protocol import (
     Reply,
     Request,
     RequestId,
+    RequestsStarted,
     ServableInfo,
     ServingError,
     WorkerDisconnect,
@@ -71,6 +78,10 @@ class WorkerRecord:
     """The methods in the order the servable declares them (the first is the default for OIP clients)."""
     signatures: dict[str, MethodSignature] = field(default_factory=dict)
     """Per method: its inputs and outputs, once the worker knows the model's signature."""
+    draining: bool = False
+    """The worker finishes what it holds and stops: routed nothing more (its status says ready=false too)."""
+    retry: bool = True
+    """The servable's `retry_on_replica_loss`: requests that do not choose may go to another replica."""
 
 
 @dataclass
@@ -78,6 +89,15 @@ class PendingRequest:
     worker: bytes
     deadline: float | None
     servable: str
+    request: Request | None = None
+    """The decoded request and the frames it came in ([header, *values]), kept (no copy) to send it again."""
+    frames: list[Any] = field(default_factory=list)
+    retry: bool = False
+    """May go to another replica if its worker loses it before it reached a model."""
+    started: bool = False
+    """Its worker said it handed the request to the model (REQUESTS_STARTED): never sent anywhere else."""
+    tried: tuple[bytes, ...] = ()
+    """The workers it was sent to, in order."""
 
 
 class InFlight:
@@ -97,6 +117,9 @@ class InFlight:
 
     def pop(self, key: tuple[bytes, Any]) -> PendingRequest | None:
         return self._pending.pop(key, None)
+
+    def get(self, key: tuple[bytes, Any]) -> PendingRequest | None:
+        return self._pending.get(key)
 
     def expired(self, now: float) -> list[tuple[bytes, Any]]:
         return [key for key, p in self._pending.items() if p.deadline is not None and p.deadline <= now]
@@ -146,6 +169,7 @@ class Broker:
         self.in_process_workers: dict[bytes, InProcessWorker] = {}
         self.routes: dict[tuple[str, str, int], list[WorkerRecord]] = {}
         """choose_worker's answers (the ready workers of a servable, method and version), until a worker changes."""
+        self.spread = LeastOutstanding()
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
@@ -190,20 +214,8 @@ class Broker:
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
-            worker = self.choose_worker(request.servable, request.method, request.version)
-            self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms),
-                                                  request.servable))
-            worker.inflight.add(key)
-            delivery = self.deliver_request(worker.identity, client, request, frames[1:])
-            if delivery is not Delivery.SENT:
-                self.requests.pop(key)
-                worker.inflight.discard(key)
-            if delivery is Delivery.WOULD_BLOCK:
-                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
-                                   f"the worker serving {request.servable!r} is not taking requests fast enough")
-            if delivery is Delivery.UNREACHABLE:
-                self.remove_worker(worker, "worker connection closed")
-                raise ServingError(ErrorCode.UNAVAILABLE, f"the worker serving {request.servable!r} is gone")
+            pending = PendingRequest(b"", deadline_of(request.timeout_ms), request.servable, request, frames[1:])
+            self.dispatch(client, key, pending)
         except ServingError as error:
             if request_id is None and len(frames) >= 2:
                 request_id = peek_request_id(frames[1])
@@ -211,12 +223,40 @@ class Broker:
                         message=error.message)
             self.reply_error(client, request_id, error.code, error.message)
 
-    def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
-        """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""
+    def dispatch(self, client: bytes, key: tuple[bytes, Any], pending: PendingRequest) -> None:
+        """Hand a request to a ready worker it has not been to, and record it as in flight there; raises the
+        ServingError that answers it when none takes it. A worker whose connection is gone is removed and the next
+        one tried: nothing reached it."""
+        request = pending.request
+        assert request is not None
+        while True:
+            worker = self.choose_worker(request.servable, request.method, request.version, pending.tried)
+            pending.worker, pending.tried = worker.identity, (*pending.tried, worker.identity)
+            pending.retry = worker.retry if request.retry is None else request.retry
+            self.requests.add(key, pending)
+            worker.inflight.add(key)
+            delivery = self.deliver_request(worker.identity, client, request, pending.frames)
+            if delivery is Delivery.SENT:
+                return
+            self.requests.pop(key)
+            worker.inflight.discard(key)
+            if delivery is Delivery.WOULD_BLOCK:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"the worker serving {request.servable!r} is not taking requests fast enough")
+            self.remove_worker(worker, "worker connection closed")
+
+    def choose_worker(self, servable: str, method: str, version: int,
+                      exclude: tuple[bytes, ...] = ()) -> WorkerRecord:
+        """The ready worker of (servable, method, version) with the fewest requests outstanding, not one in
+        `exclude`; version 0 = the newest version that has a ready worker (routing.py)."""
         ready = self.routes.get((servable, method, version))
         if ready is None:
             ready = self.routes[(servable, method, version)] = self.ready_workers(servable, method, version)
-        return ready[0] if len(ready) == 1 else min(ready, key=lambda w: len(w.inflight))
+        chosen = self.spread.choose(ready, exclude)
+        if chosen is None:
+            raise ServingError(ErrorCode.UNAVAILABLE,
+                               f"no other worker of servable {servable!r} is ready to take the request")
+        return chosen
 
     def ready_workers(self, servable: str, method: str, version: int) -> list[WorkerRecord]:
         """Every ready worker that may take (servable, method, version), or the ServingError saying why none."""
@@ -226,23 +266,28 @@ class Broker:
                                f"servable {servable!r} has no worker right now (its worker was lost); retry")
         if not serving:
             raise ServingError(ErrorCode.NOT_FOUND, f"servable {servable!r} is not served; {self.describe()}")
-        versions = sorted({w.version for w in serving})
-        chosen_version = versions[-1] if version == 0 else version
-        serving = [w for w in serving if w.version == chosen_version]
-        if not serving:
-            raise ServingError(
-                ErrorCode.NOT_FOUND, f"servable {servable!r} has no version {version}; versions: {versions}"
-            )
-        if method not in serving[0].methods:
-            raise ServingError(
-                ErrorCode.NOT_FOUND,
-                f"servable {servable!r} has no method {method!r}; methods: {sorted(serving[0].methods)}",
-            )
-        ready = [w for w in serving if w.ready]
-        if not ready:
-            reasons = "; ".join(sorted({w.reason for w in serving if w.reason}))
-            raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
-        return ready
+        return ready_of_version(serving, servable, method, version)
+
+    def retry(self, client: bytes, request_id: RequestId, pending: PendingRequest, why: str) -> bool:
+        """Send a request again, to another replica, when its worker lost it (or answered UNAVAILABLE) before it
+        reached a model: only if it may be (`pending.retry`), was never started, and its deadline has not passed.
+        The header is sent again with the time left. False: the caller answers the request."""
+        request = pending.request
+        if pending.started or not pending.retry or request is None:
+            return False
+        now = time.monotonic()
+        if pending.deadline is not None:
+            if now >= pending.deadline:
+                return False
+            request = msgspec.structs.replace(request, timeout_ms=(pending.deadline - now) * 1000)
+            pending.request, pending.frames = request, [encode(request), *pending.frames[1:]]
+        try:
+            self.dispatch(client, (client, request_id), pending)
+        except ServingError:
+            return False
+        bursts.info("request_retried", request_id=request_id, servable=request.servable, why=why,
+                    attempt=len(pending.tried))
+        return True
 
     def answer_metadata(self, client: bytes, query: MetadataQuery) -> None:
         """What is served, one entry per (servable, version), for the queried servable or every one."""
@@ -279,31 +324,35 @@ class Broker:
         if record is not None:
             record.liveness.heard()
         if command == BrokerCommand.REPLY and len(frames) >= 4:
-            self.forward_reply(record, frame_bytes(frames[2]), frames[3:])
+            self.forward_reply(identity, frame_bytes(frames[2]), frames[3:])
         elif command == BrokerCommand.CONTROL:
             self.process_worker_control(identity, record, frames[2])
         else:
             bursts.warning("worker_message_malformed", command=command.hex())
 
-    def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[Any]) -> None:
+    def forward_reply(self, identity: bytes, client: bytes, frames: list[Any]) -> None:
         try:
             reply = decode(frames[0], Reply, Error)
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
             return
-        self.take_reply(record, client, reply.id, frames)
+        self.take_reply(identity, client, reply.id, frames)
 
-    def take_reply(self, record: WorkerRecord | None, client: bytes, request_id: RequestId | None,
-                   frames: list[Any]) -> None:
-        """A worker's answer ([header, *values]) to the request `request_id` of `client`: to the client, unless
-        the broker has answered that request already (deadline, lost worker) or its deadline has passed."""
+    def take_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, frames: list[Any]) -> None:
+        """Worker `identity`'s answer ([header, *values]) to the request `request_id` of `client`: to the client,
+        unless the broker has answered that request already (deadline, lost worker), sent it to another worker
+        since, or its deadline has passed."""
         key = (client, request_id)
-        pending = self.requests.pop(key) if request_id is not None else None
-        if pending is None:
+        pending = self.requests.get(key) if request_id is not None else None
+        if pending is None or pending.worker != identity:
             bursts.info("late_reply_dropped", request_id=request_id)
             return
-        if record is not None:
+        self.requests.pop(key)
+        if (record := self.workers.get(identity)) is not None:
             record.inflight.discard(key)
+        if (len(frames) == 1 and pending.retry and not pending.started and is_unavailable(frames[0])
+                and self.retry(client, request_id, pending, "its worker answered UNAVAILABLE")):
+            return
         if pending.deadline is not None and time.monotonic() > pending.deadline:
             self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
             return
@@ -312,18 +361,31 @@ class Broker:
     def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None,
                               frames: list[Any]) -> None:
         """`take_reply` for a worker in this process: its reply's request id comes with it, not to be decoded."""
-        self.take_reply(self.workers.get(identity), client, request_id, frames)
+        self.take_reply(identity, client, request_id, frames)
+
+    def take_in_process_started(self, identity: bytes, keys: list[tuple[bytes, Any]]) -> None:
+        """REQUESTS_STARTED from a worker in this process, as the (client, request id) pairs."""
+        self.requests_started(identity, keys)
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: Any) -> None:
         try:
-            message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
+            message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted)
         except ServingError as error:
             bursts.warning("worker_control_malformed", message=error.message)
             return
-        if isinstance(message, WorkerStatus):
+        if isinstance(message, RequestsStarted):
+            self.requests_started(identity, zip(message.clients, message.ids, strict=False))
+        elif isinstance(message, WorkerStatus):
             self.update_worker(identity, record, message)
         elif isinstance(message, WorkerDisconnect) and record is not None:
             self.remove_worker(record, "worker disconnected", clean=True)
+
+    def requests_started(self, identity: bytes, keys: Any) -> None:
+        """The worker handed these (client, request id)s to its model: they are never sent anywhere else."""
+        for key in keys:
+            pending = self.requests.get(key)
+            if pending is not None and pending.worker == identity:
+                pending.started = True
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         self.routes.clear()
@@ -337,20 +399,31 @@ class Broker:
                      methods=sorted(status.methods), ready=status.ready)
         elif record.ready != status.ready:
             log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
+        if status.draining and not record.draining:
+            log.info("worker_draining", servable=status.servable, version=status.version,
+                     inflight=len(record.inflight))
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
         record.declared_methods, record.signatures = tuple(status.methods), status.signatures
+        record.draining, record.retry = status.draining, status.retry
+        record.ready = record.ready and not record.draining
+        if record.draining:  # every status of a draining worker: the answer may be what it waits for
+            self.send_to_worker(identity, [BrokerCommand.CONTROL, encode(DrainAck())])
 
-    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False) -> None:
-        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
-        stop (the worker said goodbye, or this broker stops) is information, a lost worker a warning."""
+    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False, retry: bool = True) -> None:
+        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A request
+        that never reached its model goes to another replica instead, if it may (`retry`). A clean stop (the
+        worker said goodbye, or this broker stops) is information, a lost worker a warning."""
         self.workers.pop(record.identity, None)
         self.routes.clear()
-        (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
-                                             inflight=len(record.inflight))
-        for client, request_id in record.inflight:
-            if self.requests.pop((client, request_id)) is not None:
-                self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
-                                 f"the worker serving {record.servable!r} was lost ({why})")
+        (log.info if clean else log.warning)("worker_removed", servable=record.servable, version=record.version,
+                                             why=why, inflight=len(record.inflight))
+        held, record.inflight = record.inflight, set()
+        for client, request_id in held:
+            pending = self.requests.pop((client, request_id))
+            if pending is None or (retry and self.retry(client, request_id, pending, f"its worker was lost ({why})")):
+                continue
+            self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
+                             f"the worker serving {record.servable!r} was lost ({why})")
 
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
@@ -414,7 +487,7 @@ class Broker:
 
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
-            self.remove_worker(record, "broker shutting down", clean=True)
+            self.remove_worker(record, "broker shutting down", clean=True, retry=False)
         self.close_sockets(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")
@@ -423,3 +496,12 @@ class Broker:
         for sock in (self.clients, self.worker_socket):
             if sock is not None:
                 sock.close(linger=linger)
+
+
+def is_unavailable(header: Any) -> bool:
+    """Whether a one-frame answer is an ERROR with code UNAVAILABLE (a worker that cannot run the request now)."""
+    try:
+        answer = decode(header, Reply, Error)
+    except ServingError:
+        return False
+    return isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE

@@ -51,6 +51,8 @@ class MethodRun:
     stage_index: int = 0
     awaiting: int = 0
     finished: bool = False
+    reached_model: bool = False
+    """A model call of it was published: the broker is told (REQUESTS_STARTED) and never sends it elsewhere."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,
