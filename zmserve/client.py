@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Error, ErrorCode, Reply, Request, ServingError, decode, encode
+from zmserve.protocol import Error, ErrorCode, Reply, Request, Retry, ServingError, decode, encode
 from zmserve.transport import new_socket, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -62,16 +62,18 @@ class Client:
     """Calls one method of one servable through a broker. Thread-safe: each thread that calls `infer` gets its
     own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`.
 
-    `retry`: may the broker send a request to another replica when the worker holding it is lost before the request
-    reached the model (True or False), or as the servable says (None, the default: yes unless its
-    `declare_servable(retry_on_replica_loss=False)`)."""
+    `retry`: when the broker may send a request to another replica if the worker holding it is lost: "never",
+    "before_model" (only if that replica's model never saw it) or "until_result" (also if its model may have run it
+    but the result was lost with the worker); None (the default) takes the servable's choice
+    (`declare_servable(retry_on_replica_loss=...)`, by default "before_model"). PROTOCOL.md §4.9."""
 
     io_thread_class: type[IOThread]
 
     def __init__(self, address: str, servable: str, method: str, version: int = 0,
-                 context: zmq.Context | None = None, retry: bool | None = None) -> None:
+                 context: zmq.Context | None = None, retry: str | None = None) -> None:
         self.address = broker_endpoint(address)
-        self.servable, self.method, self.version, self.retry = servable, method, version, retry
+        self.servable, self.method, self.version = servable, method, version
+        self.retry = Retry(retry) if retry is not None else None
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

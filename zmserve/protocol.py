@@ -80,6 +80,19 @@ class ErrorCode(StrEnum):
     INTERNAL = "INTERNAL"
 
 
+class Retry(StrEnum):
+    """When the broker may send a request to another replica because its worker was lost (or answered UNAVAILABLE)
+    before answering it (PROTOCOL.md §4.9). Chosen per servable (`declare_servable(retry_on_replica_loss=...)`)
+    and per request (`Request.retry`, which wins)."""
+
+    NEVER = "never"
+    BEFORE_MODEL = "before_model"
+    """Only while no model call of the request has been published (REQUESTS_STARTED): it never ran (default)."""
+    UNTIL_RESULT = "until_result"
+    """Also after that, as long as its worker had not received the model's result: the lost replica's model may have
+    run it, but that result died with the worker; the request runs once more on another replica."""
+
+
 class Forward(StrEnum):
     """Where an agent sends a call's output: the stage leader forwards it, every other rank drops it (all ranks
     of a stage hold the same output)."""
@@ -160,9 +173,9 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class Request(Message, tag=MessageType.REQUEST.value):
-    """client -> broker -> worker. `version` 0 means the newest version that has a ready worker. `retry`: may the
-    broker send it to another replica when its worker is lost (or answers UNAVAILABLE) before the request reached
-    the model (PROTOCOL.md §4.9); None takes the servable's choice (`retry_on_replica_loss`, default yes)."""
+    """client -> broker -> worker. `version` 0 means the newest version that has a ready worker. `retry`: when the
+    broker may send it to another replica if its worker is lost (`Retry`, PROTOCOL.md §4.9); None takes the
+    servable's choice (`retry_on_replica_loss`, by default `before_model`)."""
 
     id: RequestId
     servable: str
@@ -170,7 +183,7 @@ class Request(Message, tag=MessageType.REQUEST.value):
     version: int = 0
     timeout_ms: float | None = None
     instances: list[list[TensorSpec]] = []
-    retry: bool | None = None
+    retry: Retry | None = None
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
@@ -192,7 +205,7 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     """`methods` in the order the servable declares them (the first is a client's default method);
     `signatures` once the agents have said what the model takes and gives. `draining`: the worker was asked to
     stop and finishes what it holds; the broker routes it nothing more and answers with DRAIN_ACK. `retry`: the
-    servable's `retry_on_replica_loss`, for requests that do not choose."""
+    servable's `retry_on_replica_loss`, for the requests that do not choose."""
 
     servable: str
     version: int
@@ -201,7 +214,7 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     reason: str = ""
     signatures: dict[str, MethodSignature] = {}
     draining: bool = False
-    retry: bool = True
+    retry: Retry = Retry.BEFORE_MODEL
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):

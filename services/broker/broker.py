@@ -44,6 +44,7 @@ from zmserve.protocol import (
     Request,
     RequestId,
     RequestsStarted,
+    Retry,
     ServableInfo,
     ServingError,
     WorkerDisconnect,
@@ -80,8 +81,8 @@ class WorkerRecord:
     """Per method: its inputs and outputs, once the worker knows the model's signature."""
     draining: bool = False
     """The worker finishes what it holds and stops: routed nothing more (its status says ready=false too)."""
-    retry: bool = True
-    """The servable's `retry_on_replica_loss`: requests that do not choose may go to another replica."""
+    retry: Retry = Retry.BEFORE_MODEL
+    """The servable's `retry_on_replica_loss`, for the requests that do not choose."""
 
 
 @dataclass
@@ -92,8 +93,8 @@ class PendingRequest:
     request: Request | None = None
     """The decoded request and the frames it came in ([header, *values]), kept (no copy) to send it again."""
     frames: list[Any] = field(default_factory=list)
-    retry: bool = False
-    """May go to another replica if its worker loses it before it reached a model."""
+    retry: Retry = Retry.NEVER
+    """When it may go to another replica if its worker loses it (the request's choice, else the servable's)."""
     started: bool = False
     """Its worker said it handed the request to the model (REQUESTS_STARTED): never sent anywhere else."""
     tried: tuple[bytes, ...] = ()
@@ -269,11 +270,11 @@ class Broker:
         return ready_of_version(serving, servable, method, version)
 
     def retry(self, client: bytes, request_id: RequestId, pending: PendingRequest, why: str) -> bool:
-        """Send a request again, to another replica, when its worker lost it (or answered UNAVAILABLE) before it
-        reached a model: only if it may be (`pending.retry`), was never started, and its deadline has not passed.
-        The header is sent again with the time left. False: the caller answers the request."""
+        """Send a request again, to a replica it has not been to, when its worker lost it (or answered UNAVAILABLE)
+        before answering: only if its policy allows it at this point (`may_retry`) and its deadline has not
+        passed. The header is sent again with the time left. False: the caller answers the request."""
         request = pending.request
-        if pending.started or not pending.retry or request is None:
+        if not may_retry(pending) or request is None:
             return False
         now = time.monotonic()
         if pending.deadline is not None:
@@ -350,7 +351,7 @@ class Broker:
         self.requests.pop(key)
         if (record := self.workers.get(identity)) is not None:
             record.inflight.discard(key)
-        if (len(frames) == 1 and pending.retry and not pending.started and is_unavailable(frames[0])
+        if (len(frames) == 1 and may_retry(pending) and is_unavailable(frames[0])
                 and self.retry(client, request_id, pending, "its worker answered UNAVAILABLE")):
             return
         if pending.deadline is not None and time.monotonic() > pending.deadline:
@@ -496,6 +497,12 @@ class Broker:
         for sock in (self.clients, self.worker_socket):
             if sock is not None:
                 sock.close(linger=linger)
+
+
+def may_retry(pending: PendingRequest) -> bool:
+    """PROTOCOL.md §4.9: `before_model` while no call of the request was published (REQUESTS_STARTED), `until_result`
+    as long as the worker has not answered (the worker answers in the step that takes the model's result)."""
+    return pending.retry is Retry.UNTIL_RESULT or (pending.retry is Retry.BEFORE_MODEL and not pending.started)
 
 
 def is_unavailable(header: Any) -> bool:

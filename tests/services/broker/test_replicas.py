@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from zmserve.protocol import (
     Reply,
     Request,
     RequestsStarted,
+    Retry,
     WorkerDisconnect,
     WorkerStatus,
     decode,
@@ -42,7 +44,7 @@ class ScriptedWorker:
     """A worker of servable "m" as the broker sees one: its status, the requests it receives, its answers."""
 
     def __init__(self, context: zmq.Context, broker: str, version: int = 1, ready: bool = True,
-                 retry: bool = True) -> None:
+                 retry: Retry = Retry.BEFORE_MODEL) -> None:
         self.socket = new_socket(context, zmq.DEALER)
         self.socket.connect(broker)
         self.version, self.retry = version, retry
@@ -112,14 +114,14 @@ def broker() -> Iterator[tuple[Broker, zmq.Context]]:
         flush_bursts(final=True)  # now, while pytest still captures stderr (not at exit, when it is closed)
 
 
-def workers(broker: tuple[Broker, zmq.Context], count: int, **options: bool) -> list[ScriptedWorker]:
+def workers(broker: tuple[Broker, zmq.Context], count: int, **options: Any) -> list[ScriptedWorker]:
     service, context = broker
     scripted = [ScriptedWorker(context, service.worker_endpoint, **options) for _ in range(count)]
     wait_for(lambda: len(service.workers) == count, timeout=5, what="the workers to register")
     return scripted
 
 
-def client(broker: tuple[Broker, zmq.Context], retry: bool | None = None, version: int = 0) -> Client:
+def client(broker: tuple[Broker, zmq.Context], retry: str | None = None, version: int = 0) -> Client:
     service, context = broker
     return Client(service.client_endpoint, "m", "predict", version, context=context, retry=retry)
 
@@ -190,9 +192,13 @@ def test_a_request_held_by_a_lost_worker_is_answered_by_the_other_replica(broker
         assert answer(future) == 42
 
 
-def test_a_request_that_reached_the_model_is_never_sent_again(broker) -> None:
-    scripted = workers(broker, 2)
-    with client(broker) as c:
+@pytest.mark.parametrize(("servable_policy", "request_policy", "retried"), [
+    ("before_model", None, False), ("before_model", "until_result", True), ("until_result", None, True),
+    ("until_result", "before_model", False)])
+def test_a_request_that_reached_the_model_is_sent_again_only_until_result(
+        broker, servable_policy: str, request_policy: str | None, retried: bool) -> None:
+    scripted = workers(broker, 2, retry=Retry(servable_policy))
+    with client(broker, retry=request_policy) as c:
         future = c.infer_async(X, timeout=5)
         holder, identity, request = which(scripted)
         other = next(w for w in scripted if w is not holder)
@@ -200,16 +206,22 @@ def test_a_request_that_reached_the_model_is_never_sent_again(broker) -> None:
         wait_for(lambda: broker[0].requests.get((identity, request.id)).started, timeout=5,
                  what="the broker to take REQUESTS_STARTED")
         holder.die()
-        assert answer(future) == ErrorCode.UNAVAILABLE
-        assert other.nothing_received()
+        if retried:
+            client_identity, again, _ = other.receive()
+            other.reply(client_identity, again, 9)
+            assert answer(future) == 9
+        else:
+            assert answer(future) == ErrorCode.UNAVAILABLE
+            assert other.nothing_received()
 
 
-@pytest.mark.parametrize(("servable_retries", "request_retry", "retried"), [
-    (True, None, True), (True, False, False), (False, None, False), (False, True, True)])
+@pytest.mark.parametrize(("servable_policy", "request_policy", "retried"), [
+    ("before_model", None, True), ("before_model", "never", False), ("never", None, False),
+    ("never", "before_model", True)])
 def test_retry_is_the_servables_choice_unless_the_request_makes_its_own(
-        broker, servable_retries: bool, request_retry: bool | None, retried: bool) -> None:
-    scripted = workers(broker, 2, retry=servable_retries)
-    with client(broker, retry=request_retry) as c:
+        broker, servable_policy: str, request_policy: str | None, retried: bool) -> None:
+    scripted = workers(broker, 2, retry=Retry(servable_policy))
+    with client(broker, retry=request_policy) as c:
         future = c.infer_async(X, timeout=5)
         holder, _, _ = which(scripted)
         other = next(w for w in scripted if w is not holder)
