@@ -11,63 +11,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, export_mlp, write_servable
+from netns import SUBNET, hosts
 
 from zmserve.supervision import reap
 
 pytestmark = pytest.mark.slow
 
-SUBNET = "10.231.0"
-
-
-def ip(*args: str, namespace: str | None = None) -> None:
-    prefix = ["ip", "netns", "exec", namespace] if namespace else []
-    subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, text=True)
-
 
 @pytest.fixture
 def namespaces() -> Iterator[dict[str, str]]:
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2's `ip` is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
-    tag = uuid.uuid4().hex[:6]
-    names = {role: f"zms-{role[:6]}-{tag}" for role in ("server", "host_a", "host_b")}
-    created: list[str] = []
-    try:
-        for name in names.values():
-            try:
-                ip("netns", "add", name)
-            except subprocess.CalledProcessError as error:
-                pytest.skip(f"`ip netns add` is not allowed here: {error.stderr.strip()}")
-            created.append(name)
-            ip("link", "set", "lo", "up", namespace=name)
-        server = names["server"]
-        ip("link", "add", "br0", "type", "bridge", namespace=server)
-        ip("addr", "add", f"{SUBNET}.1/24", "dev", "br0", namespace=server)
-        ip("link", "set", "br0", "up", namespace=server)
-        for index, role in enumerate(("host_a", "host_b"), start=2):
-            outer, inner = f"zv{tag}{index}s", f"zv{tag}{index}h"
-            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            ip("link", "set", outer, "netns", server)
-            ip("link", "set", inner, "netns", names[role])
-            ip("link", "set", outer, "master", "br0", namespace=server)
-            ip("link", "set", outer, "up", namespace=server)
-            ip("addr", "add", f"{SUBNET}.{index}/24", "dev", inner, namespace=names[role])
-            ip("link", "set", inner, "up", namespace=names[role])
+    with hosts("server", "host_a", "host_b") as names:
         yield names
-    finally:
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 CLIENT = textwrap.dedent("""

@@ -1,0 +1,70 @@
+"""A rolling upgrade under steady load, on one machine: two versions of the MatMul in MindSpore Serving's version
+folders (matmul/1/, matmul/2/, W = 0.5 and W = 0.25), one broker.
+
+Version 1 serves; a worker for version 2 and its agents start while clients call version 0 without pause. Version
+0 moves to version 2 only once v2's agents are ready (until then v1 keeps it, and nobody sees v2 forming), then v1's
+worker gets SIGTERM: the broker routes it nothing more at once, it finishes what it holds and exits 0. Every
+request is answered with a correct result of v1 or v2, none fails, and every request sent after the first v2 answer
+gets v2's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster import MATMUL_CONFIG, export_matmul, log_events, wait_for, write_servable
+from steady_load import SteadyLoad
+
+from zmserve.local import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+V1, V2 = 0.5, 0.25
+"""Each version's W value: y = -(x @ W) tells which version answered."""
+
+
+def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Path) -> None:
+    servables = tmp_path / "servables"
+    v1_files = export_matmul(tmp_path, 2, V1, servables / "matmul" / "1")
+    v2_files = export_matmul(tmp_path, 2, V2, servables / "matmul" / "2")
+    write_servable(servables, "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
+    cluster = LocalCluster(tmp_path, servables, "matmul", v1_files, extra_worker_args=["--version", "1"])
+    load = None
+    try:
+        cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
+        load = SteadyLoad(cluster.client_address, (V1, V2), clients=4).start()
+        wait_for(lambda: load.counts()["w=0.5"] >= 50, timeout=60, what="v1 to answer under load")
+
+        v2_address = cluster.start_worker("worker_v2", servables, "matmul", "--version", "0")  # 0: the newest, 2
+        cluster.start_agents("agents_v2", v2_files, worker=v2_address)
+        first_v2 = wait_for(lambda: load.first("w=0.25"), timeout=240, what="version 0 to move to v2",
+                            details=cluster.log_tails)
+
+        v1_worker = cluster.processes["worker"]
+        os.kill(v1_worker.pid, signal.SIGTERM)
+        assert v1_worker.wait(timeout=40) == 0, cluster.log_tails()
+        stopped = time.monotonic()
+        wait_for(lambda: sum(1 for o in load.outcomes if o.sent > stopped) >= 50, timeout=60,
+                 what="v2 alone to answer under load")
+        outcomes = load.stop()
+        load = None
+    finally:
+        if load is not None:
+            load.stop()
+        codes = cluster.stop()
+
+    kinds = {o.what for o in outcomes}
+    assert kinds == {"w=0.5", "w=0.25"}, f"every answer a correct v1 or v2 result, none failed: {kinds}"
+    late_v1 = [o for o in outcomes if o.sent > first_v2.answered and o.what != "w=0.25"]
+    assert not late_v1, f"{len(late_v1)} requests sent after v2 answered went elsewhere"
+    (drained,) = log_events(cluster.logs["worker"], "drained")
+    assert drained["why"] == "drained" and drained["held"] == 0, drained
+    assert log_events(cluster.logs["broker"], "worker_draining")
+    assert codes["worker_v2"] == 0 and codes["broker"] == 0, codes
+    print(f"rollout: {len(outcomes)} requests, {sum(o.what == 'w=0.5' for o in outcomes)} answered by v1, "
+          f"{sum(o.what == 'w=0.25' for o in outcomes)} by v2, v1 drained in {drained['seconds']} s")
