@@ -68,3 +68,20 @@ def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Pa
     assert codes["worker_v2"] == 0 and codes["broker"] == 0, codes
     print(f"rollout: {len(outcomes)} requests, {sum(o.what == 'w=0.5' for o in outcomes)} answered by v1, "
           f"{sum(o.what == 'w=0.25' for o in outcomes)} by v2, v1 drained in {drained['seconds']} s")
+
+
+def test_a_launcher_of_another_version_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The rollout mistake this layout makes visible: version 2's shards pointed at version 1's worker would serve
+    v2's weights as v1. The worker refuses them for good, naming both versions, and their launcher exits 1."""
+    servables = tmp_path / "servables"
+    export_matmul(tmp_path, 2, V1, servables / "matmul" / "1")
+    v2_files = export_matmul(tmp_path, 2, V2, servables / "matmul" / "2")
+    write_servable(servables, "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
+    cluster = LocalCluster(tmp_path, servables, "matmul", v2_files, extra_worker_args=["--version", "1"])
+    try:
+        launcher = cluster.processes["agents"]
+        assert launcher.wait(timeout=120) == 1, cluster.log_tails()
+    finally:
+        cluster.stop()
+    error = cluster.logs["agents"].read_text()
+    assert "is version 2 of servable 'matmul'; this worker serves version 1" in error, error[-2000:]
