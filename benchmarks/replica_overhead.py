@@ -8,6 +8,12 @@ is no batching with one request per loop turn (one more message per request); wi
 batch.
 
     .venv/bin/python benchmarks/replica_overhead.py --baseline /tmp/zmserve-base [--rounds 2] [--duration 10]
+    .venv/bin/python benchmarks/replica_overhead.py --tell-only     # the second table alone, in seconds
+
+A second table isolates the tell's Python cost per request, in this process with the real code: the worker's
+`encode(RequestsStarted(...))` and the broker's `process_worker_control` (decode, mark each request), for 1, 8 and
+32 requests per loop turn (best of 5 repeats of 20,000); the send and receive of the one extra message per loop
+turn are in the first table only.
 
 MatMul rank 1 (128x96 @ 96x16), 8 client processes (`zmserve bench run --processes 8 -c 8`), without batching and
 with it (--max-batch-size 32). The baseline's processes run from its tree (their working directory), so they import
@@ -21,6 +27,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import timeit
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,12 +65,48 @@ def measure(work: Path, tree: Path, files: list[Path], servables: Path, worker_a
     return {**per_request, "load1": load, "req_per_s": result["req_per_s"], "errors": result["errors"]}
 
 
+def tell_cost() -> None:
+    from services.broker.broker import Broker, PendingRequest
+    from zmserve.protocol import RequestsStarted, encode
+
+    broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    worker = b"\x00worker"
+    print("\n| requests per loop turn | worker: encode REQUESTS_STARTED | broker: decode and mark | frame |")
+    print("|---|---|---|---|")
+    try:
+        for batch in (1, 8, 32):
+            keys = [(b"\x00k\x8bEg", i) for i in range(batch)]
+            for key in keys:
+                broker.requests.add(key, PendingRequest(worker, None, "matmul"))
+            clients, ids = [k[0] for k in keys], [k[1] for k in keys]
+            frame = encode(RequestsStarted(clients=clients, ids=ids))
+            def tell(clients: list[bytes] = clients, ids: list[int] = ids) -> bytes:
+                return encode(RequestsStarted(clients=list(clients), ids=list(ids)))
+
+            def mark(frame: bytes = frame) -> None:
+                broker.process_worker_control(worker, None, frame)
+
+            encode_us = min(timeit.repeat(tell, number=20000, repeat=5)) / 20000 / batch * 1e6
+            mark_us = min(timeit.repeat(mark, number=20000, repeat=5)) / 20000 / batch * 1e6
+            emit({"row": "replica_overhead_tell", "batch": batch, "encode_us": round(encode_us, 2),
+                  "mark_us": round(mark_us, 2), "frame_bytes": len(frame)})
+            print(f"| {batch} | {encode_us:.2f} µs/request | {mark_us:.2f} µs/request | {len(frame)} B |")
+    finally:
+        broker.close_sockets()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", type=Path, required=True, help="another zmserve checkout (its root)")
+    parser.add_argument("--baseline", type=Path, help="another zmserve checkout (its root)")
+    parser.add_argument("--tell-only", action="store_true", help="only the second table (no services)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=10)
     args = parser.parse_args()
+    if args.tell_only:
+        tell_cost()
+        return
+    if args.baseline is None:
+        parser.error("--baseline is required (or --tell-only)")
     trees = {"this tree": REPO, "baseline": args.baseline.resolve()}
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="zmserve-replica-overhead-") as tmp:
@@ -87,6 +130,7 @@ def main() -> None:
         loads = ", ".join(f"{m['load1']:.1f}" for m in measured)
         print(f"| {config} | {name} | {broker[0]} / {broker[-1]} | {worker[0]} / {worker[-1]} | "
               f"{rates[0]} to {rates[-1]} | {loads} |")
+    tell_cost()
     print(f"\nCommand: `{cmdline()}`")
     sys.stdout.flush()
 
