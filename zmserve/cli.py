@@ -150,8 +150,8 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option("--drain-timeout", default=DRAIN_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
                      help="On SIGTERM, seconds to finish the requests held (the broker routes this worker nothing "
                           "more at once) before stopping anyway; then exit 0. 0 stops at once, as SIGINT does. "
-                          "Requests still held are answered UNAVAILABLE, or sent to another replica by the broker if "
-                          "they had not reached the model."),
+                          "Requests still held are answered UNAVAILABLE, or sent to another replica as their retry "
+                          "policy allows (PROTOCOL.md 4.9)."),
         click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
                      help="A file to create while this worker serves and remove when it does not (agents "
                           "restarting, draining, stopped): for readiness probes, e.g. Kubernetes' `test -f FILE`. "

@@ -5,13 +5,15 @@ Version 1 serves; a worker for version 2 and its agents start while clients call
 0 moves to version 2 only once v2's agents are ready (until then v1 keeps it, and nobody sees v2 forming), then v1's
 worker gets SIGTERM: the broker routes it nothing more at once, it finishes what it holds and exits 0. Every
 request is answered with a correct result of v1 or v2, none fails, and every request sent after the first v2 answer
-gets v2's.
+gets v2's. Version 1's worker also tells a supervisor: READY=1 over $NOTIFY_SOCKET and its --ready-file once it
+serves, STOPPING=1 and the file gone when it drains.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -28,15 +30,35 @@ V1, V2 = 0.5, 0.25
 """Each version's W value: y = -(x @ W) tells which version answered."""
 
 
-def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Path) -> None:
+def notifications(receiver: socket.socket) -> list[str]:
+    """Every sd_notify datagram received so far, as its lines."""
+    lines = []
+    while True:
+        try:
+            lines += receiver.recv(4096, socket.MSG_DONTWAIT).decode().splitlines()
+        except BlockingIOError:
+            return lines
+
+
+def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     servables = tmp_path / "servables"
     v1_files = export_matmul(tmp_path, 2, V1, servables / "matmul" / "1")
     v2_files = export_matmul(tmp_path, 2, V2, servables / "matmul" / "2")
     write_servable(servables, "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
-    cluster = LocalCluster(tmp_path, servables, "matmul", v1_files, extra_worker_args=["--version", "1"])
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd listens on for Type=notify
+    systemd.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))  # the processes below inherit it
+    ready_file = tmp_path / "v1.ready"
+    cluster = LocalCluster(tmp_path, servables, "matmul", v1_files,
+                           extra_worker_args=["--version", "1", "--ready-file", str(ready_file)])
+    monkeypatch.delenv("NOTIFY_SOCKET")
     load = None
+    told: list[str] = []
     try:
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
+        told += wait_for(lambda: notifications(systemd), timeout=10, what="READY=1")
+        assert told == ["READY=1", "STATUS=serving matmul version 1"] and ready_file.exists()
         load = SteadyLoad(cluster.client_address, (V1, V2), clients=4).start()
         wait_for(lambda: load.counts()["w=0.5"] >= 50, timeout=60, what="v1 to answer under load")
 
@@ -48,6 +70,9 @@ def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Pa
         v1_worker = cluster.processes["worker"]
         os.kill(v1_worker.pid, signal.SIGTERM)
         assert v1_worker.wait(timeout=40) == 0, cluster.log_tails()
+        told += notifications(systemd)
+        assert "STOPPING=1" in told and told[told.index("STOPPING=1") + 1].startswith("STATUS=draining"), told
+        assert not ready_file.exists()
         stopped = time.monotonic()
         wait_for(lambda: sum(1 for o in load.outcomes if o.sent > stopped) >= 50, timeout=60,
                  what="v2 alone to answer under load")
@@ -57,6 +82,7 @@ def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Pa
         if load is not None:
             load.stop()
         codes = cluster.stop()
+        systemd.close()
 
     kinds = {o.what for o in outcomes}
     assert kinds == {"w=0.5", "w=0.25"}, f"every answer a correct v1 or v2 result, none failed: {kinds}"
