@@ -91,7 +91,8 @@ class PendingRequest:
     deadline: float | None
     servable: str
     request: Request | None = None
-    """The decoded request and the frames it came in ([header, *values]), kept (no copy) to send it again."""
+    """The decoded request and the frames it came in ([header, *values]), kept (no copy) to send it again; let go
+    as soon as its policy says it will not be (so a large request is not held twice as long as before)."""
     frames: list[Any] = field(default_factory=list)
     retry: Retry = Retry.NEVER
     """When it may go to another replica if its worker loses it (the request's choice, else the servable's)."""
@@ -238,6 +239,8 @@ class Broker:
             worker.inflight.add(key)
             delivery = self.deliver_request(worker.identity, client, request, pending.frames)
             if delivery is Delivery.SENT:
+                if pending.retry is Retry.NEVER:
+                    pending.request, pending.frames = None, []  # never sent again: hold no tensor for it
                 return
             self.requests.pop(key)
             worker.inflight.discard(key)
@@ -387,6 +390,8 @@ class Broker:
             pending = self.requests.get(key)
             if pending is not None and pending.worker == identity:
                 pending.started = True
+                if pending.retry is Retry.BEFORE_MODEL:  # never sent again now: hold no tensor for it
+                    pending.request, pending.frames = None, []
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         self.routes.clear()
