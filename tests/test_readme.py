@@ -93,7 +93,8 @@ def copy_of_the_repository(destination: Path) -> Path:
     """The tracked tree without exports, caches and the venv (which is linked: the README activates it)."""
     root = destination / "zmserve"
     shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "model", "__pycache__", "*.log", "*.jsonl", ".pytest_cache", ".ruff_cache", "rank_table_*"))
+        ".venv", ".git", "model", "__pycache__", "*.log", "*.jsonl", ".pytest_cache", ".ruff_cache", "rank_table_*",
+        "versions"))
     (root / ".venv").symlink_to(REPO / ".venv")
     return root
 

@@ -56,7 +56,16 @@ from zmserve.protocol import (
     normalize_address,
     peek_request_id,
 )
-from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
+from zmserve.transport import (
+    Delivery,
+    HeartbeatClock,
+    Liveness,
+    bind,
+    drain,
+    frame_bytes,
+    new_socket,
+    send_nonblocking,
+)
 
 log = get_logger("broker")
 bursts = Bursts(log)
@@ -436,6 +445,8 @@ class Broker:
         now = time.monotonic()
         if not self.scan.due(now):
             return
+        if self.worker_socket is not None and any(w.liveness.expired(now) for w in self.workers.values()):
+            drain(self.worker_socket, self.process_worker)  # a loop stalled after its drain must not judge by it
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):

@@ -35,7 +35,7 @@ from zmserve.protocol import (
     encode,
     error_frame,
 )
-from zmserve.transport import free_port, new_socket, recv_frames, send_frames
+from zmserve.transport import drain, free_port, new_socket, recv_frames, send_frames
 
 X = {"x": np.ones((2, 3), np.float32)}
 
@@ -335,3 +335,30 @@ def test_a_draining_worker_is_acknowledged_and_routed_nothing_more(broker) -> No
         assert answer(held) == 1
         send_frames(draining.socket, [BrokerCommand.CONTROL, encode(WorkerDisconnect())])
         wait_for(lambda: len(service.workers) == 1, timeout=5, what="the drained worker to leave")
+
+
+def test_a_broker_loop_that_stalled_judges_workers_by_what_waits_for_it() -> None:
+    """A broker whose loop was not scheduled for longer than the liveness window (a loaded machine) must not
+    remove a worker whose status is waiting in its socket: it reads it first. A worker that said nothing is
+    removed."""
+    context = zmq.Context()
+    service = Broker(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", context=context)
+    try:
+        talking = ScriptedWorker(context, service.worker_endpoint)
+        silent = ScriptedWorker(context, service.worker_endpoint)
+        wait_for(lambda: drain(service.worker_socket, service.process_worker) or len(service.workers) == 2,
+                 timeout=5, what="both workers to register")
+        for record in service.workers.values():  # the loop "stalls": nothing read for 10 s
+            record.liveness.last_heard -= 10
+        talking.status(ready=True)
+        wait_for(lambda: service.worker_socket.poll(0), timeout=5, what="the status to wait in the socket")
+        service.scan.next_at = 0
+        service.do_chores()
+        assert len(service.workers) == 1  # the silent one is gone, the one whose status was waiting stays
+        (kept,) = service.workers.values()
+        assert not kept.liveness.expired()
+        del silent
+    finally:
+        service.close_sockets()
+        context.destroy(linger=0)
+        flush_bursts(final=True)
