@@ -8,8 +8,6 @@ workers on `--worker-bind` if one is given. Clients cannot tell the difference: 
 
 from __future__ import annotations
 
-import threading
-
 from services.broker.broker import Broker, InProcessWorker
 from services.worker.worker import InProcessBroker, Worker
 from zmserve.loop import run_services
@@ -27,8 +25,10 @@ class Colocated:
         worker.attach_in_process_broker(InProcessBroker(
             lambda client, request_id, code, frames: broker.take_in_process_reply(IN_PROCESS_WORKER, client,
                                                                                   request_id, code, frames),
-            lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames])))
-        self.stop_event = threading.Event()
+            lambda frames: broker.process_worker([IN_PROCESS_WORKER, *frames]),
+            lambda keys: broker.take_in_process_started(IN_PROCESS_WORKER, keys)))
+        self.stop_event = worker.stop_event
+        """The worker's: a drained worker ends the loop, and the broker with it."""
 
     def run(self) -> None:
         self.broker.announce()
@@ -41,3 +41,8 @@ class Colocated:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def drain(self) -> None:
+        """SIGTERM: the worker drains (the broker answers new requests as for a worker that is not ready), then
+        both stop."""
+        self.worker.drain()

@@ -30,12 +30,15 @@ def predict(x):
 """
 
 
-def export_matmul(output_dir: Path, rank_size: int) -> list[Path]:
+def export_matmul(output_dir: Path, rank_size: int, weight_value: float = 0.5, model_dir: Path | None = None
+                  ) -> list[Path]:
+    """The MatMul sharded over rank_size ranks, into output_dir/model (or model_dir: e.g. a version folder)."""
+    model_dir = model_dir or output_dir / "model"
     subprocess.run([sys.executable, str(MATMUL_EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
-                    "--output-dir", str(output_dir / "model"),
+                    "--output-dir", str(model_dir), "--weight-value", str(weight_value),
                     "--rank-table", str(output_dir / f"rank_table_{rank_size}pcs.json")],
                    check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
-    return [output_dir / "model" / f"device{r}" / "matmul.mindir" for r in range(rank_size)]
+    return [model_dir / f"device{r}" / "matmul.mindir" for r in range(rank_size)]
 
 
 def write_servable(servable_dir: Path, name: str, config: str) -> Path:
@@ -45,8 +48,8 @@ def write_servable(servable_dir: Path, name: str, config: str) -> Path:
     return servable_dir
 
 
-def matmul_reference(x: np.ndarray) -> np.ndarray:
-    return -(x.astype(np.float64) @ np.full((96, 16), 0.5)).astype(np.float32)
+def matmul_reference(x: np.ndarray, weight_value: float = 0.5) -> np.ndarray:
+    return -(x.astype(np.float64) @ np.full((96, 16), weight_value)).astype(np.float32)
 
 
 MLP_EXAMPLE = REPO / "examples" / "mlp_pipeline"

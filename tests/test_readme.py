@@ -93,7 +93,8 @@ def copy_of_the_repository(destination: Path) -> Path:
     """The tracked tree without exports, caches and the venv (which is linked: the README activates it)."""
     root = destination / "zmserve"
     shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "model", "__pycache__", "*.log", "*.jsonl", ".pytest_cache", ".ruff_cache", "rank_table_*"))
+        ".venv", ".git", "model", "__pycache__", "*.log", "*.jsonl", ".pytest_cache", ".ruff_cache", "rank_table_*",
+        "versions"))
     (root / ".venv").symlink_to(REPO / ".venv")
     return root
 
@@ -126,6 +127,7 @@ def test_readme_runs_as_written(tmp_path: Path) -> None:
     troubles = [line for line in log_lines(stderr) if line["level"] in ("warning", "error", "critical")]
     assert not troubles, troubles
     assert "[{'y': array([[-48., -48., ..., -48., -48.]," in stdout  # client.py
+    assert stdout.count("[{'y': array([[-24., -24., ..., -24., -24.],") == 2  # the rollout: version 2, then 0
     assert "-48.0 -96.0 (128, 16)" in stdout  # the Client section
     assert "INVALID_ARGUMENT instance 0: model input 'x' must have shape (128, 96)" in stdout
     assert stdout.count('{"instances":[{"y":[[-48.0,-48.0,-48.0,') == 2  # the HTTP gateway: JSON list and b64

@@ -26,6 +26,7 @@ from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
     DEFAULT_DISTRIBUTED_ADDRESS,
+    DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
     MAX_BATCH_DELAY_S,
@@ -48,8 +49,9 @@ unless told otherwise (zmserve.metrics is imported only by the commands that ser
 
 
 def run_until_signalled(service: Any) -> None:
-    """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly, a second one forces the exit."""
-    handle_stop_signals(service.stop)
+    """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly (SIGTERM drains a service that can:
+    `drain`), a second one forces the exit."""
+    handle_stop_signals(service.stop, getattr(service, "drain", None))
     result = service.run()
     sys.exit(result if isinstance(result, int) else 0)
 
@@ -157,8 +159,11 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                           "examples/matmul_distributed --servable matmul)."),
         click.option("--servable", required=True,
                      help="The servable's name: its folder inside --servable-dir, and the name clients call."),
-        click.option("--version", default=1, show_default=True, type=click.IntRange(min=1),
-                     help="The version number this worker serves (clients ask for a version, or 0 for the newest)."),
+        click.option("--version", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="The version this worker serves: a numbered folder <servable-dir>/<servable>/N/ holding "
+                          "that version's model files, as MindSpore Serving lays them out. 0 = the newest such "
+                          "folder, or 1 when the servable has none. (Clients ask for a version, or 0 for the newest "
+                          "version that some worker is ready to serve.)"),
         click.option("--rank-table", type=click.Path(exists=True, dir_okay=False),
                      help="JSON rank table (MindSpore's schema: server_list -> device -> rank_id) saying which "
                           "machine (server_id) holds which ranks; a launcher without --rank-start takes its "
@@ -190,6 +195,16 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                      type=click.FloatRange(min=0),
                      help="Milliseconds a batch's first instance waits for more before the batch leaves anyway "
                           "(with_batch_dim=True only)."),
+        click.option("--drain-timeout", default=DRAIN_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
+                     help="On SIGTERM, seconds to finish the requests held (the broker routes this worker nothing "
+                          "more at once) before stopping anyway; then exit 0. 0 stops at once, as SIGINT does. "
+                          "Requests still held are answered UNAVAILABLE, or sent to another replica as their retry "
+                          "policy allows (PROTOCOL.md §4.10)."),
+        click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
+                     help="A file to create while this worker serves and remove when it does not (agents "
+                          "restarting, draining, stopped): for readiness probes, e.g. Kubernetes' `test -f FILE`. "
+                          "Under systemd (Type=notify) the worker also sends READY=1 when it first serves and "
+                          "STOPPING=1 when it drains. Default: none."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -199,7 +214,8 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
 def make_worker(broker_address: str | None, servable_dir: str, servable: str, version: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-                max_batch_delay_ms: float, metrics: bool = False) -> Any:
+                max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
+                metrics: bool = False) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
@@ -212,7 +228,8 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             servable_dir, servable, version, rank_table, distributed_address, broker_address, wait_agents,
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
-            max_batch_delay=max_batch_delay_ms / 1000, metrics=metrics))
+            max_batch_delay=max_batch_delay_ms / 1000, drain_timeout=drain_timeout, ready_file=ready_file,
+            metrics=metrics))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -234,7 +251,9 @@ def run_service(service: Any) -> None:
 def worker(broker: str, metrics_bind: str, **options: Any) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker.
 
-    Ready when it logs `serving` (every agent registered, joined its group and loaded its shard).
+    Ready when it logs `serving` (every agent registered, joined its group and loaded its shard); --ready-file and
+    systemd's READY=1 say the same to a supervisor. SIGTERM drains (finishes what it holds, then exits 0);
+    SIGINT stops at once.
     """
     with metrics_endpoint(metrics_bind, ["worker"]) as recording:
         run_service(make_worker(broker, **options, metrics=recording))

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, ServingError, decode, encode
+from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, Retry, ServingError, decode, encode
 from zmserve.transport import new_socket, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -63,14 +63,20 @@ def broker_endpoint(address: str) -> str:
 
 class Client:
     """Calls one method of one servable through a broker. Thread-safe: each thread that calls `infer` gets its
-    own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`."""
+    own socket; `close()` (or leaving a `with` block) ends them all, and must not race a running `infer`.
+
+    `retry`: when the broker may send a request to another replica if the worker holding it is lost: "never",
+    "before_model" (only if that replica's model never saw it) or "until_result" (also if its model may have run it
+    but the result was lost with the worker); None (the default) takes the servable's choice
+    (`declare_servable(retry_on_replica_loss=...)`, by default "before_model"). PROTOCOL.md §4.10."""
 
     io_thread_class: type[IOThread]
 
     def __init__(self, address: str, servable: str, method: str, version: int = 0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, retry: str | None = None) -> None:
         self.address = broker_endpoint(address)
         self.servable, self.method, self.version = servable, method, version
+        self.retry = Retry(retry) if retry is not None else None
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -147,7 +153,7 @@ class Client:
             raise ClientError(error.code, error.message) from None
         request_id = next(self._ids)
         header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=specs))
+                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry))
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:

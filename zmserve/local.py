@@ -40,6 +40,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.metrics: dict[str, str] = {}
+        self.worker_names = {"worker"}
+        """The processes that are workers (stopped after the launchers, before the broker)."""
         if servable_dir is None:
             self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
                                   *(extra_broker_args or [])])
@@ -57,9 +59,19 @@ class LocalCluster:
         if model_files is not None:
             self.start_agents("agents", model_files, *(extra_agent_args or []))
 
-    def start_agents(self, name: str, model_files: list[Path], *extra: str) -> None:
-        """One `zmserve agent` launcher for these model files (several launchers = several machines)."""
-        self.start(name, ["agent", "--worker", self.distributed_address,
+    def start_worker(self, name: str, servable_dir: Path, servable: str, *extra: str) -> str:
+        """One more `zmserve worker` registering with this cluster's broker (a replica, or another version of the
+        servable), on a distributed address of its own, which it returns (for its launchers' `worker`)."""
+        address = f"127.0.0.1:{free_port()}"
+        self.worker_names.add(name)
+        self.start(name, ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
+                          "--distributed-address", address, "--broker", self.worker_address, *extra])
+        return address
+
+    def start_agents(self, name: str, model_files: list[Path], *extra: str, worker: str | None = None) -> None:
+        """One `zmserve agent` launcher for these model files (several launchers = several machines), for this
+        cluster's worker or the one at `worker` (a distributed address from `start_worker`)."""
+        self.start(name, ["agent", "--worker", worker or self.distributed_address,
                           "--model-files", ",".join(str(p) for p in model_files),
                           "--agent-start-port", str(free_port_range(len(model_files))), *extra])
 
@@ -128,10 +140,11 @@ class LocalCluster:
         return "\n".join(parts)
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM everything (launchers first), reap it, return the exit codes."""
+        """SIGTERM everything (launchers first, then workers, then the broker), reap it, return the exit codes."""
         codes = {}
-        launchers = [name for name in self.processes if name not in ("worker", "broker")]
-        for name in [*launchers, "worker", "broker"]:
-            if name in self.processes:
+        workers = [name for name in self.processes if name in self.worker_names]
+        launchers = [name for name in self.processes if name not in self.worker_names and name != "broker"]
+        for name in [*launchers, *workers, "broker"]:
+            if name in self.processes and name not in codes:
                 codes[name] = reap(self.processes[name], timeout=20)
         return codes

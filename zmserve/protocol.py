@@ -34,6 +34,10 @@ class MessageType(StrEnum):
     WORKER_STATUS = "worker_status"
     WORKER_DISCONNECT = "worker_disconnect"
     HEARTBEAT = "heartbeat"
+    # worker -> broker, once per loop turn that publishes: which requests reached the model (never retried after)
+    REQUESTS_STARTED = "requests_started"
+    # broker -> worker: a draining worker is routed nothing more (every request sent before this has arrived)
+    DRAIN_ACK = "drain_ack"
     # agent <-> worker (control)
     AGENT_REGISTER = "agent_register"
     AGENT_CONFIGURE = "agent_configure"
@@ -84,6 +88,19 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
     CANCELLED = "CANCELLED"
+
+
+class Retry(StrEnum):
+    """When the broker may send a request to another replica because its worker was lost (or answered UNAVAILABLE)
+    before answering it (PROTOCOL.md §4.10). Chosen per servable (`declare_servable(retry_on_replica_loss=...)`)
+    and per request (`Request.retry`, which wins)."""
+
+    NEVER = "never"
+    BEFORE_MODEL = "before_model"
+    """Only while no model call of the request has been published (REQUESTS_STARTED): it never ran (default)."""
+    UNTIL_RESULT = "until_result"
+    """Also after that, as long as its worker had not received the model's result: the lost replica's model may have
+    run it, but that result died with the worker; the request runs once more on another replica."""
 
 
 class Forward(StrEnum):
@@ -229,7 +246,9 @@ class Message(msgspec.Struct, tag_field="type", kw_only=True):
 
 
 class Request(Message, tag=MessageType.REQUEST.value):
-    """client -> broker -> worker. `version` 0 means the newest ready version."""
+    """client -> broker -> worker. `version` 0 means the newest version that has a ready worker. `retry`: when the
+    broker may send it to another replica if its worker is lost (`Retry`, PROTOCOL.md §4.10); None takes the
+    servable's choice (`retry_on_replica_loss`, by default `before_model`)."""
 
     id: RequestId
     servable: str
@@ -237,6 +256,7 @@ class Request(Message, tag=MessageType.REQUEST.value):
     version: int = 0
     timeout_ms: float | None = None
     instances: list[list[TensorSpec]] = []
+    retry: Retry | None = None
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
@@ -264,7 +284,9 @@ class Cancel(Message, tag=MessageType.CANCEL.value):
 
 class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     """`methods` in the order the servable declares them (the first is a client's default method);
-    `signatures` once the agents have said what the model takes and gives. The rest is what `zmserve status`
+    `signatures` once the agents have said what the model takes and gives. `draining`: the worker was asked to
+    stop and finishes what it holds; the broker routes it nothing more and answers with DRAIN_ACK. `retry`: the
+    servable's `retry_on_replica_loss`, for the requests that do not choose. The rest is what `zmserve status`
     shows: the worker's state, its distributed address, host and pid, one entry per rank, the requests it holds,
     the instances waiting to go to the model (`queued`: in a batch being filled, or in a call waiting for room in
     the pipeline) and the model calls in the pipeline."""
@@ -283,6 +305,8 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     requests: int = 0
     queued: int = 0
     calls_in_flight: int = 0
+    draining: bool = False
+    retry: Retry = Retry.BEFORE_MODEL
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
@@ -291,6 +315,20 @@ class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
 
 class Heartbeat(Message, tag=MessageType.HEARTBEAT.value):
     rank: int | None = None
+
+
+class RequestsStarted(Message, tag=MessageType.REQUESTS_STARTED.value):
+    """worker -> broker, before the worker publishes the first model call of these requests (one message per loop
+    turn, the i-th client with the i-th id): from now on they may have reached a model, so they are never sent to
+    another replica."""
+
+    clients: list[bytes]
+    ids: list[RequestId]
+
+
+class DrainAck(Message, tag=MessageType.DRAIN_ACK.value):
+    """broker -> worker, on a status that says `draining`: the broker routes this worker nothing more. It travels
+    behind every request the broker sent before, so a worker that has it and holds nothing is done."""
 
 
 class AgentRegister(Message, tag=MessageType.AGENT_REGISTER.value):
@@ -452,17 +490,18 @@ class ModelError(Message, tag=MessageType.MODEL_ERROR.value):
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, AgentRegister, AgentConfigure, AgentReady,
-    AgentFailed, AgentRejected, AgentShutdown, AgentStopped, RankTableQuery, RankTableAnswer, LauncherHello,
-    AgentsShutDown, AgentExited, MetadataQuery, Metadata, ModelCall, ModelResult, ModelError, StatusQuery, Status,
+    Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted, DrainAck,
+    AgentRegister, AgentConfigure, AgentReady, AgentFailed, AgentRejected, AgentShutdown, AgentStopped,
+    RankTableQuery, RankTableAnswer, LauncherHello, AgentsShutDown, AgentExited, MetadataQuery, Metadata, ModelCall,
+    ModelResult, ModelError, StatusQuery, Status,
 )
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
-                                   | AgentRegister | AgentConfigure | AgentReady | AgentFailed | AgentRejected
-                                   | AgentShutdown | AgentStopped | RankTableQuery | RankTableAnswer | LauncherHello
-                                   | AgentsShutDown | AgentExited | MetadataQuery | Metadata
-                                   | ModelCall | ModelResult | ModelError | StatusQuery | Status)
+                                   | RequestsStarted | DrainAck | AgentRegister | AgentConfigure | AgentReady
+                                   | AgentFailed | AgentRejected | AgentShutdown | AgentStopped | RankTableQuery
+                                   | RankTableAnswer | LauncherHello | AgentsShutDown | AgentExited | MetadataQuery
+                                   | Metadata | ModelCall | ModelResult | ModelError | StatusQuery | Status)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 
@@ -577,6 +616,8 @@ MAX_BATCH_DELAY_S = 0.002
 """How long the first instance of a batch may wait for others."""
 EXECUTION_TIMEOUT_S = 30.0
 """A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
+DRAIN_TIMEOUT_S = 30.0
+"""A worker told to stop (SIGTERM) finishes the requests it holds for at most this long, then stops anyway."""
 MAX_QUEUED_REQUESTS = 1024
 """Requests a worker holds (running or waiting) before it answers RESOURCE_EXHAUSTED."""
 RECONNECT_MIN_MS = 100

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zmserve.protocol import MethodSignature, ModelSignature, TensorSpec, ValueSpec
+from zmserve.protocol import MethodSignature, ModelSignature, Retry, TensorSpec, ValueSpec
 
 METHOD_INPUT = -1
 """`ValueRef.stage` of a method parameter."""
@@ -98,6 +98,9 @@ class ServableSpec:
     config_path: Path
     model: DistributedModel | None = None
     methods: dict[str, MethodSpec] = field(default_factory=dict)
+    retry_on_replica_loss: Retry = Retry.BEFORE_MODEL
+    """When the broker may send a request to another replica if its worker is lost (PROTOCOL.md §4.10); a request
+    can choose otherwise (`Request.retry`)."""
 
 
 @dataclass
@@ -116,11 +119,16 @@ def declare_servable(
     with_batch_dim: bool = True,
     without_batch_dim_inputs: int | list[int] | tuple[int, ...] | None = None,
     enable_pipeline_infer: bool = False,
+    retry_on_replica_loss: str = Retry.BEFORE_MODEL,
 ) -> DistributedModel:
     """Declare the distributed model of this servable: `rank_size` agents in `stage_size` pipeline stages.
 
     `enable_pipeline_infer` is accepted for compatibility: zmserve always pipelines stages.
     `without_batch_dim_inputs` is not supported: with a batch dimension, every model input is batched.
+    `retry_on_replica_loss` (zmserve's own): when the broker may send a request to another replica if its worker is
+    lost: "before_model" (default: only if the lost replica's model never saw it), "until_result" (also if that
+    model may have run it, but its result was lost with the worker) or "never" (a Python stage with side effects).
+    A request may choose otherwise.
     """
     spec = _require_loading("declare_servable")
     if without_batch_dim_inputs not in (None, [], ()):
@@ -137,6 +145,10 @@ def declare_servable(
             "number of agents"
         )
     spec.model = DistributedModel(rank_size, stage_size, bool(with_batch_dim))
+    if retry_on_replica_loss not in set(Retry):
+        raise ServableConfigError(f"retry_on_replica_loss must be one of {[r.value for r in Retry]}, "
+                                  f"got {retry_on_replica_loss!r}")
+    spec.retry_on_replica_loss = Retry(retry_on_replica_loss)
     return spec.model
 
 

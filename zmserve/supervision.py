@@ -51,9 +51,10 @@ def reap(process: subprocess.Popen, timeout: float = 5.0) -> int:
     return process.wait()
 
 
-def handle_stop_signals(stop: Callable[[], None]) -> None:
-    """SIGINT and SIGTERM call `stop` (which must only set flags: it runs inside a signal handler); a second
-    signal ends the process at once with exit code 1. Only the main thread can install handlers."""
+def handle_stop_signals(stop: Callable[[], None], drain: Callable[[], None] | None = None) -> None:
+    """SIGINT and SIGTERM call `stop`, or SIGTERM calls `drain` when given (a graceful stop: what systemd and
+    Kubernetes send; SIGINT, a Ctrl-C, stops at once). Both must only set flags: they run inside a signal handler.
+    A second signal ends the process at once with exit code 1. Only the main thread can install handlers."""
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -61,8 +62,9 @@ def handle_stop_signals(stop: Callable[[], None]) -> None:
         if stopping:
             os._exit(1)
         stopping = True
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop()
+        graceful = drain is not None and signum == signal.SIGTERM
+        log.info("stopping", signal=signal.Signals(signum).name, drain=graceful)
+        (drain if graceful and drain is not None else stop)()
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,7 @@ columns of x by them, and an AllReduce(sum) inside the graph adds the partial pr
 then holds the same full result, as the reference requires of the last stage.
 
     python export_model.py --rank-size 8          # -> model/device{0..7}/matmul.mindir, rank_table_8pcs.json
+    python export_model.py --rank-size 2 --weight-value 0.25 --output-dir matmul/2   # version 2: other weights
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ WEIGHT_SHAPE = (96, 16)
 WEIGHT_VALUE = 0.5
 
 
-def build_rank_cell(rank: int, rank_size: int):
+def build_rank_cell(rank: int, rank_size: int, weight_value: float = WEIGHT_VALUE):
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
 
     rows = WEIGHT_SHAPE[0] // rank_size
     lo, hi = rank * rows, (rank + 1) * rows
-    weight = np.full(WEIGHT_SHAPE, WEIGHT_VALUE, dtype=np.float32)[lo:hi]
+    weight = np.full(WEIGHT_SHAPE, weight_value, dtype=np.float32)[lo:hi]
 
     class MatMulShard(nn.Cell):
         def __init__(self) -> None:
@@ -47,9 +48,11 @@ def build_rank_cell(rank: int, rank_size: int):
     return MatMulShard()
 
 
-def export(output_dir: Path, rank_size: int, rank_table: Path | None, batch_dim: bool = False) -> None:
+def export(output_dir: Path, rank_size: int, rank_table: Path | None, batch_dim: bool = False,
+           weight_value: float = WEIGHT_VALUE) -> None:
     """Export every rank; with `batch_dim` the input is [batch, 128, 96] with a dynamic batch (for servables
-    declared with_batch_dim=True, whose worker stacks concurrent requests into one call)."""
+    declared with_batch_dim=True, whose worker stacks concurrent requests into one call). `weight_value` is every
+    element of W (another value makes another version of the model: y = -(x @ W))."""
     import mindspore as ms
 
     if WEIGHT_SHAPE[0] % rank_size != 0:
@@ -66,7 +69,8 @@ def export(output_dir: Path, rank_size: int, rank_table: Path | None, batch_dim:
         "weight_rows": WEIGHT_SHAPE[0] // rank_size,
     }
     for rank in range(rank_size):
-        path = export_rank(build_rank_cell(rank, rank_size), [example], output_dir, rank, "matmul", group_config)
+        path = export_rank(build_rank_cell(rank, rank_size, weight_value), [example], output_dir, rank, "matmul",
+                           group_config)
         print(f"exported rank {rank}: {path}")
     if rank_table is not None:
         write_rank_table(rank_table, rank_size)
@@ -81,9 +85,11 @@ def main() -> None:
     parser.add_argument("--rank-table", type=Path, default=None,
                         help="default: rank_table_<N>pcs.json next to this script")
     parser.add_argument("--batch-dim", action="store_true", help="input [batch, 128, 96], batch dynamic")
+    parser.add_argument("--weight-value", type=float, default=WEIGHT_VALUE,
+                        help=f"every element of W (default {WEIGHT_VALUE}); another value is another model version")
     args = parser.parse_args()
     rank_table = args.rank_table or here / f"rank_table_{args.rank_size}pcs.json"
-    export(args.output_dir, args.rank_size, rank_table, args.batch_dim)
+    export(args.output_dir, args.rank_size, rank_table, args.batch_dim, args.weight_value)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 One class, one poll loop (Majordomo style). State is three plain containers:
   - `workers`: identity -> WorkerRecord (what it serves, whether it is ready, when it was last heard from);
-  - `requests`: `InFlight`, (client identity, request id) -> the worker holding it and its deadline;
+  - `requests`: `InFlight`, (client identity, request id) -> the worker holding it, its deadline, and whether it
+    may have reached a model yet;
   - nothing else. A request is answered exactly once: by the worker's reply, or by the broker with
-    UNAVAILABLE (worker lost) or DEADLINE_EXCEEDED (deadline passed), whichever comes first.
+    UNAVAILABLE (worker lost) or DEADLINE_EXCEEDED (deadline passed), whichever comes first. Which worker takes
+    it is `routing.py`'s rule; a request whose worker is lost (or answers UNAVAILABLE) before the request reached
+    a model is sent to another replica instead (`retry`, PROTOCOL.md §4.10).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 import zmq
 
+from services.broker.routing import LeastOutstanding, ready_of_version
 from services.broker.status import broker_gauges, compose_status
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
@@ -31,6 +36,7 @@ from zmserve.protocol import (
     SCAN_INTERVAL_S,
     BrokerCommand,
     Cancel,
+    DrainAck,
     Error,
     ErrorCode,
     Heartbeat,
@@ -40,6 +46,8 @@ from zmserve.protocol import (
     Reply,
     Request,
     RequestId,
+    RequestsStarted,
+    Retry,
     ServableInfo,
     ServingError,
     StatusQuery,
@@ -52,7 +60,16 @@ from zmserve.protocol import (
     normalize_address,
     peek_request_id,
 )
-from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
+from zmserve.transport import (
+    Delivery,
+    HeartbeatClock,
+    Liveness,
+    bind,
+    drain,
+    frame_bytes,
+    new_socket,
+    send_nonblocking,
+)
 
 log = get_logger("broker")
 bursts = Bursts(log)
@@ -77,6 +94,10 @@ class WorkerRecord:
     """Per method: its inputs and outputs, once the worker knows the model's signature."""
     status: WorkerStatus | None = None
     """The worker's last WORKER_STATUS: its agents and load, for `zmserve status`."""
+    draining: bool = False
+    """The worker finishes what it holds and stops: routed nothing more (its status says ready=false too)."""
+    retry: Retry = Retry.BEFORE_MODEL
+    """The servable's `retry_on_replica_loss`, for the requests that do not choose."""
 
 
 @dataclass
@@ -87,6 +108,16 @@ class PendingRequest:
     series: RequestSeries | None = None
     """Its (servable, method, version) in the metrics; None for a request no metric follows."""
     arrived: float = 0.0
+    request: Request | None = None
+    """The decoded request and the frames it came in ([header, *values]), kept (no copy) to send it again; let go
+    as soon as its policy says it will not be (so a large request is not held twice as long as before)."""
+    frames: list[Any] = field(default_factory=list)
+    retry: Retry = Retry.NEVER
+    """When it may go to another replica if its worker loses it (the request's choice, else the servable's)."""
+    started: bool = False
+    """Its worker said it handed the request to the model (REQUESTS_STARTED): never sent anywhere else."""
+    tried: tuple[bytes, ...] = ()
+    """The workers it was sent to, in order."""
 
 
 class InFlight:
@@ -106,6 +137,9 @@ class InFlight:
 
     def pop(self, key: tuple[bytes, Any]) -> PendingRequest | None:
         return self._pending.pop(key, None)
+
+    def get(self, key: tuple[bytes, Any]) -> PendingRequest | None:
+        return self._pending.get(key)
 
     def expired(self, now: float) -> list[tuple[bytes, Any]]:
         return [key for key, p in self._pending.items() if p.deadline is not None and p.deadline <= now]
@@ -156,6 +190,7 @@ class Broker:
         self.in_process_workers: dict[bytes, InProcessWorker] = {}
         self.routes: dict[tuple[str, str, int], list[WorkerRecord]] = {}
         """choose_worker's answers (the ready workers of a servable, method and version), until a worker changes."""
+        self.spread = LeastOutstanding()
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
@@ -208,23 +243,10 @@ class Broker:
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
-            worker = self.choose_worker(request.servable, request.method, request.version)
             now = time.monotonic()
-            self.requests.add(key, PendingRequest(worker.identity, deadline_of(request.timeout_ms, now),
-                                                  request.servable,
-                                                  self.metrics.series(request.servable, request.method,
-                                                                      worker.version), now))
-            worker.inflight.add(key)
-            delivery = self.deliver_request(worker.identity, client, request, frames[1:])
-            if delivery is not Delivery.SENT:
-                self.requests.pop(key)
-                worker.inflight.discard(key)
-            if delivery is Delivery.WOULD_BLOCK:
-                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
-                                   f"the worker serving {request.servable!r} is not taking requests fast enough")
-            if delivery is Delivery.UNREACHABLE:
-                self.remove_worker(worker, "worker connection closed")
-                raise ServingError(ErrorCode.UNAVAILABLE, f"the worker serving {request.servable!r} is gone")
+            pending = PendingRequest(b"", deadline_of(request.timeout_ms, now), request.servable, arrived=now,
+                                     request=request, frames=frames[1:])
+            self.dispatch(client, key, pending)
         except ServingError as error:
             if request_id is None and len(frames) >= 2:
                 request_id = peek_request_id(frames[1])
@@ -250,12 +272,43 @@ class Broker:
         log.info("request_cancelled", request_id=request_id, servable=pending.servable)
         self.reply_error(client, request_id, ErrorCode.CANCELLED, "the client cancelled the request")
 
-    def choose_worker(self, servable: str, method: str, version: int) -> WorkerRecord:
-        """The least-loaded ready worker serving (servable, method, version); version 0 = newest."""
+    def dispatch(self, client: bytes, key: tuple[bytes, Any], pending: PendingRequest) -> None:
+        """Hand a request to a ready worker it has not been to, and record it as in flight there; raises the
+        ServingError that answers it when none takes it. A worker whose connection is gone is removed and the next
+        one tried: nothing reached it."""
+        request = pending.request
+        assert request is not None
+        while True:
+            worker = self.choose_worker(request.servable, request.method, request.version, pending.tried)
+            pending.worker, pending.tried = worker.identity, (*pending.tried, worker.identity)
+            pending.retry = worker.retry if request.retry is None else request.retry
+            pending.series = self.metrics.series(request.servable, request.method, worker.version)
+            self.requests.add(key, pending)
+            worker.inflight.add(key)
+            delivery = self.deliver_request(worker.identity, client, request, pending.frames)
+            if delivery is Delivery.SENT:
+                if pending.retry is Retry.NEVER:
+                    pending.request, pending.frames = None, []  # never sent again: hold no tensor for it
+                return
+            self.requests.pop(key)
+            worker.inflight.discard(key)
+            if delivery is Delivery.WOULD_BLOCK:
+                raise ServingError(ErrorCode.RESOURCE_EXHAUSTED,
+                                   f"the worker serving {request.servable!r} is not taking requests fast enough")
+            self.remove_worker(worker, "worker connection closed")
+
+    def choose_worker(self, servable: str, method: str, version: int,
+                      exclude: tuple[bytes, ...] = ()) -> WorkerRecord:
+        """The ready worker of (servable, method, version) with the fewest requests outstanding, not one in
+        `exclude`; version 0 = the newest version that has a ready worker (routing.py)."""
         ready = self.routes.get((servable, method, version))
         if ready is None:
             ready = self.routes[(servable, method, version)] = self.ready_workers(servable, method, version)
-        return ready[0] if len(ready) == 1 else min(ready, key=lambda w: len(w.inflight))
+        chosen = self.spread.choose(ready, exclude)
+        if chosen is None:
+            raise ServingError(ErrorCode.UNAVAILABLE,
+                               f"no other worker of servable {servable!r} is ready to take the request")
+        return chosen
 
     def ready_workers(self, servable: str, method: str, version: int) -> list[WorkerRecord]:
         """Every ready worker that may take (servable, method, version), or the ServingError saying why none."""
@@ -265,23 +318,28 @@ class Broker:
                                f"servable {servable!r} has no worker right now (its worker was lost); retry")
         if not serving:
             raise ServingError(ErrorCode.NOT_FOUND, f"servable {servable!r} is not served; {self.describe()}")
-        versions = sorted({w.version for w in serving})
-        chosen_version = versions[-1] if version == 0 else version
-        serving = [w for w in serving if w.version == chosen_version]
-        if not serving:
-            raise ServingError(
-                ErrorCode.NOT_FOUND, f"servable {servable!r} has no version {version}; versions: {versions}"
-            )
-        if method not in serving[0].methods:
-            raise ServingError(
-                ErrorCode.NOT_FOUND,
-                f"servable {servable!r} has no method {method!r}; methods: {sorted(serving[0].methods)}",
-            )
-        ready = [w for w in serving if w.ready]
-        if not ready:
-            reasons = "; ".join(sorted({w.reason for w in serving if w.reason}))
-            raise ServingError(ErrorCode.UNAVAILABLE, f"servable {servable!r} is not ready: {reasons}")
-        return ready
+        return ready_of_version(serving, servable, method, version)
+
+    def retry(self, client: bytes, request_id: RequestId, pending: PendingRequest, why: str) -> bool:
+        """Send a request again, to a replica it has not been to, when its worker lost it (or answered UNAVAILABLE)
+        before answering: only if its policy allows it at this point (`may_retry`) and its deadline has not
+        passed. The header is sent again with the time left. False: the caller answers the request."""
+        request = pending.request
+        if not may_retry(pending) or request is None:
+            return False
+        now = time.monotonic()
+        if pending.deadline is not None:
+            if now >= pending.deadline:
+                return False
+            request = msgspec.structs.replace(request, timeout_ms=(pending.deadline - now) * 1000)
+            pending.request, pending.frames = request, [encode(request), *pending.frames[1:]]
+        try:
+            self.dispatch(client, (client, request_id), pending)
+        except ServingError:
+            return False
+        bursts.info("request_retried", request_id=request_id, servable=request.servable, why=why,
+                    attempt=len(pending.tried))
+        return True
 
     def answer_query(self, client: bytes, query: MetadataQuery | StatusQuery) -> None:
         """What is served (METADATA_QUERY), or that and every worker, agent and servable's traffic (STATUS_QUERY)."""
@@ -324,31 +382,36 @@ class Broker:
         if record is not None:
             record.liveness.heard()
         if command == BrokerCommand.REPLY and len(frames) >= 4:
-            self.forward_reply(record, frame_bytes(frames[2]), frames[3:])
+            self.forward_reply(identity, frame_bytes(frames[2]), frames[3:])
         elif command == BrokerCommand.CONTROL:
             self.process_worker_control(identity, record, frames[2])
         else:
             bursts.warning("worker_message_malformed", command=command.hex())
 
-    def forward_reply(self, record: WorkerRecord | None, client: bytes, frames: list[Any]) -> None:
+    def forward_reply(self, identity: bytes, client: bytes, frames: list[Any]) -> None:
         try:
             reply = decode(frames[0], Reply, Error)
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
             return
-        self.take_reply(record, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
+        self.take_reply(identity, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
 
-    def take_reply(self, record: WorkerRecord | None, client: bytes, request_id: RequestId | None, code: str,
+    def take_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
                    frames: list[Any]) -> None:
-        """A worker's answer ([header, *values]) to the request `request_id` of `client`: to the client, unless
-        the broker has answered that request already (deadline, lost worker) or its deadline has passed."""
+        """Worker `identity`'s answer ([header, *values]) to the request `request_id` of `client`, `code` its
+        code (OK for a result): to the client, unless the broker has answered that request already (deadline,
+        lost worker), sent it to another worker since, or its deadline has passed."""
         key = (client, request_id)
-        pending = self.requests.pop(key) if request_id is not None else None
-        if pending is None:
+        pending = self.requests.get(key) if request_id is not None else None
+        if pending is None or pending.worker != identity:
             bursts.info("late_reply_dropped", request_id=request_id)
             return
-        if record is not None:
+        self.requests.pop(key)
+        if (record := self.workers.get(identity)) is not None:
             record.inflight.discard(key)
+        if (code == ErrorCode.UNAVAILABLE and may_retry(pending)
+                and self.retry(client, request_id, pending, "its worker answered UNAVAILABLE")):
+            return
         now = time.monotonic()
         if pending.deadline is not None and now > pending.deadline:
             self.finished(pending, ErrorCode.DEADLINE_EXCEEDED, now)
@@ -361,7 +424,11 @@ class Broker:
                               frames: list[Any]) -> None:
         """`take_reply` for a worker in this process: its reply's request id and code come with it, not to be
         decoded."""
-        self.take_reply(self.workers.get(identity), client, request_id, code, frames)
+        self.take_reply(identity, client, request_id, code, frames)
+
+    def take_in_process_started(self, identity: bytes, keys: list[tuple[bytes, Any]]) -> None:
+        """REQUESTS_STARTED from a worker in this process, as the (client, request id) pairs."""
+        self.requests_started(identity, keys)
 
     def finished(self, pending: PendingRequest, code: str, now: float) -> None:
         if pending.series is not None:
@@ -369,14 +436,25 @@ class Broker:
 
     def process_worker_control(self, identity: bytes, record: WorkerRecord | None, frame: Any) -> None:
         try:
-            message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat)
+            message = decode(frame, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted)
         except ServingError as error:
             bursts.warning("worker_control_malformed", message=error.message)
             return
-        if isinstance(message, WorkerStatus):
+        if isinstance(message, RequestsStarted):
+            self.requests_started(identity, zip(message.clients, message.ids, strict=False))
+        elif isinstance(message, WorkerStatus):
             self.update_worker(identity, record, message)
         elif isinstance(message, WorkerDisconnect) and record is not None:
             self.remove_worker(record, "worker disconnected", clean=True)
+
+    def requests_started(self, identity: bytes, keys: Any) -> None:
+        """The worker handed these (client, request id)s to its model: they are never sent anywhere else."""
+        for key in keys:
+            pending = self.requests.get(key)
+            if pending is not None and pending.worker == identity:
+                pending.started = True
+                if pending.retry is Retry.BEFORE_MODEL:  # never sent again now: hold no tensor for it
+                    pending.request, pending.frames = None, []
 
     def update_worker(self, identity: bytes, record: WorkerRecord | None, status: WorkerStatus) -> None:
         self.routes.clear()
@@ -390,29 +468,41 @@ class Broker:
                      methods=sorted(status.methods), ready=status.ready)
         elif record.ready != status.ready:
             log.info("worker_readiness_changed", servable=status.servable, ready=status.ready, reason=status.reason)
+        if status.draining and not record.draining:
+            log.info("worker_draining", servable=status.servable, version=status.version,
+                     inflight=len(record.inflight))
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
         record.declared_methods, record.signatures = tuple(status.methods), status.signatures
         record.status = status
+        record.draining, record.retry = status.draining, status.retry
+        record.ready = record.ready and not record.draining
+        if record.draining:  # every status of a draining worker: the answer may be what it waits for
+            self.send_to_worker(identity, [BrokerCommand.CONTROL, encode(DrainAck())])
 
-    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False) -> None:
-        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A clean
-        stop (the worker said goodbye, or this broker stops) is information, a lost worker a warning."""
+    def remove_worker(self, record: WorkerRecord, why: str, clean: bool = False, retry: bool = True) -> None:
+        """Forget a worker and answer everything it held: the client must never wait on a dead peer. A request
+        that never reached its model goes to another replica instead, if it may (`retry`). A clean stop (the
+        worker said goodbye, or this broker stops) is information, a lost worker a warning."""
         self.workers.pop(record.identity, None)
         self.routes.clear()
-        (log.info if clean else log.warning)("worker_removed", servable=record.servable, why=why,
-                                             inflight=len(record.inflight))
-        now = time.monotonic()
-        for client, request_id in record.inflight:
-            if (pending := self.requests.pop((client, request_id))) is not None:
-                self.finished(pending, ErrorCode.UNAVAILABLE, now)
-                self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
-                                 f"the worker serving {record.servable!r} was lost ({why})")
+        (log.info if clean else log.warning)("worker_removed", servable=record.servable, version=record.version,
+                                             why=why, inflight=len(record.inflight))
+        held, record.inflight = record.inflight, set()
+        for client, request_id in held:
+            pending = self.requests.pop((client, request_id))
+            if pending is None or (retry and self.retry(client, request_id, pending, f"its worker was lost ({why})")):
+                continue
+            self.finished(pending, ErrorCode.UNAVAILABLE, time.monotonic())
+            self.reply_error(client, request_id, ErrorCode.UNAVAILABLE,
+                             f"the worker serving {record.servable!r} was lost ({why})")
 
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
         if not self.scan.due(now):
             return
+        if self.worker_socket is not None and any(w.liveness.expired(now) for w in self.workers.values()):
+            drain(self.worker_socket, self.process_worker)  # a loop stalled after its drain must not judge by it
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):
@@ -473,7 +563,7 @@ class Broker:
 
     def shutdown(self) -> None:
         for record in list(self.workers.values()):
-            self.remove_worker(record, "broker shutting down", clean=True)
+            self.remove_worker(record, "broker shutting down", clean=True, retry=False)
         self.close_sockets(linger=500)
         structlog.contextvars.clear_contextvars()
         log.info("broker_stopped")
@@ -482,3 +572,18 @@ class Broker:
         for sock in (self.clients, self.worker_socket):
             if sock is not None:
                 sock.close(linger=linger)
+
+
+def may_retry(pending: PendingRequest) -> bool:
+    """PROTOCOL.md §4.10: `before_model` while no call of the request was published (REQUESTS_STARTED), `until_result`
+    as long as the worker has not answered (the worker answers in the step that takes the model's result)."""
+    return pending.retry is Retry.UNTIL_RESULT or (pending.retry is Retry.BEFORE_MODEL and not pending.started)
+
+
+def is_unavailable(header: Any) -> bool:
+    """Whether a one-frame answer is an ERROR with code UNAVAILABLE (a worker that cannot run the request now)."""
+    try:
+        answer = decode(header, Reply, Error)
+    except ServingError:
+        return False
+    return isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE

@@ -36,7 +36,7 @@ for the request, as MindSpore Serving answers an unknown servable."""
 class Target:
     servable: str
     version: int
-    """0 = the newest version."""
+    """0 = the newest version that has a ready worker (the broker's rule)."""
     method: str
 
 

@@ -55,7 +55,7 @@ def server_metadata() -> bytes:
 
 
 def parse_version(text: str | None) -> int:
-    """An OIP version string as a zmserve version (0 = newest)."""
+    """An OIP version string as a zmserve version (0 = the newest ready one)."""
     if text is None:
         return 0
     if not text.isdigit() or int(text) < 1:
@@ -71,8 +71,8 @@ def choose(served: Served, name: str, version: int) -> ServableVersion:
             raise ServingError(ErrorCode.UNAVAILABLE, f"servable {name!r} has no worker right now; retry")
         raise ServingError(ErrorCode.NOT_FOUND, f"servable {name!r} is not served; served: "
                                                 f"{sorted({v.servable for v in served.versions})}")
-    if version == 0:
-        return max(versions, key=lambda v: v.version)
+    if version == 0:  # as the broker routes version 0: the newest ready version, else the newest
+        return max([v for v in versions if v.ready] or versions, key=lambda v: v.version)
     for candidate in versions:
         if candidate.version == version:
             return candidate

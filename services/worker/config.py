@@ -8,6 +8,7 @@ from pathlib import Path
 from zmserve.protocol import (
     DEFAULT_BROKER_WORKER_ADDRESS,
     DEFAULT_DISTRIBUTED_ADDRESS,
+    DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
@@ -24,6 +25,7 @@ class WorkerConfig:
     """The folder that holds the servable's folder (the servable is `servable_directory/servable_name`)."""
     servable_name: str
     version_number: int = 1
+    """The version served; 0 = the newest version folder of the servable (zmserve/versions.py)."""
     rank_table_file: str | Path | None = None
     distributed_address: str = DEFAULT_DISTRIBUTED_ADDRESS
     """Where agents register (host:port); the worker's data sockets bind on the same host."""
@@ -40,3 +42,7 @@ class WorkerConfig:
     max_batch_delay: float = MAX_BATCH_DELAY_S
     metrics: bool = False
     """Record Prometheus metrics (`zmserve worker` does unless `--metrics-bind off`; the Python API does not)."""
+    drain_timeout: float = DRAIN_TIMEOUT_S
+    """On SIGTERM: seconds to finish the requests held before stopping anyway (services/worker/drain.py)."""
+    ready_file: str | Path | None = None
+    """A file present while the worker serves (zmserve/readiness.py), for probes of process supervisors."""

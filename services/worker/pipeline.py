@@ -56,6 +56,9 @@ class Pipeline:
         self.signature = ModelSignature()
         self.batcher: Batcher | None = None
         self.stats = {"requests": 0, "model_calls": 0, "model_rows": 0}
+        self.started: list[tuple[bytes, Any]] = []
+        """(client, request id) of the runs whose first model call was published since the worker last told the
+        broker (it tells before the calls leave: `Worker.release_calls`)."""
 
     def start(self, signature: ModelSignature, max_batch_size: int, max_batch_delay: float) -> None:
         """The agents serve: check inputs against their signature from now on, and batch if the model can."""
@@ -138,6 +141,10 @@ class Pipeline:
             specs, frames = encode_values({f"input{i}": v for i, v in enumerate(call.inputs)})
             header = encode(ModelCallMessage(call=call.call_id, request_id=call.slots[0][0].request_id,
                                              values=specs))
+            for run, _ in call.slots:
+                if not run.reached_model:
+                    run.reached_model = True
+                    self.started.append((run.client, run.request_id))
             self.publish([header, *frames])
             call.published = self.metrics.call_published(call.slots[0][0].model_queued, len(call.slots), frames)
             self.stats["model_calls"] += 1
@@ -229,6 +236,7 @@ class Pipeline:
         for run in list(self.table.runs.values()):
             self.fail(run, code, message)
         self.table.forget_pipeline()
+        self.started.clear()  # their calls never leave (Worker.release_calls): the broker may send them elsewhere
 
 
 def check_model_input(instance: int, value: Any, expected: TensorSpec, batched: bool) -> None:

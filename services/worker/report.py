@@ -69,10 +69,13 @@ class AgentHistory:
 def worker_status(worker: Worker, now: float) -> WorkerStatus:
     """The WORKER_STATUS of this moment."""
     table = worker.pipeline.table
+    draining = worker.drain_state.draining
+    reason = f"draining (finishing {len(table)} requests)" if draining else worker.membership.status_reason()
     return WorkerStatus(
         servable=worker.spec.name, version=worker.config.version_number, methods=list(worker.spec.methods),
-        ready=worker.state == WorkerState.SERVING, reason=worker.membership.status_reason(),
-        signatures=worker.signatures, state=worker.state.value, address=worker.config.distributed_address,
+        ready=worker.state == WorkerState.SERVING and not draining, reason=reason, signatures=worker.signatures,
+        draining=draining, retry=worker.spec.retry_on_replica_loss, state=worker.state.value,
+        address=worker.config.distributed_address,
         host=HOST, pid=os.getpid(), agents=worker.history.agents(worker.membership, now), requests=len(table),
         queued=queued(worker), calls_in_flight=len(table.in_pipeline))
 

@@ -62,6 +62,8 @@ class MethodRun:
     started: float = field(default_factory=time.perf_counter)
     model_queued: float = 0.0
     """perf_counter() when it arrived and when it reached the model stage (metrics)."""
+    reached_model: bool = False
+    """A model call of it was published: the broker is told (REQUESTS_STARTED) and never sends it elsewhere."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,

@@ -5,7 +5,11 @@ One loop (Majordomo style) over four sockets; the rules live elsewhere:
     configured, when the servable serves, when every agent must restart. It returns actions; `carry_out` does
     them.
   - `Pipeline` (pipeline.py) runs requests: Python stages here, the model stage on the agents.
+  - `Drain` (drain.py) is the graceful stop on SIGTERM: take nothing new, finish what is held, then stop.
   - this file reads sockets, turns messages into calls on those two, and sends what they give back.
+
+Model calls leave once per loop turn (`release_calls`), after the broker has been told which requests they start
+(REQUESTS_STARTED): the broker sends a request to another replica only while it has not reached a model.
 
 Sockets (who binds is in docs/ARCHITECTURE.md):
   broker       DEALER -> broker's worker ROUTER: WORKER_STATUS every interval, REQUEST in, REPLY out
@@ -19,13 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 import zmq
 
 from services.worker.config import WorkerConfig
+from services.worker.drain import Drain
 from services.worker.launchers import Launchers
 from services.worker.membership import (
     Action,
@@ -52,11 +57,13 @@ from zmserve.protocol import (
     AgentFailed,
     AgentReady,
     AgentRegister,
+    AgentRejected,
     AgentShutdown,
     AgentsShutDown,
     AgentStopped,
     BrokerCommand,
     Cancel,
+    DrainAck,
     ErrorCode,
     Heartbeat,
     LauncherHello,
@@ -67,6 +74,7 @@ from zmserve.protocol import (
     RankTableQuery,
     Request,
     RequestId,
+    RequestsStarted,
     ServingError,
     StoppedAgent,
     WorkerDisconnect,
@@ -79,6 +87,7 @@ from zmserve.protocol import (
     parse_subscription,
 )
 from zmserve.ranktable import RankTable
+from zmserve.readiness import Readiness
 from zmserve.servable import ServableSpec, load_servable, method_signatures
 from zmserve.transport import (
     Delivery,
@@ -86,11 +95,13 @@ from zmserve.transport import (
     Liveness,
     bind,
     data_endpoint,
+    drain,
     frame_bytes,
     new_socket,
     send_frames,
     send_nonblocking,
 )
+from zmserve.versions import foreign_version, resolve_version
 
 log = get_logger("worker")
 bursts = Bursts(log)
@@ -108,6 +119,8 @@ class InProcessBroker:
     error code) so the broker need not decode it."""
     process_worker: Callable[[list[Any]], None]
     """Any other message, as the frames the DEALER would have sent ([command, ...])."""
+    requests_started: Callable[[list[tuple[bytes, Any]]], None] | None = None
+    """REQUESTS_STARTED as the (client, request id) pairs, not encoded."""
 
 
 class WorkerStartError(RuntimeError):
@@ -116,6 +129,8 @@ class WorkerStartError(RuntimeError):
 
 class Worker:
     def __init__(self, config: WorkerConfig, context: zmq.Context | None = None) -> None:
+        config = replace(config, version_number=resolve_version(config.servable_directory, config.servable_name,
+                                                                config.version_number))
         self.config = config
         self.spec: ServableSpec = load_servable(config.servable_directory, config.servable_name)
         assert self.spec.model is not None
@@ -162,6 +177,10 @@ class Worker:
         self.progress = HeartbeatClock(PROGRESS_INTERVAL_S)
         self.waiting_since = time.monotonic()
         self.stop_event = threading.Event()
+        self.drain_state = Drain(config.drain_timeout)
+        self.readiness = Readiness(config.ready_file)
+        self.outbox: list[list[Any]] = []
+        """Model calls published this loop turn, sent by `release_calls` after the broker is told."""
 
     @property
     def state(self) -> WorkerState:
@@ -183,6 +202,10 @@ class Worker:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def drain(self) -> None:
+        """Stop gracefully (SIGTERM): finish what is held first (drain.py). Safe in a signal handler."""
+        self.drain_state.request()
 
     def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
         handlers = [(self.results, self.process_result), (self.agents, self.process_agent),
@@ -217,6 +240,9 @@ class Worker:
         elif isinstance(message, AgentExited):
             self.carry_out(self.membership.exited(message.rank, message.pid, message.why, now))
         elif isinstance(message, AgentRegister):
+            if (other := foreign_version(message.model_file, self.spec.name, self.config.version_number)) is not None:
+                self.reject_other_version(identity, message, other)
+                return
             self.carry_out(self.membership.register(identity, message, now))
             self.history.registered(self.membership, identity, message)
         elif isinstance(message, RankTableQuery):
@@ -252,6 +278,8 @@ class Worker:
                 self.metrics.groups_restarted()
                 self.pipeline.fail_all(ErrorCode.UNAVAILABLE, f"{action.why}; the servable is restarting its agents")
                 self.tell_launchers(action.stopped, action.why)
+                self.outbox.clear()
+                self.readiness.set_not_ready(f"restarting its agents: {action.why}")
                 for scheduler in self.schedulers:
                     scheduler.stop()
                 self.start_schedulers()
@@ -266,6 +294,8 @@ class Worker:
                 log.info("serving", version=self.config.version_number, rank_size=self.model.rank_size,
                          stage_size=self.model.stage_size,
                          seconds_waited=round(time.monotonic() - self.waiting_since, 2))
+                if not self.drain_state.draining:
+                    self.readiness.set_ready(f"serving {self.spec.name} version {self.config.version_number}")
                 self.send_status()
 
     def tell_launchers(self, stopped: tuple[tuple[int, int], ...], why: str) -> None:
@@ -292,8 +322,21 @@ class Worker:
             self.handle_request(frame_bytes(frames[1]), frames[2], frames[3:])
         elif command == BrokerCommand.CANCEL and len(frames) == 3:
             self.cancel_request(frame_bytes(frames[1]), frames[2])
+        elif command == BrokerCommand.CONTROL and len(frames) >= 2:
+            self.process_broker_control(frames[1])
         elif command != BrokerCommand.CONTROL:
             bursts.warning("broker_message_malformed", command=command.hex())
+
+    def process_broker_control(self, frame: Any) -> None:
+        """HEARTBEAT (counted as traffic above) or DRAIN_ACK: the broker routes this draining worker nothing more."""
+        try:
+            message = decode(frame, Heartbeat, DrainAck)
+        except ServingError as error:
+            bursts.warning("broker_message_malformed", message=error.message)
+            return
+        if isinstance(message, DrainAck) and self.drain_state.draining and not self.drain_state.acknowledged:
+            self.drain_state.acknowledged = True
+            log.info("drain_acknowledged", held=len(self.pipeline.table))
 
     def handle_request(self, client: bytes, header_frame: Any, value_frames: list[Any]) -> None:
         try:
@@ -348,9 +391,14 @@ class Worker:
     # ---- periodic chores ------------------------------------------------------------------------------------
     def do_chores(self) -> None:
         now = time.monotonic()
-        if not self.scan.due(now):
+        if self.scan.due(now):
+            self.scan_chores(now)
+        else:
             self.pipeline.send_due_batches()
-            return
+        self.release_calls()
+
+    def scan_chores(self, now: float) -> None:
+        """Deadlines, liveness, heartbeats, the drain: at most every SCAN_INTERVAL_S while busy."""
         self.pipeline.do_chores(now)
         if self.state == WorkerState.SERVING and self.pipeline.stuck_for(now) > self.config.execution_timeout:
             log.error("model_stuck", seconds=self.config.execution_timeout,
@@ -358,6 +406,8 @@ class Worker:
             self.carry_out(self.membership.restart(
                 f"the model made no progress for {self.config.execution_timeout:.1f} s (execution timeout)", now))
         self.carry_out(self.membership.tick(now))
+        if self.broker_liveness.expired(now) and not self.broker_lost and self.broker is not None:
+            drain(self.broker, self.process_broker)  # a loop stalled after its drain must not judge by it
         if self.broker_liveness.expired(now) != self.broker_lost:
             self.broker_lost = not self.broker_lost
             log.warning("broker_lost" if self.broker_lost else "broker_back", broker=self.broker_address)
@@ -368,8 +418,23 @@ class Worker:
                 self.send_to_agent(agent.identity, heartbeat)
             for identity in self.launchers.alive(now):
                 self.send_to_agent(identity, heartbeat)
-        if self.state != WorkerState.SERVING:
+        if self.state != WorkerState.SERVING and not self.drain_state.draining:
             self.report_waiting(now)
+        self.check_drain(now)
+
+    def check_drain(self, now: float) -> None:
+        """Begin a requested drain (tell the broker and the supervisor), and stop the loop when it is over."""
+        if self.drain_state.begin(now):
+            log.info("draining", held=len(self.pipeline.table), timeout=self.config.drain_timeout)
+            self.readiness.stopping(f"draining: finishing {len(self.pipeline.table)} requests")
+            self.send_status()
+        broker_reachable = self.in_process_broker is not None or not self.broker_lost
+        why = self.drain_state.done(now, len(self.pipeline.table), broker_reachable)
+        if why is not None:
+            held = len(self.pipeline.table)
+            (log.warning if held else log.info)("drained", why=why, held=held,
+                                                seconds=round(now - self.drain_state.since, 2))
+            self.stop_event.set()
 
     def report_waiting(self, now: float) -> None:
         waited = max(0.0, now - self.waiting_since)  # a restart in this turn set waiting_since after `now`
@@ -385,8 +450,25 @@ class Worker:
         self.send_to_broker([BrokerCommand.CONTROL, encode(worker_status(self, time.monotonic()))])
 
     def publish(self, frames: list[Any]) -> None:
-        """A model call to every stage-0 agent (the pipeline bounds what is in flight, so this never drops)."""
-        send_frames(self.stage_input, [MODEL_CALL_TOPIC, *frames])
+        """A model call for every stage-0 agent, sent at the end of this loop turn (`release_calls`)."""
+        self.outbox.append(frames)
+
+    def release_calls(self) -> None:
+        """Tell the broker which requests reach the model now, then publish their calls: in this order, a worker
+        that dies in between has published nothing the broker does not know about (PROTOCOL.md §4.10). The
+        pipeline bounds what is in flight, so a publish never drops."""
+        if self.pipeline.started:
+            started, self.pipeline.started = self.pipeline.started, []
+            if self.in_process_broker is not None and self.in_process_broker.requests_started is not None:
+                self.in_process_broker.requests_started(started)
+            else:
+                clients, ids = zip(*started, strict=True)
+                self.send_to_broker([BrokerCommand.CONTROL, encode(RequestsStarted(clients=list(clients),
+                                                                                   ids=list(ids)))])
+        if self.outbox:
+            outbox, self.outbox = self.outbox, []
+            for frames in outbox:
+                send_frames(self.stage_input, [MODEL_CALL_TOPIC, *frames])
 
     def answer(self, client: bytes, request_id: RequestId | None, code: str, frames: list[Any]) -> None:
         """A REPLY (code "OK") or ERROR ([header, *values]) for request `request_id` of a client, through the
@@ -407,7 +489,16 @@ class Worker:
         if send_nonblocking(self.agents, [identity, header]) is Delivery.WOULD_BLOCK:
             bursts.warning("agent_not_reading", identity=identity.hex())
 
+    def reject_other_version(self, identity: bytes, message: AgentRegister, other: int) -> None:
+        """A shard from another version's folder: refused for good, its launcher exits with the reason."""
+        reason = (f"the shard {message.model_file} is version {other} of servable {self.spec.name!r}; this worker "
+                  f"serves version {self.config.version_number}: point its launcher at that version's worker")
+        log.warning("agent_refused", agent_rank=message.rank, why=reason)
+        self.send_to_agent(identity, encode(AgentRejected(message=reason, retry=False)))
+
     def shutdown(self) -> None:
+        self.outbox.clear()
+        self.readiness.withdraw()
         self.pipeline.fail_all(ErrorCode.UNAVAILABLE, "the worker is shutting down")
         self.send_to_broker([BrokerCommand.CONTROL, encode(WorkerDisconnect())])
         self.tell_launchers(tuple((a.rank, a.pid) for a in self.membership.agents.values()), "worker stopping")

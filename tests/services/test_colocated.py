@@ -55,3 +55,4 @@ def test_stops_cleanly_answering_what_it_holds(cluster: Cluster) -> None:
     assert set(outcomes) <= {"OK", ErrorCode.UNAVAILABLE}, outcomes
     assert len(log_events(cluster.logs["worker"], "worker_stopped")) == 1
     assert len(log_events(cluster.logs["worker"], "broker_stopped")) == 1
+    assert len(log_events(cluster.logs["worker"], "drained")) == 1  # SIGTERM: `zmserve serve` drains too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -106,8 +107,14 @@ SERVED = Served((
 ), lost=("gone",))
 
 
+def test_version_zero_is_the_newest_ready_version_as_the_broker_routes_it() -> None:
+    assert oip.choose(SERVED, "mm", 0).version == 1  # version 2 is still waiting for agents
+    not_ready = Served(tuple(msgspec.structs.replace(v, ready=False) for v in SERVED.versions))
+    assert oip.choose(not_ready, "mm", 0).version == 2  # none ready: the newest, whose reason is the answer
+
+
 def test_model_metadata_from_the_workers_signatures() -> None:
-    assert orjson.loads(oip.model_metadata(SERVED, "mm", 0, "predict")) == {
+    assert orjson.loads(oip.model_metadata(SERVED, "mm", 2, "predict")) == {
         "name": "mm", "versions": ["1", "2"], "platform": "zmserve",
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 96]}],
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 16]}],
