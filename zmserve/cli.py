@@ -30,6 +30,8 @@ from zmserve.protocol import (
     MAX_QUEUED_REQUESTS,
     MAX_REQUEST_BYTES,
 )
+from zmserve.security import PLAINTEXT, Domain, Peer
+from zmserve.security_cli import curve_options, keys, load_security
 from zmserve.supervision import handle_stop_signals
 
 log = get_logger("cli")
@@ -58,14 +60,17 @@ def main(log_level: str) -> None:
 @click.option("--heartbeat-interval", default=HEARTBEAT_INTERVAL_S, show_default=True, type=float)
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
-def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_mb: int) -> None:
+@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS])
+def broker(bind: str, worker_bind: str, heartbeat_interval: float, max_request_mb: int, **curve: Any) -> None:
     """Route client requests to the workers serving them."""
     from services.broker.broker import Broker
     from zmserve.transport import BindError
 
+    security = load_security(curve, [Domain.CLIENTS, Domain.WORKERS],
+                             binds={Domain.CLIENTS: bind, Domain.WORKERS: worker_bind})
     try:
         service = Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
-                         max_request_bytes=max_request_mb * 2**20)
+                         max_request_bytes=max_request_mb * 2**20, security=security)
     except BindError as error:
         raise click.ClickException(str(error)) from None
     run_until_signalled(service)
@@ -103,7 +108,7 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
 def make_worker(broker_address: str | None, servable_dir: str, servable: str, version_number: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-                max_batch_delay_ms: float) -> Any:
+                max_batch_delay_ms: float, security: Any = None) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
@@ -116,7 +121,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             servable_dir, servable, version_number, rank_table, distributed_address, broker_address, wait_agents,
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
-            max_batch_delay=max_batch_delay_ms / 1000))
+            max_batch_delay=max_batch_delay_ms / 1000, security=security or PLAINTEXT))
     except (ServableConfigError, RankTableError, BindError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -133,9 +138,12 @@ def run_service(service: Any) -> None:
 @worker_options
 @click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
               help="the broker's worker-facing address")
+@curve_options(allowed=[Domain.AGENTS], peers=[Peer.BROKER])
 def worker(broker_address: str, **options: Any) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker."""
-    run_service(make_worker(broker_address, **options))
+    security = load_security(options, [Domain.AGENTS], [Peer.BROKER],
+                             binds={Domain.AGENTS: options["distributed_address"]})
+    run_service(make_worker(broker_address, **options, security=security))
 
 
 @main.command()
@@ -146,19 +154,23 @@ def worker(broker_address: str, **options: Any) -> None:
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
 @worker_options
+@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS])
 def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: Any) -> None:
     """Broker and worker in one process: one machine, one servable, the shortest path for a request.
 
-    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`.
+    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker` (with CURVE, they
+    hold this process's public key as the worker's).
     """
     from services.broker.broker import Broker
     from services.colocated import Colocated
     from zmserve.transport import BindError
 
-    worker_service = make_worker(None, **options)
+    security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds={
+        Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]})
+    worker_service = make_worker(None, **options, security=security)
     try:
         broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
-                                max_request_bytes=max_request_mb * 2**20)
+                                max_request_bytes=max_request_mb * 2**20, security=security)
     except BindError as error:
         worker_service.close_sockets()
         raise click.ClickException(str(error)) from None
@@ -182,9 +194,10 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--heartbeat-interval", default=None, type=float)
 @click.option("--pin-cpus/--no-pin-cpus", default=False, show_default=True,
               help="pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores)")
+@curve_options(peers=[Peer.WORKER])
 def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
-          heartbeat_interval: float | None, pin_cpus: bool) -> None:
+          heartbeat_interval: float | None, pin_cpus: bool, **curve: Any) -> None:
     """Start and supervise one agent process per model file on this machine.
 
     Ranks: --rank-start + position; without --rank-start, this machine's ranks in the worker's rank table
@@ -192,9 +205,13 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
     """
     from services.agent.launcher import AgentLauncher, LauncherError
 
+    security = load_security(curve, peers=[Peer.WORKER])
+    if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip
+        security.warn_plaintext({Domain.DOWNSTREAM: agent_ip})
     try:
         launcher = AgentLauncher(worker_address, _split(model_files), _split(group_config_files) or None,
-                                 agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus)
+                                 agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus,
+                                 security=security)
         run_until_signalled(launcher)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
@@ -212,13 +229,29 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
               help="a body not complete this many seconds after its headers is answered 408")
 @click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_S, show_default=True,
               type=click.FloatRange(min=0.1), help="idle keep-alive connections are closed after this long")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False),
+              help="serve HTTPS with this certificate (PEM, with its chain); needs --keyfile")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="the private key of --certfile (PEM)")
+@click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="every request must carry 'Authorization: Bearer <the token in this file>' (else 401)")
+@curve_options(peers=[Peer.BROKER])
 def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, body_timeout: float,
-            keep_alive_timeout: float) -> None:
+            keep_alive_timeout: float, certfile: str | None, keyfile: str | None, auth_token_file: str | None,
+            **curve: Any) -> None:
     """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...) and the Open Inference Protocol (/v2/...)."""
+    import ssl
+
     from services.gateway.app import Gateway
+    from services.gateway.auth import http_security
     from services.gateway.config import GatewayConfig
 
-    config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout)
+    security = load_security(curve, peers=[Peer.BROKER])
+    try:
+        tls, token = http_security(bind, certfile, keyfile, auth_token_file)
+    except (OSError, ValueError, ssl.SSLError) as error:
+        raise click.ClickException(str(error)) from None
+    config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout,
+                           tls=tls, auth_token=token, broker_curve=security.client(Peer.BROKER))
     try:
         service = Gateway(config)
     except (OSError, ValueError) as error:
@@ -229,6 +262,7 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
 from zmserve.bench.cli import bench  # noqa: E402
 
 main.add_command(bench)
+main.add_command(keys)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ MindSpore process cannot re-join a group), EXIT_REJECTED when the worker refuses
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import os
 import queue
@@ -59,6 +60,17 @@ from zmserve.protocol import (
     parse_subscription,
     subscription_topic,
 )
+from zmserve.security import (
+    PLAINTEXT,
+    CurveClient,
+    CurveServer,
+    Domain,
+    Handshake,
+    Peer,
+    Refusal,
+    Security,
+    send_unless_refused,
+)
 from zmserve.supervision import die_with_parent
 from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
 
@@ -87,6 +99,13 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     replaces_pid: int | None = None
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    secret_key: str | None = None
+    """CURVE: this machine's key pair (the launcher's --secret-key file; a path, so no key is on a command line)."""
+    worker_key: str | None = None
+    """CURVE: the worker's public key file (the launcher's --worker-key)."""
+
+    def security(self) -> Security:
+        return Security.load(self.secret_key, servers={Peer.WORKER: self.worker_key})
 
     def to_argument(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -102,9 +121,10 @@ class ControlLink(threading.Thread):
     in a collective whose peer is gone."""
 
     def __init__(self, context: zmq.Context, worker_address: str, rank: int,
-                 heartbeat_interval: float, heartbeat_liveness: int) -> None:
+                 heartbeat_interval: float, heartbeat_liveness: int, curve: CurveClient | None = None) -> None:
         super().__init__(name=f"agent-control-{rank}", daemon=True)
         self.context = context
+        self.curve = dataclasses.replace(curve, watch=False) if curve is not None else None
         self.worker_address = worker_address
         self.rank = rank
         self.inbox: queue.Queue[AgentConfigure] = queue.Queue()
@@ -130,13 +150,17 @@ class ControlLink(threading.Thread):
     def run(self) -> None:
         structlog.contextvars.bind_contextvars(rank=self.rank)
         try:
-            self.control = new_socket(self.context, zmq.DEALER)
+            self.control = new_socket(self.context, zmq.DEALER, curve=self.curve)
+            self.handshake = Handshake(self.control, self.curve is not None)
             self.control.connect(self.worker_address)
             poller = zmq.Poller()
             poller.register(self.control, zmq.POLLIN)
             poller.register(self.from_main, zmq.POLLIN)
+            poller.register(self.handshake.monitor, zmq.POLLIN)
             while True:
                 poller.poll(timeout=100)
+                if (refusal := self.handshake.read()) is not None:
+                    self.refused(refusal)
                 drain(self.control, self.handle_control)
                 drain(self.from_main, self.handle_main)
                 self.do_chores()
@@ -144,9 +168,15 @@ class ControlLink(threading.Thread):
             log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
 
+    def refused(self, refusal: Refusal) -> None:
+        """libzmq does not retry a refused handshake: exit, and the launcher retries after its backoff."""
+        log.error("agent_refused", worker=self.worker_address, why=refusal.value)
+        self.exit(EXIT_CRASHED)
+
     def handle_main(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        self.control.send(frames[1].bytes)
+        if (refusal := send_unless_refused(self.control, [frames[1]], self.handshake)) is not None:
+            self.refused(refusal)
         if kind == b"exit":
             self.exit(int(frames[2].bytes))
 
@@ -185,17 +215,23 @@ class ControlLink(threading.Thread):
 class DataPlane:
     """Where this agent's calls come from and where its outputs go; used by the main thread only."""
 
-    def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str) -> None:
+    def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str,
+                 security: Security = PLAINTEXT) -> None:
         self.forward = config.forward
-        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0)
+        to_worker = security.client(Peer.WORKER)  # CURVE on every data link when the control link has it
+        from_leader = to_worker if to_worker is None or config.input_key is None else dataclasses.replace(
+            to_worker, server_key=config.input_key.encode(), link="previous stage's leader")
+        self.inputs = new_socket(context, zmq.SUB, curve=from_leader, RCVHWM=0)
         self.inputs.connect(config.input_address)
         self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
         self.inputs.setsockopt(zmq.SUBSCRIBE, subscription_topic(rank))
-        self.results = new_socket(context, zmq.PUSH, SNDHWM=0)
+        self.results = new_socket(context, zmq.PUSH, curve=to_worker, SNDHWM=0)
         self.results.connect(config.result_address)
         self.downstream: zmq.Socket | None = None
         if self.forward == Forward.PUBLISH:
-            self.downstream = new_socket(context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
+            next_stage = None if to_worker is None else CurveServer(
+                to_worker.keys, Domain.DOWNSTREAM, frozenset(key.encode() for key in config.downstream_keys))
+            self.downstream = new_socket(context, zmq.XPUB, curve=next_stage, XPUB_VERBOSE=1, SNDHWM=0)
             self.downstream.bind(publish_address)
 
     def wait_for_downstream(self, ranks: list[int], timeout: float) -> list[int]:
@@ -265,9 +301,10 @@ def serve(settings: AgentSettings) -> int:
         log.error("model_file_missing", path=str(model_file))
         return EXIT_REJECTED
     shard = read_shard_info(model_file, Path(settings.group_config_file) if settings.group_config_file else None)
+    security = settings.security()
     context = zmq.Context()
     link = ControlLink(context, normalize_address(settings.worker), settings.rank, settings.heartbeat_interval,
-                       settings.heartbeat_liveness)
+                       settings.heartbeat_liveness, security.client(Peer.WORKER))
     link.start()
     link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
@@ -279,7 +316,7 @@ def serve(settings: AgentSettings) -> int:
     started = time.monotonic()
     try:
         runner.join_group_and_load(config)
-        data = DataPlane(context, config, settings.rank, settings.publish_address)
+        data = DataPlane(context, config, settings.rank, settings.publish_address, security)
         missing = data.wait_for_downstream(config.downstream_ranks, DOWNSTREAM_WAIT_S)
         if missing:
             raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")

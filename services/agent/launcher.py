@@ -7,6 +7,7 @@ not, and the launcher stops with that reason. SIGINT/SIGTERM stop every agent an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import subprocess
@@ -31,6 +32,7 @@ from zmserve.protocol import (
     normalize_address,
 )
 from zmserve.ranktable import RankTable
+from zmserve.security import PLAINTEXT, Handshake, Peer, Security, send_unless_refused
 from zmserve.supervision import die_with_parent, reap
 from zmserve.transport import HeartbeatClock, new_socket
 
@@ -69,6 +71,7 @@ class AgentLauncher:
         rank_start: int | None = None,
         heartbeat_interval: float | None = None,
         pin_cpus: bool = False,
+        security: Security = PLAINTEXT,
     ) -> None:
         if not model_files:
             raise LauncherError("no model files given: one agent runs per model file")
@@ -85,6 +88,7 @@ class AgentLauncher:
         self.rank_start = rank_start
         self.heartbeat_interval = heartbeat_interval
         self.pin_cpus = pin_cpus
+        self.security = security
         self.agents: list[AgentProcess] = []
         # stop() runs in signal handlers, so it must take no lock the interrupted loop may hold (Event.set
         # would): it sets a flag and writes to a self-pipe the loop selects on.
@@ -98,8 +102,16 @@ class AgentLauncher:
             publish_address=agent.publish_address, host=self.agent_ip or "127.0.0.1",
             group_config_file=str(agent.group_config_file) if agent.group_config_file is not None else None,
             replaces_pid=agent.previous_pid, heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+            **self.agent_keys(),
         )
         return [sys.executable, "-m", "services.agent.agent", settings.to_argument()]
+
+    def agent_keys(self) -> dict[str, str]:
+        """The key files an agent reads (their paths, not the keys: the command line is visible to others)."""
+        if self.security.client(Peer.WORKER) is None:
+            return {}
+        return {"secret_key": str(self.security.secret_key_file),
+                "worker_key": str(self.security.server_key_files[Peer.WORKER])}
 
     def assign_ranks(self) -> bool:
         """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's
@@ -137,14 +149,20 @@ class AgentLauncher:
     def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
         """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
         context = zmq.Context.instance()
-        sock = new_socket(context, zmq.DEALER)
+        curve = self.security.client(Peer.WORKER)
+        sock = new_socket(context, zmq.DEALER, curve=dataclasses.replace(curve, watch=False) if curve else None)
+        handshake = Handshake(sock, curve is not None)
         sock.connect(self.worker_address)
         waiting = HeartbeatClock(5.0)
         try:
             while not self.stop_requested:
-                if waiting.due():
+                refusal = handshake.read()
+                if refusal is None and waiting.due():
                     log.info("asking_worker_for_rank_table", worker=self.worker_address)
-                    sock.send(encode(RankTableQuery()))
+                    refusal = send_unless_refused(sock, [encode(RankTableQuery())], handshake)
+                if refusal is not None:
+                    raise LauncherError(f"the worker at {self.worker_address} refused this launcher: "
+                                        f"{refusal.value} (docs/SECURITY.md)")
                 if sock.poll(100):
                     try:
                         answer = decode(sock.recv(), RankTableAnswer)
@@ -154,6 +172,7 @@ class AgentLauncher:
                     return answer.table, answer.rank_size
             return None
         finally:
+            handshake.close(sock)
             sock.close()
 
     def start(self, agent: AgentProcess) -> None:

@@ -21,6 +21,7 @@ are built from it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from zmserve.protocol import (
     encode,
     normalize_address,
 )
+from zmserve.security import CurveClient
 from zmserve.transport import new_socket
 
 log = get_logger("gateway")
@@ -68,13 +70,27 @@ class Served:
 
 
 class BrokerLink:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve: CurveClient | None = None) -> None:
         self.address = normalize_address(address)
         self.context = zmq.Context()
-        self.socket = new_socket(self.context, zmq.DEALER)
+        if curve is not None:  # told from the handshake log's thread when the broker refuses this gateway's key
+            curve = dataclasses.replace(curve, on_refused=self.refused_soon)
+        self.socket = new_socket(self.context, zmq.DEALER, curve=curve)
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.refusal: str | None = None
+        """Why the broker refused this gateway's CURVE handshake; libzmq does not retry, so every request fails."""
+
+    def refused_soon(self, why: str) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.refused, why)
+
+    def refused(self, why: str) -> None:
+        self.refusal = why
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ServingError(ErrorCode.UNAUTHENTICATED, why))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -115,6 +131,8 @@ class BrokerLink:
     async def call(self, request_id: int, frames: list[Any], timeout: float) -> tuple[Reply | Metadata, list]:
         """Send one message, await the answer with this id: (header, value frames), or raise its ServingError."""
         assert self.loop is not None, "start() first"
+        if self.refusal is not None:
+            raise ServingError(ErrorCode.UNAUTHENTICATED, self.refusal)
         future = self.loop.create_future()
         self.pending[request_id] = future
         try:

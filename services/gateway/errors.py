@@ -12,6 +12,7 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.UNAVAILABLE: 503,  # the servable exists but cannot answer now (starting, restarting its agents)
     ErrorCode.DEADLINE_EXCEEDED: 504,  # no answer within the request's deadline
     ErrorCode.INTERNAL: 500,  # a bug or a failure inside the servable or the model
+    ErrorCode.UNAUTHENTICATED: 502,  # the broker refused the gateway's own CURVE keys: the gateway is misconfigured
 }
 
 

@@ -16,6 +16,7 @@ from zmserve.protocol import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
 )
+from zmserve.security import PLAINTEXT, Security
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,5 @@ class WorkerConfig:
     execution_timeout: float = EXECUTION_TIMEOUT_S
     max_batch_size: int = MAX_BATCH_SIZE
     max_batch_delay: float = MAX_BATCH_DELAY_S
+    security: Security = PLAINTEXT
+    """CURVE on the link to the broker and on the agents' sockets (zmserve/security.py)."""

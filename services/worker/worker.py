@@ -66,6 +66,7 @@ from zmserve.protocol import (
     parse_subscription,
 )
 from zmserve.ranktable import RankTable
+from zmserve.security import Domain, Peer, curve_user
 from zmserve.servable import ServableSpec, load_servable, method_signatures
 from zmserve.transport import Delivery, HeartbeatClock, Liveness, bind, frame_bytes, new_socket, send_nonblocking
 
@@ -93,11 +94,12 @@ class Worker:
         """The DEALER to a broker in another process; None while a broker in this process is attached."""
         self.in_process_broker: Callable[[list[Any]], None] | None = None
         if config.broker_address:
-            self.broker = new_socket(self.context, zmq.DEALER)
+            self.broker = new_socket(self.context, zmq.DEALER, curve=config.security.client(Peer.BROKER))
             self.broker.connect(self.broker_address)
-        self.agents = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
-        self.stage_input = new_socket(self.context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
-        self.results = new_socket(self.context, zmq.PULL, RCVHWM=0)
+        agents = config.security.server(Domain.AGENTS)
+        self.agents = new_socket(self.context, zmq.ROUTER, curve=agents, ROUTER_MANDATORY=1)
+        self.stage_input = new_socket(self.context, zmq.XPUB, curve=agents, XPUB_VERBOSE=1, SNDHWM=0)
+        self.results = new_socket(self.context, zmq.PULL, curve=agents, RCVHWM=0)
         try:
             bind(self.agents, normalize_address(config.distributed_address), "worker's distributed address")
             stage_input_endpoint = bind(self.stage_input, f"tcp://{host}:0", "worker's stage-0 publisher")
@@ -168,7 +170,7 @@ class Worker:
             log.warning("agent_message_malformed", message=error.message)
             return
         if isinstance(message, AgentRegister):
-            self.carry_out(self.membership.register(identity, message, now))
+            self.carry_out(self.membership.register(identity, message, now, public_key=curve_user(frames[1])))
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None
             self.send_to_agent(identity, encode(RankTableAnswer(table=table, rank_size=self.model.rank_size)))
