@@ -393,9 +393,14 @@ class Refusal(Enum):
     UNKNOWN_KEY = "the server does not know this side's public key"
     NEEDS_CURVE = "the server requires CURVE and this side has no keys"
     NO_CURVE = "the server does not use CURVE but this side was given keys"
-    WRONG_SERVER_KEY = ("the server closed the connection during the CURVE handshake: the public key this side "
-                        "holds for it is not its key")
+    WRONG_SERVER_KEY = ("the server hung up during the CURVE handshake: the public key this side holds for it is "
+                        "not its key (or it does not use CURVE)")
     PROTOCOL = "the CURVE handshake failed"
+
+
+HUNG_UP = {True: Refusal.WRONG_SERVER_KEY, False: Refusal.NEEDS_CURVE}
+"""What a server that hangs up during the handshake, twice in a row, most likely means. Which side notices a
+mechanism mismatch first is a race: the other side only sees the connection close."""
 
 
 def refusal_of(event: int, value: int, curve: bool) -> Refusal | None:
@@ -406,15 +411,18 @@ def refusal_of(event: int, value: int, curve: bool) -> Refusal | None:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             return Refusal.NO_CURVE if curve else Refusal.NEEDS_CURVE
         return Refusal.PROTOCOL
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and curve:
-        return Refusal.WRONG_SERVER_KEY
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return HUNG_UP[curve]
     return None
 
 
 def server_failure(event: int, value: int) -> str | None:
     """What a failed handshake on a binding socket says about the peer (None: nothing worth a line)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return ("a peer hung up during the handshake (it has no CURVE keys, or holds another public key for this "
+                "server)")
     if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return None  # AUTH: the authenticator logged it with the peer's address; NO_DETAIL: a peer hung up
+        return None  # AUTH: the authenticator logged it, with the peer's address and key
     if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         return "a peer without CURVE keys tried to connect"
     if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
@@ -432,8 +440,9 @@ class Handshake:
     readable only when a handshake ends, so a caller polls it next to the socket at no cost per message.
 
     libzmq does not reconnect after an authentication or mechanism failure, and reconnects (and fails again)
-    after a wrong server key; a silent close counts as a wrong server key only when it happens twice in a row,
-    because a server that dies mid-handshake looks the same once."""
+    when the server hangs up mid-handshake (a wrong server key; or a mechanism mismatch the server noticed
+    first). A hang-up counts as a refusal only twice in a row, because a server that dies mid-handshake looks the
+    same once."""
 
     def __init__(self, socket: zmq.Socket, curve: bool) -> None:
         self.curve = curve
@@ -455,7 +464,7 @@ class Handshake:
             self.refusal, self.silent_closes = None, 0
             return
         refusal = refusal_of(event, value, self.curve)
-        if refusal is Refusal.WRONG_SERVER_KEY:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self.silent_closes += 1
             if self.silent_closes < 2:
                 return
@@ -560,7 +569,7 @@ class HandshakeLog(threading.Thread):
         if (suppressed := self.throttle.due((endpoint, refusal))) is not None:
             log.error("handshake_refused", link=watched.label, endpoint=endpoint, why=refusal.value,
                       repeated=suppressed)
-        if watched.on_refused is not None and refusal is not Refusal.WRONG_SERVER_KEY:
+        if watched.on_refused is not None and event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             watched.on_refused(f"the {watched.label} at {endpoint} refused this process: {refusal.value}")
 
 
