@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -123,19 +124,26 @@ class LocalCluster:
             stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
         )
 
-    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0) -> str:
-        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers."""
+    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0, cafile: str | None = None,
+                      token: str | None = None) -> str:
+        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers.
+        With `cafile` it is asked over HTTPS (its --certfile is in `extra`), with `token` as a bearer."""
         port = free_port()
         self.start(name, ["gateway", "--bind", f"127.0.0.1:{port}", "--broker", self.client_address,
                           *self.curve_args("gateway"), *extra])
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         deadline = time.monotonic() + timeout
         while True:
             self.check_alive()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            if cafile is None:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            else:
+                connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=1,
+                                                         context=ssl.create_default_context(cafile=cafile))
             try:
-                connection.request("GET", "/v2/health/live")
+                connection.request("GET", "/v2/health/live", headers=headers)
                 if connection.getresponse().status == 200:
-                    return f"http://127.0.0.1:{port}"
+                    return f"{'http' if cafile is None else 'https'}://127.0.0.1:{port}"
             except OSError:
                 pass
             finally:

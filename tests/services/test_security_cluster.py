@@ -363,3 +363,36 @@ def test_a_curve_pipeline_whose_stages_hold_different_keys(tmp_path: Path) -> No
         codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
     assert not log_events(cluster.logs["host_b"], "agent_refused")
+
+
+# ---- the gateway: HTTPS and a token in front, CURVE behind ----------------------------------------------------
+def test_a_gateway_serves_https_with_a_token_over_a_curve_link(curve_matmul: Cluster, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent / "gateway"))
+    from gateway_client import curl, self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    (tmp_path / "token").write_text("t0ken\n")
+    url = curve_matmul.start_gateway("gateway_tls", "--certfile", str(cert), "--keyfile", str(key),
+                                     "--auth-token-file", str(tmp_path / "token"), cafile=str(cert), token="t0ken")
+    body = ('{"instances": [{"x": ' + str(X.tolist()) + '}]}').encode()
+    status, answer = curl(url, "/model/matmul:predict", body, "POST", "--cacert", str(cert),
+                          "-H", "Authorization: Bearer t0ken")
+    assert status == 200, answer
+    np.testing.assert_allclose(np.array(answer["instances"][0]["y"], np.float32), matmul_reference(X), atol=1e-5)
+    assert curl(url, "/model/matmul:predict", body, "POST", "--cacert", str(cert))[0] == 401
+
+
+def test_a_gateway_whose_key_the_broker_refuses_answers_502_at_once(curve_matmul: Cluster, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent / "gateway"))
+    from gateway_client import curl
+
+    assert curve_matmul.keys is not None
+    stranger = generate_key_pair(tmp_path, "stranger")[1]
+    url = curve_matmul.start_gateway("gateway_stranger", "--secret-key", str(stranger))
+    body = ('{"instances": [{"x": ' + str(X.tolist()) + '}]}').encode()
+    wait_for(lambda: log_events(curve_matmul.logs["gateway_stranger"], "handshake_refused"), 30,
+             what="the gateway's refusal line")
+    started = time.monotonic()
+    status, answer = curl(url, "/model/matmul:predict", body)
+    assert status == 502 and time.monotonic() - started < 5
+    assert "refused this process: the server does not know this side's public key" in answer["error_msg"]

@@ -325,3 +325,25 @@ def test_a_hang_up_is_a_refusal_only_twice_in_a_row() -> None:
             handshake.close(socket)
     finally:
         socket.close(linger=0)
+
+
+@pytest.mark.parametrize(("command", "missing"), [
+    (["broker"], "--secret-key, --client-keys, --worker-keys"),
+    (["serve", "--servable", "s"], "--secret-key, --client-keys, --agent-keys"),
+    (["serve", "--servable", "s", "--worker-bind", "tcp://127.0.0.1:1"],
+     "--secret-key, --client-keys, --worker-keys, --agent-keys"),
+    (["worker", "--servable", "s"], "--secret-key, --agent-keys, --broker-key"),
+    (["agent", "--model-files", "m.mindir"], "--secret-key, --worker-key"),
+    (["gateway"], "--secret-key, --broker-key"),
+])
+def test_require_curve_refuses_to_start_without_keys(tmp_path: Path, command: list[str], missing: str) -> None:
+    if command[0] in ("serve", "worker"):
+        command = [*command, "--servable-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, [*command, "--require-curve"])
+    assert result.exit_code == 1
+    assert f"--require-curve: {missing} not given" in result.output
+
+
+def test_a_folder_of_keys_without_a_secret_key_refuses_to_start(keys: Keys) -> None:
+    result = CliRunner().invoke(main, ["broker", "--client-keys", str(keys.allowed)])
+    assert result.exit_code == 1 and "--client-keys need --secret-key" in result.output
