@@ -30,7 +30,7 @@ from zmserve.protocol import (
     MAX_QUEUED_REQUESTS,
     MAX_REQUEST_BYTES,
 )
-from zmserve.security import PLAINTEXT, Domain, Peer
+from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
 from zmserve.security_cli import curve_options, keys, load_security
 from zmserve.supervision import handle_stop_signals
 
@@ -138,11 +138,12 @@ def run_service(service: Any) -> None:
 @worker_options
 @click.option("--broker", "broker_address", default=DEFAULT_BROKER_WORKER_ADDRESS, show_default=True,
               help="the broker's worker-facing address")
-@curve_options(allowed=[Domain.AGENTS], peers=[Peer.BROKER])
+@curve_options(allowed=[Domain.AGENTS], peers=[Peer.BROKER], collective=True)
 def worker(broker_address: str, **options: Any) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker."""
     security = load_security(options, [Domain.AGENTS], [Peer.BROKER],
-                             binds={Domain.AGENTS: options["distributed_address"]})
+                             binds={Domain.AGENTS: options["distributed_address"]},
+                             group_host=options["distributed_address"])
     run_service(make_worker(broker_address, **options, security=security))
 
 
@@ -154,7 +155,7 @@ def worker(broker_address: str, **options: Any) -> None:
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help="larger requests are refused with RESOURCE_EXHAUSTED")
 @worker_options
-@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS])
+@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], collective=True)
 def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: Any) -> None:
     """Broker and worker in one process: one machine, one servable, the shortest path for a request.
 
@@ -166,7 +167,8 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, **options: An
     from zmserve.transport import BindError
 
     security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds={
-        Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]})
+        Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]},
+        group_host=options["distributed_address"])
     worker_service = make_worker(None, **options, security=security)
     try:
         broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
@@ -194,7 +196,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--heartbeat-interval", default=None, type=float)
 @click.option("--pin-cpus/--no-pin-cpus", default=False, show_default=True,
               help="pin agent i to core i mod cores (MindSpore otherwise spreads each agent over all cores)")
-@curve_options(peers=[Peer.WORKER])
+@curve_options(peers=[Peer.WORKER], collective=True)
 def agent(worker_address: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
           heartbeat_interval: float | None, pin_cpus: bool, **curve: Any) -> None:
@@ -205,7 +207,9 @@ def agent(worker_address: str, model_files: tuple[str, ...], group_config_files:
     """
     from services.agent.launcher import AgentLauncher, LauncherError
 
-    security = load_security(curve, peers=[Peer.WORKER])
+    # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
+    group_host = next((a for a in (agent_ip, worker_address) if a and not is_loopback(a)), "127.0.0.1")
+    security = load_security(curve, peers=[Peer.WORKER], group_host=group_host)
     if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip
         security.warn_plaintext({Domain.DOWNSTREAM: agent_ip})
     try:

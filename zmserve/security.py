@@ -33,6 +33,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from zmserve.collective_tls import CollectiveTls
 from zmserve.logs import get_logger
 
 log = get_logger("security")
@@ -214,6 +215,9 @@ class Security:
     allowed: Mapping[Domain, Path] = field(default_factory=dict)
     server_key_files: Mapping[Peer, Path] = field(default_factory=dict)
     server_keys: Mapping[Peer, bytes] = field(default_factory=dict)
+    collective_tls: CollectiveTls | None = None
+    """MindSpore's TLS inside each stage's group (zmserve/collective_tls.py): not CURVE, but part of the same
+    story, so it travels with the rest (`--collective-tls`)."""
 
     @classmethod
     def load(cls, secret_key: str | os.PathLike | None = None,

@@ -32,6 +32,7 @@ import zmq
 
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
+from zmserve.collective_tls import CollectiveTls
 from zmserve.export import read_group_config
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
@@ -103,6 +104,8 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     """CURVE: this machine's key pair (the launcher's --secret-key file; a path, so no key is on a command line)."""
     worker_key: str | None = None
     """CURVE: the worker's public key file (the launcher's --worker-key)."""
+    collective_tls: str | None = None
+    """MindSpore's TLS inside the stage's group: the launcher's --collective-tls folder."""
 
     def security(self) -> Security:
         return Security.load(self.secret_key, servers={Peer.WORKER: self.worker_key})
@@ -263,10 +266,11 @@ class DataPlane:
 class ShardRunner:
     """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
 
-    def __init__(self, model_file: Path, signature: ModelSignature) -> None:
+    def __init__(self, model_file: Path, signature: ModelSignature, tls: CollectiveTls | None = None) -> None:
         import_mindspore()
         self.model_file = model_file
         self.signature = signature
+        self.tls = tls
         self.shard: ShardModel | None = None
 
     def join_group_and_load(self, config: AgentConfigure) -> None:
@@ -274,7 +278,7 @@ class ShardRunner:
         # meanwhile; faulthandler's watchdog is a C thread that ends the process if joining takes too long.
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
-            join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id)
+            join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id, self.tls)
             self.shard = ShardModel.load(self.model_file)
             if self.signature.inputs:
                 self.shard.warm_up(self.signature.inputs)
@@ -310,7 +314,8 @@ def serve(settings: AgentSettings) -> int:
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
                             shard=shard))
     log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
-    runner = ShardRunner(model_file, shard.signature)
+    tls = CollectiveTls.load(settings.collective_tls) if settings.collective_tls else None
+    runner = ShardRunner(model_file, shard.signature, tls)
     config = link.inbox.get()
     structlog.contextvars.bind_contextvars(stage=config.stage)
     started = time.monotonic()

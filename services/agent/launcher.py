@@ -108,10 +108,13 @@ class AgentLauncher:
 
     def agent_keys(self) -> dict[str, str]:
         """The key files an agent reads (their paths, not the keys: the command line is visible to others)."""
-        if self.security.client(Peer.WORKER) is None:
-            return {}
-        return {"secret_key": str(self.security.secret_key_file),
-                "worker_key": str(self.security.server_key_files[Peer.WORKER])}
+        keys = {}
+        if self.security.client(Peer.WORKER) is not None:
+            keys = {"secret_key": str(self.security.secret_key_file),
+                    "worker_key": str(self.security.server_key_files[Peer.WORKER])}
+        if self.security.collective_tls is not None:
+            keys["collective_tls"] = str(self.security.collective_tls.folder)
+        return keys
 
     def assign_ranks(self) -> bool:
         """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's

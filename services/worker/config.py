@@ -40,4 +40,5 @@ class WorkerConfig:
     max_batch_size: int = MAX_BATCH_SIZE
     max_batch_delay: float = MAX_BATCH_DELAY_S
     security: Security = PLAINTEXT
-    """CURVE on the link to the broker and on the agents' sockets (zmserve/security.py)."""
+    """CURVE on the link to the broker and on the agents' sockets, and MindSpore's TLS in the stage groups
+    (zmserve/security.py)."""

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from zmserve.collective import start_scheduler
+from zmserve.collective_tls import CollectiveTls
 from zmserve.supervision import reap
 from zmserve.transport import free_port
 
@@ -21,10 +22,12 @@ class StageScheduler:
     group_size: int
     port: int = 0
     process: subprocess.Popen | None = None
+    tls: CollectiveTls | None = None
+    """MindSpore's TLS for the group (zmserve/collective_tls.py); None = plain TCP."""
 
     def start(self) -> None:
         self.port = free_port(self.host)
-        self.process = start_scheduler(self.host, self.port, self.group_size)
+        self.process = start_scheduler(self.host, self.port, self.group_size, tls=self.tls)
 
     def stop(self) -> None:
         if self.process is not None:

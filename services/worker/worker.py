@@ -112,7 +112,8 @@ class Worker:
                                      stage_input_endpoint, results_endpoint)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer)
-        self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
+        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
+                           for stage in self.membership.stages]
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
         self.broker_liveness = Liveness(config.heartbeat_interval, config.heartbeat_liveness)

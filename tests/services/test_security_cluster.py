@@ -46,6 +46,7 @@ from cluster import (
 )
 
 from zmserve.client import Client
+from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.protocol import AgentRegister, BrokerCommand, WorkerStatus, encode
 from zmserve.security import CurveClient, KeyPair, generate_key_pair, load_public_key
 from zmserve.transport import new_socket
@@ -104,6 +105,7 @@ class LoopbackCapture:
 
     def __init__(self) -> None:
         self.raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))  # ETH_P_ALL
+        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)  # other tests share the loopback
         self.raw.bind(("lo", 0))
         self.raw.settimeout(0.05)
         self.packets: list[bytes] = []
@@ -330,25 +332,37 @@ def test_a_launcher_the_worker_refuses_stops_with_the_reason(curve_matmul: Clust
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export")
 
 
-def test_a_curve_pipeline_whose_stages_hold_different_keys(tmp_path: Path) -> None:
+def test_a_fully_secured_pipeline_whose_stages_hold_different_keys(tmp_path: Path) -> None:
     """Ranks 0-1 on machine host-a, ranks 2-3 on host-b, each with its own key pair: stage 0's leader admits
-    host-b's agents on its publisher because the worker names their keys (AGENT_CONFIGURE downstream_keys)."""
+    host-b's agents on its publisher because the worker names their keys (AGENT_CONFIGURE downstream_keys). With
+    MindSpore's TLS in both stages' groups too, neither the input nor the output of a request appears on any
+    loopback packet."""
     model_files = export_mlp(tmp_path, 4, 2)
     servable_dir = write_servable(tmp_path / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
-    cluster = Cluster(tmp_path, servable_dir, "mlp", None, curve=True)
+    tls = str(generate_collective_tls(tmp_path / "collective"))
+    cluster = Cluster(tmp_path, servable_dir, "mlp", None, ["--collective-tls", tls], curve=True)
     assert cluster.keys is not None
     leader_port = free_port_range(2)  # rank 0, stage 0's leader, publishes to stage 1 on this port
-    cluster.start_agents("host_a", model_files[:2], "--rank-start", "0", "--agent-start-port", str(leader_port))
-    cluster.start_agents("host_b", model_files[2:], "--rank-start", "2", "--secret-key", cluster.keys.secret("host-b"))
+    cluster.start_agents("host_a", model_files[:2], "--rank-start", "0", "--agent-start-port", str(leader_port),
+                         "--collective-tls", tls)
+    cluster.start_agents("host_b", model_files[2:], "--rank-start", "2", "--secret-key", cluster.keys.secret("host-b"),
+                         "--collective-tls", tls)
     weights = mlp.make_weights(mlp.DEFAULT_LAYERS, mlp.DEFAULT_HIDDEN, mlp.DEFAULT_FFN)
     rng = np.random.default_rng(42)
     try:
         cluster.wait_ready({"x": np.zeros((mlp.DEFAULT_BATCH, mlp.DEFAULT_HIDDEN), np.float32)})
         with cluster.client() as client:
-            for _ in range(4):
+            for _ in range(3):
                 x = rng.standard_normal((mlp.DEFAULT_BATCH, mlp.DEFAULT_HIDDEN)).astype(np.float32)
                 y = client.infer({"x": x}, timeout=60)[0]["y"]
                 np.testing.assert_allclose(y, mlp.reference_forward(x, weights), atol=1e-5, rtol=0)
+            with contextlib.suppress(PermissionError):  # as root: watch every packet of one more request
+                capture = LoopbackCapture()
+                try:
+                    y = client.infer({"x": x}, timeout=60)[0]["y"]
+                finally:
+                    packets = capture.stop()
+                assert found(x.tobytes(), packets) == 0 and found(y.tobytes(), packets) == 0
         # the leader's publisher admits the next stage's agents only: a stranger that holds its public key is not
         stranger = KeyPair.load(generate_key_pair(tmp_path, "stranger")[1])
         sub = stranger_socket(zmq.SUB, f"tcp://127.0.0.1:{leader_port}", stranger,
