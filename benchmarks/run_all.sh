@@ -14,4 +14,5 @@ run 7_pipeline_pp2 .venv/bin/python benchmarks/pipeline_pp2.py
 run 8_minilm .venv/bin/python benchmarks/minilm.py
 run 5_vs_mindspore_serving .venv/bin/python benchmarks/peers/mindspore_serving/compare.py
 run 6_ray_serve .venv/bin/python benchmarks/peers/ray_serve/bench_ray.py
+run 10_curve_cost .venv/bin/python benchmarks/curve_cost.py --rounds 2
 echo "results in $OUT"
