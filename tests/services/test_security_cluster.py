@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
@@ -45,6 +46,7 @@ from cluster import (
     write_servable,
 )
 
+from zmserve.bench.records import OK
 from zmserve.client import Client
 from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.protocol import AgentRegister, BrokerCommand, WorkerStatus, encode
@@ -410,3 +412,16 @@ def test_a_gateway_whose_key_the_broker_refuses_answers_502_at_once(curve_matmul
     status, answer = curl(url, "/model/matmul:predict", body)
     assert status == 502 and time.monotonic() - started < 5
     assert "refused this process: the server does not know this side's public key" in answer["error_msg"]
+
+
+def test_zmserve_bench_measures_a_curve_cluster_with_keys_and_is_refused_without(curve_matmul: Cluster) -> None:
+    assert curve_matmul.keys is not None
+    command = [sys.executable, "-m", "zmserve.cli", "bench", "run", "--address", curve_matmul.client_address,
+               "--servable", "matmul", "--shape", "128x96", "--requests", "5", "--timeout", "30"]
+    keys = ["--broker-key", curve_matmul.keys.public("broker"), "--secret-key", curve_matmul.keys.secret("client")]
+    served = subprocess.run([*command, *keys], capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert [json.loads(line)["status"] for line in served.stdout.splitlines()] == [OK] * 5
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert {json.loads(line)["status"] for line in refused.stdout.splitlines()} == {"UNAUTHENTICATED"}
