@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -450,7 +451,9 @@ class Handshake:
 
     def __init__(self, socket: zmq.Socket, curve: bool) -> None:
         self.curve = curve
-        self.monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS)
+        # a name of its own: pyzmq's default names the socket's descriptor, which a new socket may reuse while the
+        # old monitor's endpoint is still being closed
+        self.monitor = socket.get_monitor_socket(HANDSHAKE_EVENTS, addr=f"inproc://zmserve-monitor-{uuid.uuid4().hex}")
         self.refusal: Refusal | None = None
         self.silent_closes = 0
 

@@ -137,5 +137,6 @@ def load_security(options: dict[str, Any], allowed: Sequence[Domain] = (), peers
                         "crosses the network in clear: give every machine --collective-tls (docs/SECURITY.md), "
                         "or keep a stage's agents on one private network")
     if security.allowed and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGHUP, lambda *_: reload_allowed_keys())
+        # a signal handler only starts the work: the reload takes a lock the interrupted code may hold
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_allowed_keys, daemon=True).start())
     return security

@@ -47,9 +47,9 @@ from cluster import (
 )
 
 from zmserve.bench.records import OK
-from zmserve.client import Client
+from zmserve.client import Client, ClientError
 from zmserve.collective_tls import generate as generate_collective_tls
-from zmserve.protocol import AgentRegister, BrokerCommand, WorkerStatus, encode
+from zmserve.protocol import AgentRegister, BrokerCommand, ErrorCode, WorkerStatus, encode
 from zmserve.security import CurveClient, KeyPair, generate_key_pair, load_public_key
 from zmserve.transport import new_socket
 
@@ -425,3 +425,17 @@ def test_zmserve_bench_measures_a_curve_cluster_with_keys_and_is_refused_without
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1
     assert {json.loads(line)["status"] for line in refused.stdout.splitlines()} == {"UNAUTHENTICATED"}
+
+
+def test_zmserve_serve_with_curve_serves(tmp_path: Path) -> None:
+    """Broker and worker in one process: one key pair and one authenticator for its client and agent sockets."""
+    cluster = start_matmul_cluster(tmp_path, 2, colocated=True, curve=True)
+    try:
+        with cluster.client() as client:
+            np.testing.assert_allclose(client.infer({"x": X}, timeout=30)[0]["y"], matmul_reference(X), atol=1e-5)
+        with Client(cluster.client_address, "matmul", "predict") as stranger, pytest.raises(ClientError) as refused:
+            stranger.infer({"x": X}, timeout=30)
+        assert refused.value.code == ErrorCode.UNAUTHENTICATED
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
