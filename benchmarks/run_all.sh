@@ -30,4 +30,5 @@ run 8_minilm .venv/bin/python benchmarks/minilm.py
 run 9_big_model .venv/bin/python benchmarks/big_model.py --duration 30   # ~25 min, ~9 GB of RAM at the peak, 13 GB of exports
 run 5_vs_mindspore_serving .venv/bin/python benchmarks/peers/mindspore_serving/compare.py
 run 6_ray_serve .venv/bin/python benchmarks/peers/ray_serve/bench_ray.py
+run 10_curve_cost .venv/bin/python benchmarks/curve_cost.py --rounds 2
 echo "results in $OUT"

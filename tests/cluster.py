@@ -122,6 +122,25 @@ def wait_for(condition, timeout: float, interval: float = 0.05, what: str = "con
         time.sleep(interval)
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (Linux /proc: its socket inodes in the LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def log_events(path: Path, event: str) -> list[dict]:
     """The structured log lines of `event` in a JSON-lines log file."""
     import json
@@ -138,12 +157,12 @@ def log_events(path: Path, event: str) -> list[dict]:
     return events
 
 
-def start_matmul_cluster(workdir: Path, rank_size: int, colocated: bool = False) -> Cluster:
+def start_matmul_cluster(workdir: Path, rank_size: int, colocated: bool = False, curve: bool = False) -> Cluster:
     """Export a rank_size MatMul, start a cluster for it and wait until it serves (stopped again on failure)."""
     model_files = export_matmul(workdir, rank_size)
     servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=rank_size,
                                                                                         stage_size=1))
-    cluster = Cluster(workdir, servable_dir, "matmul", model_files, colocated=colocated)
+    cluster = Cluster(workdir, servable_dir, "matmul", model_files, colocated=colocated, curve=curve)
     try:
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
     except BaseException:

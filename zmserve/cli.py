@@ -37,6 +37,8 @@ from zmserve.protocol import (
     endpoint_host_port,
     normalize_address,
 )
+from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
+from zmserve.security_cli import curve_options, keys, load_security
 from zmserve.supervision import handle_stop_signals
 
 log = get_logger("cli")
@@ -62,17 +64,25 @@ def metrics_option(default: str) -> Callable[[Callable[..., None]], Callable[...
                              "'off' records none.")
 
 
-@contextlib.contextmanager
-def metrics_endpoint(bind: str, roles: list[str]) -> Iterator[bool]:
-    """Serve the metrics of `roles` ("broker", "worker", "gateway") while the command runs; yields whether the
-    service should record them. A default port that is taken (a second worker on this machine) is a warning and
-    no metrics; a port the user chose that is taken is an error."""
+def records_metrics(bind: str) -> bool:
+    """Whether the service records metrics: unless `--metrics-bind off` (an invalid value is a usage error)."""
     from zmserve import metrics
 
     try:
-        address = metrics.parse_bind(bind)
+        return metrics.parse_bind(bind) is not None
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--metrics-bind") from None
+
+
+@contextlib.contextmanager
+def metrics_endpoint(bind: str, roles: list[str]) -> Iterator[bool]:
+    """Serve the metrics of `roles` ("broker", "worker", "gateway") while the command runs. Opened after the
+    service has bound its own sockets, so a service that cannot start says only why. A default port that is taken
+    (a second worker on this machine) is a warning and no endpoint (the service still records: a few µs per
+    request); a port the user chose that is taken is an error. Yields whether the endpoint serves."""
+    from zmserve import metrics
+
+    address = metrics.parse_bind(bind)
     if address is None:
         yield False
         return
@@ -126,8 +136,9 @@ MAX_REQUEST_HELP = "Largest request taken, in MiB (all its frames); a larger one
 @click.option("--max-request-mb", default=MAX_REQUEST_BYTES // 2**20, show_default=True,
               type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
 @metrics_option(DEFAULT_BROKER_METRICS_BIND)
+@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS])
 def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_request_mb: int,
-           metrics_bind: str) -> None:
+           metrics_bind: str, **curve: Any) -> None:
     """Route client requests to the workers serving them.
 
     Ready when it logs `broker_started`; workers then register on --worker-bind.
@@ -135,12 +146,19 @@ def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_re
     from services.broker.broker import Broker
     from zmserve.transport import BindError
 
-    with metrics_endpoint(metrics_bind, ["broker"]) as recording:
-        try:
-            service = Broker(bind, worker_bind or following_port(bind), heartbeat_interval=heartbeat_interval,
-                             max_request_bytes=max_request_mb * 2**20, metrics=recording)
-        except (BindError, ValueError) as error:
-            raise click.ClickException(str(error)) from None
+    try:
+        worker_bind = worker_bind or following_port(bind)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    security = load_security(curve, [Domain.CLIENTS, Domain.WORKERS],
+                             binds={Domain.CLIENTS: bind, Domain.WORKERS: worker_bind})
+    try:
+        service = Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
+                         max_request_bytes=max_request_mb * 2**20, metrics=records_metrics(metrics_bind),
+                         security=security)
+    except (BindError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    with metrics_endpoint(metrics_bind, ["broker"]):
         run_until_signalled(service)
 
 
@@ -215,7 +233,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
                 max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
-                metrics: bool = False) -> Any:
+                metrics: bool = False, security: Any = None) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
@@ -229,7 +247,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000, drain_timeout=drain_timeout, ready_file=ready_file,
-            metrics=metrics))
+            metrics=metrics, security=security or PLAINTEXT))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -248,6 +266,7 @@ def run_service(service: Any) -> None:
               help="The broker's worker address (its --worker-bind) to register with; the worker keeps trying "
                    "until a broker listens there.")
 @metrics_option(DEFAULT_WORKER_METRICS_BIND)
+@curve_options(allowed=[Domain.AGENTS], peers=[Peer.BROKER], collective=True)
 def worker(broker: str, metrics_bind: str, **options: Any) -> None:
     """Serve one servable: wait for its agents, then take requests from the broker.
 
@@ -255,8 +274,12 @@ def worker(broker: str, metrics_bind: str, **options: Any) -> None:
     systemd's READY=1 say the same to a supervisor. SIGTERM drains (finishes what it holds, then exits 0);
     SIGINT stops at once.
     """
-    with metrics_endpoint(metrics_bind, ["worker"]) as recording:
-        run_service(make_worker(broker, **options, metrics=recording))
+    security = load_security(options, [Domain.AGENTS], [Peer.BROKER],
+                             binds={Domain.AGENTS: options["distributed_address"]},
+                             group_host=options["distributed_address"])
+    service = make_worker(broker, **options, metrics=records_metrics(metrics_bind), security=security)
+    with metrics_endpoint(metrics_bind, ["worker"]):
+        run_service(service)
 
 
 @main.command()
@@ -269,24 +292,30 @@ def worker(broker: str, metrics_bind: str, **options: Any) -> None:
               type=click.IntRange(min=1), help=MAX_REQUEST_HELP)
 @worker_options
 @metrics_option(DEFAULT_BROKER_METRICS_BIND)
+@curve_options(allowed=[Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], collective=True)
 def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind: str, **options: Any) -> None:
     """Broker and worker in one process: one machine, one servable, the shortest path for a request.
 
-    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker`. Ready when it logs
-    `serving`. One metrics endpoint shows both the broker's and the worker's metrics.
+    Clients connect exactly as to `zmserve broker`; agents register as with `zmserve worker` (with CURVE, they
+    hold this process's public key as the worker's). Ready when it logs `serving`. One metrics endpoint shows
+    both the broker's and the worker's metrics.
     """
     from services.broker.broker import Broker
     from services.colocated import Colocated
     from zmserve.transport import BindError
 
-    with metrics_endpoint(metrics_bind, ["broker", "worker"]) as recording:
-        worker_service = make_worker(None, **options, metrics=recording)
-        try:
-            broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
-                                    max_request_bytes=max_request_mb * 2**20, metrics=recording)
-        except (BindError, ValueError) as error:
-            worker_service.close_sockets()
-            raise click.ClickException(str(error)) from None
+    security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds={
+        Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]},
+        group_host=options["distributed_address"])
+    recording = records_metrics(metrics_bind)
+    worker_service = make_worker(None, **options, metrics=recording, security=security)
+    try:
+        broker_service = Broker(bind, worker_bind, heartbeat_interval=options["heartbeat_interval"],
+                                max_request_bytes=max_request_mb * 2**20, metrics=recording, security=security)
+    except (BindError, ValueError) as error:
+        worker_service.close_sockets()
+        raise click.ClickException(str(error)) from None
+    with metrics_endpoint(metrics_bind, ["broker", "worker"]):
         run_service(Colocated(broker_service, worker_service))
 
 
@@ -333,9 +362,10 @@ def _memory_size(_context: click.Context, _param: click.Parameter, value: str | 
 @click.option("--standby/--no-standby", default=True, show_default=True,
               help="Keep one idle process per agent with MindSpore imported, so a restart skips the import "
                    "(about 160 MiB of memory each).")
+@curve_options(peers=[Peer.WORKER], collective=True)
 def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[str, ...],
           agent_start_port: int, agent_ip: str | None, rank_start: int | None,
-          heartbeat_interval: float, pin_cpus: bool, memory_limit: int | None, standby: bool) -> None:
+          heartbeat_interval: float, pin_cpus: bool, memory_limit: int | None, standby: bool, **curve: Any) -> None:
     """Start and supervise one agent process per model file on this machine.
 
     An agent that exits is started again; when the worker refuses a shard for good (it does not fit the
@@ -343,10 +373,15 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     """
     from services.agent.launcher import AgentLauncher, LauncherError
 
+    # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
+    group_host = next((a for a in (agent_ip, worker) if a and not is_loopback(a)), "127.0.0.1")
+    security = load_security(curve, peers=[Peer.WORKER], group_host=group_host)
+    if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip
+        security.warn_plaintext({Domain.DOWNSTREAM: agent_ip})
     try:
         launcher = AgentLauncher(worker, _split(model_files), _split(group_config_files) or None,
                                  agent_start_port, agent_ip, rank_start, heartbeat_interval, pin_cpus, memory_limit,
-                                 standby)
+                                 standby, security=security)
         run_until_signalled(launcher)
     except LauncherError as error:
         raise click.ClickException(str(error)) from None
@@ -364,21 +399,37 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
               help="a body not complete this many seconds after its headers is answered 408")
 @click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_S, show_default=True,
               type=click.FloatRange(min=0.1), help="idle keep-alive connections are closed after this long")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False),
+              help="Serve HTTPS with this certificate (PEM, with its chain); needs --keyfile.")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="The private key of --certfile (PEM).")
+@click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Every request must carry 'Authorization: Bearer <the token in this file>' (else 401).")
 @metrics_option(DEFAULT_GATEWAY_METRICS_BIND)
+@curve_options(peers=[Peer.BROKER])
 def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, body_timeout: float,
-            keep_alive_timeout: float, metrics_bind: str) -> None:
+            keep_alive_timeout: float, certfile: str | None, keyfile: str | None, auth_token_file: str | None,
+            metrics_bind: str, **curve: Any) -> None:
     """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...), the Open Inference Protocol (/v2/...) and a
     live status page (/)."""
+    import ssl
+
     from services.gateway.app import Gateway
+    from services.gateway.auth import http_security
     from services.gateway.config import GatewayConfig
 
-    with metrics_endpoint(metrics_bind, ["gateway"]) as recording:
-        config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout,
-                               keep_alive_timeout, metrics=recording)
-        try:
-            service = Gateway(config)
-        except (OSError, ValueError) as error:
-            raise click.ClickException(f"cannot listen on {bind}: {error}") from None
+    security = load_security(curve, peers=[Peer.BROKER])
+    try:
+        tls, token = http_security(bind, certfile, keyfile, auth_token_file)
+    except (OSError, ValueError, ssl.SSLError) as error:
+        raise click.ClickException(str(error)) from None
+    config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout,
+                           metrics=records_metrics(metrics_bind), tls=tls, auth_token=token,
+                           broker_curve=security.client(Peer.BROKER))
+    try:
+        service = Gateway(config)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"cannot listen on {bind}: {error}") from None
+    with metrics_endpoint(metrics_bind, ["gateway"]):
         run_until_signalled(service)
 
 
@@ -418,6 +469,7 @@ def name_environment_variables(command: click.Command, prefix: str = "ZMSERVE") 
 from zmserve.bench.cli import bench  # noqa: E402
 
 main.add_command(bench)
+main.add_command(keys)
 name_environment_variables(main)
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Every request carries its timeout; the broker and the worker enforce it, and the
 deadline itself, so a dead broker still yields DEADLINE_EXCEEDED instead of a hang. Anything that goes wrong
 inside the client (a bad address, a failed IO thread, a closed client) is a `ClientError` or a `ValueError`
 at once, never a call that waits forever.
+
+With `server_public_key` and `secret_key` the link to the broker runs CURVE (docs/SECURITY.md). Each DEALER's
+monitor is polled next to it, so a broker that refuses the handshake (an unknown key, a wrong server key, keys
+on one side only) ends the call at once with UNAUTHENTICATED instead of at the deadline; the refused socket is
+dropped, so the next call tries a fresh connection.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import re
 import threading
 import time
@@ -29,6 +35,7 @@ import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, Retry, ServingError, decode, encode
+from zmserve.security import CurveClient, Handshake, KeyPair, Refusal, client_curve, send_unless_refused
 from zmserve.transport import new_socket, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -68,19 +75,27 @@ class Client:
     `retry`: when the broker may send a request to another replica if the worker holding it is lost: "never",
     "before_model" (only if that replica's model never saw it) or "until_result" (also if its model may have run it
     but the result was lost with the worker); None (the default) takes the servable's choice
-    (`declare_servable(retry_on_replica_loss=...)`, by default "before_model"). PROTOCOL.md §4.10."""
+    (`declare_servable(retry_on_replica_loss=...)`, by default "before_model"). PROTOCOL.md §4.10.
+
+
+    CURVE: `server_public_key` is the broker's public key (its .key file's path, or the 40-character key as
+    bytes) and `secret_key` this client's key pair (its .key_secret file's path, or a `KeyPair`); both or
+    neither."""
 
     io_thread_class: type[IOThread]
 
     def __init__(self, address: str, servable: str, method: str, version: int = 0,
-                 context: zmq.Context | None = None, retry: str | None = None) -> None:
+                 context: zmq.Context | None = None, retry: str | None = None, *,
+                 server_public_key: str | os.PathLike | bytes | None = None,
+                 secret_key: str | os.PathLike | KeyPair | None = None) -> None:
         self.address = broker_endpoint(address)
         self.servable, self.method, self.version = servable, method, version
         self.retry = Retry(retry) if retry is not None else None
+        self._curve = client_curve(server_public_key, secret_key)
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._sockets: list[zmq.Socket] = []
+        self._links: list[_Link] = []
         self._per_thread = threading.local()
         self._io: IOThread | None = None
         self._closed = False
@@ -89,38 +104,59 @@ class Client:
     def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> list[Instance]:
         """Run the method on one instance (a dict) or a list of them; returns one dict per instance."""
         request_id, frames, deadline = self._request(instances, timeout)
-        sock = self._thread_socket()
-        send_frames(sock, frames)
+        link = self._thread_link()
+        try:
+            refusal = send_unless_refused(link.socket, frames, link.handshake, deadline)
+        except TimeoutError:
+            raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout)) from None
+        if refusal is not None:
+            self._drop(link)
+            raise ClientError(ErrorCode.UNAUTHENTICATED, refused(self.address, refusal))
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if not self._wait(link, deadline):
                     raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
-                if not sock.poll(math.ceil(remaining * 1000)):  # rounded up: never give up before the deadline
-                    continue
-                outcome = read_answer(recv_frames(sock), request_id)
+                outcome = read_answer(recv_frames(link.socket), request_id)
                 if outcome is not None:  # anything else answers an earlier request that this thread gave up on
                     break
         except ClientError:
             raise
         except BaseException:  # e.g. KeyboardInterrupt: nobody waits for this answer any more
             with contextlib.suppress(zmq.ZMQError):
-                sock.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
+                link.socket.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
             raise
         return outcome.result()
 
-    def _thread_socket(self) -> zmq.Socket:
-        sock = getattr(self._per_thread, "socket", None)
-        if sock is None:
-            sock = new_socket(self._context, zmq.DEALER)
-            sock.connect(self.address)
+    def _wait(self, link: _Link, deadline: float) -> bool:
+        """Until the socket holds an answer (True) or the deadline passes (False). A refused handshake raises
+        UNAUTHENTICATED and drops this thread's link."""
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready = dict(link.poller.poll(math.ceil(remaining * 1000)))
+            if link.socket in ready:
+                return True
+            if link.handshake.monitor in ready and (refusal := link.handshake.read()) is not None:
+                self._drop(link)
+                raise ClientError(ErrorCode.UNAUTHENTICATED, refused(self.address, refusal))
+        return False
+
+    def _thread_link(self) -> _Link:
+        link = getattr(self._per_thread, "link", None)
+        if link is None:
+            link = _Link.open(self._context, self.address, self._curve)
             with self._lock:
                 if self._closed:
-                    sock.close()
+                    link.close()
                     raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
-                self._sockets.append(sock)
-            self._per_thread.socket = sock
-        return sock
+                self._links.append(link)
+            self._per_thread.link = link
+        return link
+
+    def _drop(self, link: _Link) -> None:
+        self._per_thread.link = None
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        link.close()
 
     # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
     def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
@@ -130,8 +166,8 @@ class Client:
         try:
             request_id, frames, deadline = self._request(instances, timeout)
             with self._lock:
-                if self._io is None:
-                    self._io = self.io_thread_class(self._context, self.address)
+                if self._io is None or self._io.refused:  # a refused connection is not retried: start afresh
+                    self._io = self.io_thread_class(self._context, self.address, self._curve)
                 io = self._io
             io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
         except (ClientError, ValueError) as error:
@@ -165,17 +201,53 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-            sockets, self._sockets, io = self._sockets, [], self._io
+            links, self._links, io = self._links, [], self._io
         if io is not None:
             io.close()
-        for sock in sockets:
-            sock.close()
+        for link in links:
+            link.close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(eq=False)
+class _Link:
+    """One DEALER to the broker, its handshake monitor, and a poller over both (made once, reused per call)."""
+
+    socket: zmq.Socket
+    handshake: Handshake
+    poller: zmq.Poller
+
+    @classmethod
+    def open(cls, context: zmq.Context, address: str, curve: CurveClient | None) -> _Link:
+        socket = new_socket(context, zmq.DEALER, curve=curve)
+        handshake = Handshake(socket, curve is not None)
+        socket.connect(address)
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(handshake.monitor, zmq.POLLIN)
+        return cls(socket, handshake, poller)
+
+    def close(self, linger: int = 0) -> None:
+        self.handshake.close(self.socket)
+        self.socket.close(linger=linger)
+
+
+REFUSAL_HINTS = {
+    Refusal.UNKNOWN_KEY: "add this client's public key (.key) to the broker's --client-keys folder",
+    Refusal.NEEDS_CURVE: "pass server_public_key= (the broker's .key) and secret_key= (this client's .key_secret)",
+    Refusal.NO_CURVE: "the broker runs without CURVE: create the Client without keys, or turn CURVE on there",
+    Refusal.WRONG_SERVER_KEY: "server_public_key must be the broker's public key (the .key of its --secret-key)",
+    Refusal.PROTOCOL: "check that both sides run zmserve's CURVE settings (docs/SECURITY.md)",
+}
+
+
+def refused(address: str, refusal: Refusal) -> str:
+    return f"the broker at {address} refused the connection: {refusal.value} ({REFUSAL_HINTS[refusal]})"
 
 
 class _Outcome:
@@ -227,12 +299,14 @@ class IOThread(threading.Thread):
     """Owns the async path's DEALER: sends what `submit` queues, resolves futures by id, expires deadlines. If
     it fails, every pending and later future fails with UNAVAILABLE naming the cause."""
 
-    def __init__(self, context: zmq.Context, address: str) -> None:
+    def __init__(self, context: zmq.Context, address: str, curve: CurveClient | None = None) -> None:
         super().__init__(name="zmserve-client", daemon=True)
-        self.context, self.address = context, address
+        self.context, self.address, self.curve = context, address, curve
         self.lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
-        self.failure: str | None = None
+        self.failure: ClientError | None = None
+        self.refused = False
+        """The broker refused the handshake: this thread fails every request; the client starts a new one."""
         pipe = f"inproc://zmserve-client-{uuid.uuid4().hex}"
         self.inbound = new_socket(context, zmq.PAIR)
         self.inbound.bind(pipe)
@@ -243,8 +317,10 @@ class IOThread(threading.Thread):
 
     def submit(self, request_id: int, pending: _Pending, frames: list[Any]) -> None:
         with self.lock:
-            if self.failure is not None or self.closing.is_set():
-                raise ClientError(ErrorCode.UNAVAILABLE, self.failure or "the client is closed")
+            if self.failure is not None:
+                raise ClientError(self.failure.code, self.failure.message)
+            if self.closing.is_set():
+                raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
             self.pending[request_id] = pending
             send_frames(self.outbound, frames)
 
@@ -264,30 +340,36 @@ class IOThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            broker = new_socket(self.context, zmq.DEALER)
+            link = _Link.open(self.context, self.address, self.curve)
             linger = 0
             try:
-                broker.connect(self.address)
-                self.serve(broker)
-                linger = self.cancel_pending(broker)
+                self.serve(link)
+                linger = self.cancel_pending(link.socket)
             finally:
-                broker.close(linger=linger)
+                link.close(linger=linger)
+        except _Refused as refusal:
+            self.refused = True
+            self.fail_all(ClientError(ErrorCode.UNAUTHENTICATED, refused(self.address, refusal.refusal)))
         except Exception as exc:  # the promise is one answer per request, so a crash must answer them all
-            self.fail_all(f"the client's IO thread failed: {type(exc).__name__}: {exc}")
+            self.fail_all(ClientError(ErrorCode.UNAVAILABLE,
+                                      f"the client's IO thread failed: {type(exc).__name__}: {exc}"))
         else:
-            self.fail_all("the client was closed")
+            self.fail_all(ClientError(ErrorCode.UNAVAILABLE, "the client was closed"))
         finally:
             self.inbound.close()
 
-    def serve(self, broker: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(broker, zmq.POLLIN)
+    def serve(self, link: _Link) -> None:
+        broker, poller = link.socket, link.poller
         poller.register(self.inbound, zmq.POLLIN)
         while not self.closing.is_set():
             events = dict(poller.poll(timeout=self.poll_timeout_ms()))
+            if link.handshake.monitor in events and (refusal := link.handshake.read()) is not None:
+                raise _Refused(refusal)
             if self.inbound in events:
                 while self.inbound.poll(0):
-                    send_frames(broker, recv_frames(self.inbound))
+                    frames = recv_frames(self.inbound)
+                    if (refusal := send_unless_refused(broker, frames, link.handshake)) is not None:
+                        raise _Refused(refusal)
             if broker in events:
                 while broker.poll(0):
                     self.resolve(recv_frames(broker))
@@ -335,13 +417,19 @@ class IOThread(threading.Thread):
             if not pending.future.done():
                 pending.future.set_exception(ClientError(ErrorCode.DEADLINE_EXCEEDED, pending.no_reply))
 
-    def fail_all(self, why: str) -> None:
+    def fail_all(self, failure: ClientError) -> None:
         with self.lock:
-            self.failure = self.failure or why
+            self.failure = self.failure or failure
             pending, self.pending = self.pending, {}
         for entry in pending.values():
             if not entry.future.done():
-                entry.future.set_exception(ClientError(ErrorCode.UNAVAILABLE, why))
+                entry.future.set_exception(ClientError(failure.code, failure.message))
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.value)
+        self.refusal = refusal
 
 
 Client.io_thread_class = IOThread

@@ -20,13 +20,16 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from zmserve.protocol import TensorSpec
 from zmserve.standby import STANDBY_FLAG, activate, wait_for_activation
 from zmserve.supervision import die_with_parent
+
+if TYPE_CHECKING:
+    from zmserve.collective_tls import CollectiveTls
 
 SCHEDULER_ROLE = "MS_SCHED"
 MEMBER_ROLE = "MS_WORKER"
@@ -49,12 +52,18 @@ def group_environment(role: str, scheduler_host: str, scheduler_port: int, group
     return env
 
 
-def start_scheduler(host: str, port: int, group_size: int, **popen_kwargs: Any) -> subprocess.Popen:
-    """A scheduler process for a group of `group_size` on host:port; it dies with this process. `popen_kwargs`
-    go to Popen (an `env` given there is the base the group variables are added to; stdout defaults to
-    /dev/null)."""
+def start_scheduler(host: str, port: int, group_size: int, tls: CollectiveTls | None = None,
+                    **popen_kwargs: Any) -> subprocess.Popen:
+    """A scheduler process for a group of `group_size` on host:port; it dies with this process. With `tls` the
+    group runs MindSpore's TLS (zmserve/collective_tls.py). `popen_kwargs` go to Popen (an `env` given there is
+    the base the group variables are added to; stdout defaults to /dev/null)."""
+    from zmserve.collective_tls import ENVIRONMENT
+
     base = popen_kwargs.pop("env", None)
     env = {**(os.environ if base is None else base), **group_environment(SCHEDULER_ROLE, host, port, group_size)}
+    env.pop(ENVIRONMENT, None)
+    if tls is not None:
+        env[ENVIRONMENT] = str(tls.folder)
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
     popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
     return subprocess.Popen([sys.executable, "-m", "zmserve.collective"], env=env, preexec_fn=die_with_parent,
@@ -69,9 +78,16 @@ def start_standby_scheduler(**popen_kwargs: Any) -> subprocess.Popen:
                             preexec_fn=die_with_parent, **popen_kwargs)
 
 
-def activate_scheduler(process: subprocess.Popen, host: str, port: int, group_size: int) -> bool:
-    """Make a standby scheduler the scheduler of a group of `group_size` on host:port; False if it is gone."""
-    return activate(process, json.dumps(group_environment(SCHEDULER_ROLE, host, port, group_size)))
+def activate_scheduler(process: subprocess.Popen, host: str, port: int, group_size: int,
+                       tls: CollectiveTls | None = None) -> bool:
+    """Make a standby scheduler the scheduler of a group of `group_size` on host:port (with `tls`, over
+    MindSpore's TLS); False if it is gone."""
+    from zmserve.collective_tls import ENVIRONMENT
+
+    environment = group_environment(SCHEDULER_ROLE, host, port, group_size)
+    if tls is not None:
+        environment[ENVIRONMENT] = str(tls.folder)
+    return activate(process, json.dumps(environment))
 
 
 @functools.cache
@@ -85,11 +101,15 @@ def import_mindspore() -> Any:
     return ms
 
 
-def join_group(scheduler_host: str, scheduler_port: int, group_size: int, node_id: int) -> None:
+def join_group(scheduler_host: str, scheduler_port: int, group_size: int, node_id: int,
+               tls: CollectiveTls | None = None) -> None:
     """Become member `node_id` of the group around scheduler_host:scheduler_port; blocks until the group is
-    whole (MindSpore holds the GIL meanwhile: a caller that needs a deadline sets one outside Python)."""
+    whole (MindSpore holds the GIL meanwhile: a caller that needs a deadline sets one outside Python). With `tls`,
+    over MindSpore's TLS, as the group's scheduler must be."""
     os.environ.update(group_environment(MEMBER_ROLE, scheduler_host, scheduler_port, group_size, node_id))
     import_mindspore()
+    if tls is not None:
+        tls.apply()
     from mindspore.communication import init
 
     init()
@@ -162,15 +182,19 @@ def run_compiled(phase: str, tensors: list[Any]) -> Any:
 
 
 def run_scheduler(argv: list[str]) -> None:
-    """A scheduler process: the group's MS_* environment was set by the parent (start_scheduler), or comes on
-    stdin once MindSpore is imported (start_standby_scheduler)."""
+    """A scheduler process: the group's MS_* environment (and the TLS folder) was set by the parent
+    (start_scheduler), or comes on stdin once MindSpore is imported (start_standby_scheduler)."""
     from mindspore.communication import init  # the slow part: MindSpore's import
+
+    from zmserve.collective_tls import from_environment
 
     if argv[:1] == [STANDBY_FLAG]:
         line = wait_for_activation()
         if line is None:
             return
         os.environ.update(json.loads(line))
+    if (scheduler_tls := from_environment()) is not None:
+        scheduler_tls.apply()
     init()
 
 

@@ -5,18 +5,51 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zmserve.client import Client, ClientError
 from zmserve.protocol import ErrorCode
+from zmserve.security import generate_key_pair
 from zmserve.supervision import reap
 from zmserve.transport import free_port, free_port_range
 
 READY_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class ClusterKeys:
+    """docs/SECURITY.md's key layout in one folder: a pair per role (and per agent machine: host-a, host-b), and
+    one folder of allowed public keys per kind of peer (clients/, workers/, agents/)."""
+
+    root: Path
+    ROLES = ("broker", "worker", "client", "gateway", "host-a", "host-b")
+    ALLOWED = {"clients": ("client", "gateway"), "workers": ("worker",), "agents": ("host-a", "host-b")}
+
+    @classmethod
+    def generate(cls, root: Path) -> ClusterKeys:
+        for name in cls.ROLES:
+            generate_key_pair(root, name)
+        for folder, names in cls.ALLOWED.items():
+            (root / folder).mkdir()
+            for name in names:
+                shutil.copy(root / f"{name}.key", root / folder)
+        return cls(root)
+
+    def secret(self, name: str) -> str:
+        return str(self.root / f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return str(self.root / f"{name}.key")
+
+    def allowed(self, folder: str) -> str:
+        return str(self.root / folder)
 
 
 class LocalCluster:
@@ -27,12 +60,16 @@ class LocalCluster:
     `colocated=True` runs `zmserve serve` (broker and worker in one process) instead of `zmserve broker` +
     `zmserve worker`; its process and log are then both `worker` and `broker`.
 
-    Every broker, worker and gateway serves Prometheus metrics on a free port: `metrics[name]` is its URL."""
+    Every broker, worker and gateway serves Prometheus metrics on a free port: `metrics[name]` is its URL.
+    `curve=True` runs every link with CURVE and `--require-curve` (keys in `workdir/keys`, `ClusterKeys`); the
+    agents of `start_agents` are machine host-a unless `--secret-key` names another pair."""
 
     def __init__(self, workdir: Path, servable_dir: Path | None, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
-                 extra_broker_args: list[str] | None = None, colocated: bool = False) -> None:
+                 extra_broker_args: list[str] | None = None, colocated: bool = False, curve: bool = False) -> None:
         self.workdir = workdir
+        self.keys = ClusterKeys.generate(workdir / "keys") if curve else None
+        self.colocated = colocated
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
         self.worker_address = f"tcp://127.0.0.1:{free_port()}"
         self.distributed_address = f"127.0.0.1:{free_port()}"
@@ -44,18 +81,19 @@ class LocalCluster:
         """The processes that are workers (stopped after the launchers, before the broker)."""
         if servable_dir is None:
             self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
-                                  *(extra_broker_args or [])])
+                                  *self.curve_args("broker"), *(extra_broker_args or [])])
             return
         worker_args = ["--servable-dir", str(servable_dir), "--servable", servable,
                        "--distributed-address", self.distributed_address, *(extra_worker_args or [])]
         if colocated:
-            self.start("worker", ["serve", "--bind", self.client_address, *(extra_broker_args or []), *worker_args])
+            self.start("worker", ["serve", "--bind", self.client_address, *self.curve_args("serve"),
+                                  *(extra_broker_args or []), *worker_args])
             self.processes["broker"], self.logs["broker"] = self.processes["worker"], self.logs["worker"]
             self.metrics["broker"] = self.metrics["worker"]
         else:
             self.start("broker", ["broker", "--bind", self.client_address, "--worker-bind", self.worker_address,
-                                  *(extra_broker_args or [])])
-            self.start("worker", ["worker", *worker_args, "--broker", self.worker_address])
+                                  *self.curve_args("broker"), *(extra_broker_args or [])])
+            self.start("worker", ["worker", *worker_args, "--broker", self.worker_address, *self.curve_args("worker")])
         if model_files is not None:
             self.start_agents("agents", model_files, *(extra_agent_args or []))
 
@@ -73,7 +111,25 @@ class LocalCluster:
         cluster's worker or the one at `worker` (a distributed address from `start_worker`)."""
         self.start(name, ["agent", "--worker", worker or self.distributed_address,
                           "--model-files", ",".join(str(p) for p in model_files),
-                          "--agent-start-port", str(free_port_range(len(model_files))), *extra])
+                          "--agent-start-port", str(free_port_range(len(model_files))), *self.curve_args("agent"),
+                          *extra])
+
+    def curve_args(self, command: str) -> list[str]:
+        """The key options of each command of this cluster (none without `curve`)."""
+        keys = self.keys
+        if keys is None:
+            return []
+        worker = "broker" if self.colocated else "worker"  # `serve`'s one key pair is the broker's and the worker's
+        return {
+            "broker": ["--secret-key", keys.secret("broker"), "--client-keys", keys.allowed("clients"),
+                       "--worker-keys", keys.allowed("workers")],
+            "serve": ["--secret-key", keys.secret("broker"), "--client-keys", keys.allowed("clients"),
+                      "--agent-keys", keys.allowed("agents")],
+            "worker": ["--secret-key", keys.secret("worker"), "--broker-key", keys.public("broker"),
+                       "--agent-keys", keys.allowed("agents")],
+            "agent": ["--secret-key", keys.secret("host-a"), "--worker-key", keys.public(worker)],
+            "gateway": ["--secret-key", keys.secret("gateway"), "--broker-key", keys.public("broker")],
+        }[command] + ["--require-curve"]
 
     def start(self, name: str, args: list[str]) -> None:
         if args[0] in ("broker", "worker", "serve", "gateway") and "--metrics-bind" not in args:
@@ -87,18 +143,26 @@ class LocalCluster:
             stderr=log_path.open("w"), env={**os.environ, "GLOG_v": "3"},
         )
 
-    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0) -> str:
-        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers."""
+    def start_gateway(self, name: str = "gateway", *extra: str, timeout: float = 30.0, cafile: str | None = None,
+                      token: str | None = None) -> str:
+        """A `zmserve gateway` in front of this cluster's broker on a free port; its base URL once it answers.
+        With `cafile` it is asked over HTTPS (its --certfile is in `extra`), with `token` as a bearer."""
         port = free_port()
-        self.start(name, ["gateway", "--bind", f"127.0.0.1:{port}", "--broker", self.client_address, *extra])
+        self.start(name, ["gateway", "--bind", f"127.0.0.1:{port}", "--broker", self.client_address,
+                          *self.curve_args("gateway"), *extra])
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         deadline = time.monotonic() + timeout
         while True:
             self.check_alive()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            if cafile is None:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            else:
+                connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=1,
+                                                         context=ssl.create_default_context(cafile=cafile))
             try:
-                connection.request("GET", "/v2/health/live")
+                connection.request("GET", "/v2/health/live", headers=headers)
                 if connection.getresponse().status == 200:
-                    return f"http://127.0.0.1:{port}"
+                    return f"{'http' if cafile is None else 'https'}://127.0.0.1:{port}"
             except OSError:
                 pass
             finally:
@@ -108,7 +172,10 @@ class LocalCluster:
             time.sleep(0.05)
 
     def client(self, method: str = "predict", servable: str | None = None, version: int = 0) -> Client:
-        return Client(self.client_address, servable or self.servable, method, version)
+        if self.keys is None:
+            return Client(self.client_address, servable or self.servable, method, version)
+        return Client(self.client_address, servable or self.servable, method, version,
+                      server_public_key=self.keys.public("broker"), secret_key=self.keys.secret("client"))
 
     def wait_ready(self, instance: dict[str, Any], method: str = "predict",
                    timeout: float = READY_TIMEOUT_S) -> None:

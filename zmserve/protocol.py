@@ -88,6 +88,8 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
     CANCELLED = "CANCELLED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    """The server refused this side's CURVE handshake; raised by the client itself, never sent on the wire."""
 
 
 class Retry(StrEnum):
@@ -354,6 +356,11 @@ class AgentConfigure(Message, tag=MessageType.AGENT_CONFIGURE.value):
     result_address: str
     forward: Forward
     downstream_ranks: list[int] = []
+    input_key: str | None = None
+    """CURVE: the public key of the publisher at `input_address` when it is a stage leader (None: the worker's,
+    which the agent holds already, or plaintext)."""
+    downstream_keys: list[str] = []
+    """CURVE: for a "publish" leader, the public keys of the next stage's agents, the only ones its XPUB admits."""
 
 
 class AgentReady(Message, tag=MessageType.AGENT_READY.value):

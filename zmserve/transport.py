@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -24,11 +24,17 @@ from zmserve.protocol import (
     ZERO_COPY_THRESHOLD_BYTES,
 )
 
+if TYPE_CHECKING:
+    from zmserve.security import Curve
 
-def new_socket(context: zmq.Context, kind: int, **options: int | bytes) -> zmq.Socket:
+
+def new_socket(context: zmq.Context, kind: int, curve: Curve | None = None, **options: int | bytes) -> zmq.Socket:
     """A socket that closes promptly, reconnects to a lost peer with backoff (libzmq doubles the interval up to
-    the maximum), and sends big frames without copying."""
+    the maximum), and sends big frames without copying. With `curve` (zmserve/security.py) its link is encrypted
+    and authenticated; None is plaintext."""
     socket = context.socket(kind)
+    if curve is not None:
+        curve.apply(socket)
     socket.setsockopt(zmq.LINGER, LINGER_MS)
     socket.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
     socket.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)

@@ -16,6 +16,7 @@ goes to the launcher through `reason_fd`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import os
 import queue
@@ -33,6 +34,7 @@ import zmq
 from services.agent.status_pipe import report_loaded
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
+from zmserve.collective_tls import CollectiveTls
 from zmserve.export import read_group_config
 from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
@@ -61,6 +63,17 @@ from zmserve.protocol import (
     normalize_address,
     parse_subscription,
     subscription_topic,
+)
+from zmserve.security import (
+    PLAINTEXT,
+    CurveClient,
+    CurveServer,
+    Domain,
+    Handshake,
+    Peer,
+    Refusal,
+    Security,
+    send_unless_refused,
 )
 from zmserve.standby import STANDBY_FLAG, wait_for_activation
 from zmserve.supervision import die_with_parent, name_process
@@ -100,6 +113,15 @@ class AgentSettings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     reason_fd: int | None = None
     """A pipe to the launcher: why this agent was rejected for good, so the launcher can say it as its error."""
+    secret_key: str | None = None
+    """CURVE: this machine's key pair (the launcher's --secret-key file; a path, so no key is on a command line)."""
+    worker_key: str | None = None
+    """CURVE: the worker's public key file (the launcher's --worker-key)."""
+    collective_tls: str | None = None
+    """MindSpore's TLS inside the stage's group: the launcher's --collective-tls folder."""
+
+    def security(self) -> Security:
+        return Security.load(self.secret_key, servers={Peer.WORKER: self.worker_key})
 
     def to_argument(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -115,9 +137,11 @@ class ControlLink(threading.Thread):
     in a collective whose peer is gone."""
 
     def __init__(self, context: zmq.Context, worker_address: str, rank: int,
-                 heartbeat_interval: float, heartbeat_liveness: int, reason_fd: int | None = None) -> None:
+                 heartbeat_interval: float, heartbeat_liveness: int, reason_fd: int | None = None,
+                 curve: CurveClient | None = None) -> None:
         super().__init__(name=f"agent-control-{rank}", daemon=True)
         self.context = context
+        self.curve = dataclasses.replace(curve, watch=False) if curve is not None else None
         self.worker_address = worker_address
         self.rank = rank
         self.reason_fd = reason_fd
@@ -144,17 +168,21 @@ class ControlLink(threading.Thread):
     def run(self) -> None:
         structlog.contextvars.bind_contextvars(rank=self.rank)
         try:
-            self.control = new_socket(self.context, zmq.DEALER)
+            self.control = new_socket(self.context, zmq.DEALER, curve=self.curve)
+            self.handshake = Handshake(self.control, self.curve is not None)
             self.control.connect(self.worker_address)
             poller = zmq.Poller()
             poller.register(self.control, zmq.POLLIN)
             poller.register(self.from_main, zmq.POLLIN)
+            poller.register(self.handshake.monitor, zmq.POLLIN)
             while True:
                 poller.poll(timeout=100)
                 # The worker's silence is judged as of before the drain: MindSpore calls in the main thread (load,
                 # compile, joining a group) take the GIL for seconds whenever pyzmq releases it, and heartbeats
                 # that arrive meanwhile wait unread; only what had arrived by `now` counts.
                 now = time.monotonic()
+                if (refusal := self.handshake.read()) is not None:
+                    self.refused(refusal)
                 drain(self.control, self.handle_control)
                 drain(self.from_main, self.handle_main)
                 self.do_chores(now)
@@ -162,9 +190,15 @@ class ControlLink(threading.Thread):
             log.exception("agent_control_crashed")
             os._exit(EXIT_CRASHED)
 
+    def refused(self, refusal: Refusal) -> None:
+        """libzmq does not retry a refused handshake: exit, and the launcher retries after its backoff."""
+        log.error("agent_refused", worker=self.worker_address, why=refusal.value)
+        self.exit(EXIT_CRASHED)
+
     def handle_main(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        self.control.send(frames[1].bytes)
+        if (refusal := send_unless_refused(self.control, [frames[1]], self.handshake)) is not None:
+            self.refused(refusal)
         if kind == b"exit":
             self.exit(int(frames[2].bytes), last_message_sent=True)
 
@@ -214,19 +248,25 @@ class ControlLink(threading.Thread):
 class DataPlane:
     """Where this agent's calls come from and where its outputs go; used by the main thread only."""
 
-    def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str) -> None:
+    def __init__(self, context: zmq.Context, config: AgentConfigure, rank: int, publish_address: str,
+                 security: Security = PLAINTEXT) -> None:
         self.forward = config.forward
+        to_worker = security.client(Peer.WORKER)  # CURVE on every data link when the control link has it
+        from_leader = to_worker if to_worker is None or config.input_key is None else dataclasses.replace(
+            to_worker, server_key=config.input_key.encode(), link="previous stage's leader")
         # the previous stage's leader binds its XPUB only once its own group has formed, maybe seconds after this
         # connect: retry every RECONNECT_MIN_MS instead of backing off to seconds (a restart would wait for it)
-        self.inputs = new_socket(context, zmq.SUB, RCVHWM=0, RECONNECT_IVL_MAX=RECONNECT_MIN_MS)
+        self.inputs = new_socket(context, zmq.SUB, curve=from_leader, RCVHWM=0, RECONNECT_IVL_MAX=RECONNECT_MIN_MS)
         self.inputs.connect(config.input_address)
         self.inputs.setsockopt(zmq.SUBSCRIBE, MODEL_CALL_TOPIC)
         self.inputs.setsockopt(zmq.SUBSCRIBE, subscription_topic(rank))
-        self.results = new_socket(context, zmq.PUSH, SNDHWM=0)
+        self.results = new_socket(context, zmq.PUSH, curve=to_worker, SNDHWM=0)
         self.results.connect(config.result_address)
         self.downstream: zmq.Socket | None = None
         if self.forward == Forward.PUBLISH:
-            self.downstream = new_socket(context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
+            next_stage = None if to_worker is None else CurveServer(
+                to_worker.keys, Domain.DOWNSTREAM, frozenset(key.encode() for key in config.downstream_keys))
+            self.downstream = new_socket(context, zmq.XPUB, curve=next_stage, XPUB_VERBOSE=1, SNDHWM=0)
             bind(self.downstream, publish_address, f"publish socket of rank {rank} (--agent-start-port + its position)")
 
     def wait_for_downstream(self, ranks: list[int], timeout: float) -> list[int]:
@@ -258,10 +298,11 @@ class DataPlane:
 class ShardRunner:
     """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
 
-    def __init__(self, model_file: Path, signature: ModelSignature) -> None:
+    def __init__(self, model_file: Path, signature: ModelSignature, tls: CollectiveTls | None = None) -> None:
         import_mindspore()
         self.model_file = model_file
         self.signature = signature
+        self.tls = tls
         self.shard: ShardModel | None = None
 
     def join_group_and_load(self, config: AgentConfigure) -> None:
@@ -270,7 +311,7 @@ class ShardRunner:
         faulthandler.dump_traceback_later(JOIN_TIMEOUT_S, exit=True)
         try:
             started = time.monotonic()
-            join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id)
+            join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id, self.tls)
             log.debug("group_joined", seconds=round(time.monotonic() - started, 3))
             started = time.monotonic()
             self.shard = ShardModel.load(self.model_file)
@@ -311,16 +352,18 @@ def serve(settings: AgentSettings) -> int:
         report_reason(settings.reason_fd, f"its model file {model_file} does not exist")
         return EXIT_REJECTED
     shard = read_shard_info(model_file, Path(settings.group_config_file) if settings.group_config_file else None)
+    security = settings.security()
     context = zmq.Context()
     link = ControlLink(context, normalize_address(settings.worker), settings.rank, settings.heartbeat_interval,
-                       settings.heartbeat_liveness, settings.reason_fd)
+                       settings.heartbeat_liveness, settings.reason_fd, security.client(Peer.WORKER))
     link.start()
     link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
                             previous_exit=settings.previous_exit, shard=shard))
     log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
+    tls = CollectiveTls.load(settings.collective_tls) if settings.collective_tls else None
     started = time.monotonic()
-    runner = ShardRunner(model_file, shard.signature)
+    runner = ShardRunner(model_file, shard.signature, tls)
     log.debug("mindspore_imported", seconds=round(time.monotonic() - started, 3))
     config = link.inbox.get()
     log.debug("agent_configured", scheduler=f"{config.scheduler_host}:{config.scheduler_port}")
@@ -328,7 +371,7 @@ def serve(settings: AgentSettings) -> int:
     started = time.monotonic()
     try:
         runner.join_group_and_load(config)
-        data = DataPlane(context, config, settings.rank, settings.publish_address)
+        data = DataPlane(context, config, settings.rank, settings.publish_address, security)
         missing = data.wait_for_downstream(config.downstream_ranks, DOWNSTREAM_WAIT_S)
         if missing:
             raise RuntimeError(f"next-stage ranks {missing} did not subscribe within {DOWNSTREAM_WAIT_S:.0f} s")

@@ -23,6 +23,7 @@ Two things make a restart prompt:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import signal
@@ -56,6 +57,7 @@ from zmserve.protocol import (
     normalize_address,
 )
 from zmserve.ranktable import RankTable
+from zmserve.security import PLAINTEXT, Curve, Handshake, Peer, Security, send_unless_refused
 from zmserve.standby import STANDBY_FLAG, activate, retire
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
@@ -159,6 +161,7 @@ class AgentLauncher:
         pin_cpus: bool = False,
         memory_limit: int | None = None,
         standby: bool = True,
+        security: Security = PLAINTEXT,
     ) -> None:
         if not model_files:
             raise LauncherError("no model files given: one agent runs per model file")
@@ -176,6 +179,7 @@ class AgentLauncher:
         self.heartbeat_interval = heartbeat_interval
         self.pin_cpus = pin_cpus
         self.memory_limit = memory_limit
+        self.security = security
         self.standby = standby
         self.standby_failures = 0
         self.link: LauncherLink | None = None
@@ -205,7 +209,18 @@ class AgentLauncher:
             previous_exit=agent.previous_exit if restart else None,
             status_fd=status.child_fd if status is not None else None,
             heartbeat_interval=self.heartbeat_interval or HEARTBEAT_INTERVAL_S, reason_fd=reason_fd,
+            **self.agent_keys(),
         )
+
+    def agent_keys(self) -> dict[str, str]:
+        """The key files an agent reads (their paths, not the keys: the command line is visible to others)."""
+        keys = {}
+        if self.security.client(Peer.WORKER) is not None:
+            keys = {"secret_key": str(self.security.secret_key_file),
+                    "worker_key": str(self.security.server_key_files[Peer.WORKER])}
+        if self.security.collective_tls is not None:
+            keys["collective_tls"] = str(self.security.collective_tls.folder)
+        return keys
 
     def assign_ranks(self) -> bool:
         """Ranks of this machine's agents: `rank_start` + position, or this machine's entries in the worker's
@@ -243,16 +258,22 @@ class AgentLauncher:
     def ask_worker_for_rank_table(self) -> tuple[dict | None, int] | None:
         """Wait (startup order is free) until the worker answers with its rank table, or stop is requested."""
         context = zmq.Context.instance()
-        sock = new_socket(context, zmq.DEALER)
+        curve = self.security.client(Peer.WORKER)
+        sock = new_socket(context, zmq.DEALER, curve=unwatched(curve))
+        handshake = Handshake(sock, curve is not None)
         sock.connect(self.worker_address)
         waiting = HeartbeatClock(5.0)
         asked = False
         try:
             while not self.stop_requested:
-                if waiting.due():
+                refusal = handshake.read()
+                if refusal is None and waiting.due():
                     (log.info if asked else log.debug)("asking_worker_for_rank_table", worker=self.worker_address)
-                    sock.send(encode(RankTableQuery()))
+                    refusal = send_unless_refused(sock, [encode(RankTableQuery())], handshake)
                     asked = True
+                if refusal is not None:
+                    raise LauncherError(f"the worker at {self.worker_address} refused this launcher: "
+                                        f"{refusal.value} (docs/SECURITY.md)")
                 if sock.poll(100):
                     try:
                         answer = decode(sock.recv(), RankTableAnswer)
@@ -262,6 +283,7 @@ class AgentLauncher:
                     return answer.table, answer.rank_size
             return None
         finally:
+            handshake.close(sock)
             sock.close()
 
     def start(self, agent: AgentProcess) -> None:
@@ -430,7 +452,8 @@ class AgentLauncher:
             self.link = LauncherLink(zmq.Context.instance(), self.worker_address,
                                      LauncherHello(host=self.agent_ip or "127.0.0.1", pid=os.getpid(),
                                                    ranks=[a.rank for a in self.agents]),
-                                     self.heartbeat_interval or HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS)
+                                     self.heartbeat_interval or HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS,
+                                     curve=unwatched(self.security.client(Peer.WORKER)))
             while not self.stop_requested:
                 select.select([self._wakeup_read], [], [], SUPERVISE_INTERVAL_S)
                 if not self.stop_requested:
@@ -592,6 +615,11 @@ class AgentLauncher:
         for agent in agents:
             assert agent.process is not None
             self.link.send(AgentStopped(rank=agent.rank, pid=agent.process.pid, reason="its launcher is stopping"))
+
+
+def unwatched(curve: Curve | None) -> Curve | None:
+    """CURVE settings without a handshake monitor (a refusal shows in the rank-table query or the agents')."""
+    return dataclasses.replace(curve, watch=False) if curve is not None else None
 
 
 def read_all(fd: int) -> str:

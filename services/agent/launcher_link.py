@@ -26,6 +26,7 @@ from zmserve.protocol import (
     decode,
     encode,
 )
+from zmserve.security import Curve
 from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
 
 log = get_logger("launcher")
@@ -33,8 +34,8 @@ log = get_logger("launcher")
 
 class LauncherLink:
     def __init__(self, context: zmq.Context, worker_address: str, hello: LauncherHello, heartbeat_interval: float,
-                 heartbeat_liveness: int) -> None:
-        self.socket = new_socket(context, zmq.DEALER)
+                 heartbeat_liveness: int, curve: Curve | None = None) -> None:
+        self.socket = new_socket(context, zmq.DEALER, curve=curve)
         self.socket.connect(worker_address)
         self.hello = encode(hello)
         self.hello_clock = HeartbeatClock(heartbeat_interval)

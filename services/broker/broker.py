@@ -60,6 +60,7 @@ from zmserve.protocol import (
     normalize_address,
     peek_request_id,
 )
+from zmserve.security import PLAINTEXT, Domain, Security
 from zmserve.transport import (
     Delivery,
     HeartbeatClock,
@@ -165,19 +166,21 @@ class Broker:
         max_request_bytes: int = MAX_REQUEST_BYTES,
         context: zmq.Context | None = None,
         metrics: bool = False,
+        security: Security = PLAINTEXT,
     ) -> None:
         self.context = context or zmq.Context.instance()
         self.max_request_bytes = max_request_bytes
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
-        self.clients = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
+        self.clients = new_socket(self.context, zmq.ROUTER, curve=security.server(Domain.CLIENTS), ROUTER_MANDATORY=1)
         self.worker_socket: zmq.Socket | None = None
         """Workers in other processes register here; None when only an in-process worker serves."""
         self.worker_endpoint = "none"
         try:
             self.client_endpoint = bind(self.clients, normalize_address(client_address), "broker's client socket")
             if worker_address:
-                self.worker_socket = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
+                self.worker_socket = new_socket(self.context, zmq.ROUTER, curve=security.server(Domain.WORKERS),
+                                                ROUTER_MANDATORY=1)
                 self.worker_endpoint = bind(self.worker_socket, normalize_address(worker_address),
                                             "broker's worker socket")
         except BaseException:

@@ -34,6 +34,7 @@ import uvicorn
 import uvloop
 
 from services.gateway import ms_rest, oip, status_page
+from services.gateway.auth import BearerToken, client_address
 from services.gateway.broker_link import BrokerLink, Served
 from services.gateway.config import GRACEFUL_SHUTDOWN_S, METADATA_TTL_S, GatewayConfig
 from services.gateway.errors import HttpError, http_status
@@ -107,6 +108,7 @@ class GatewayApp:
         self.metrics = link.metrics
         self.default_methods: dict[tuple[str, int], tuple[float, str]] = {}
         """(servable, version) -> (when the broker said so, its first method); only answers that exist."""
+        self.token = BearerToken(config.auth_token) if config.auth_token is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,6 +116,11 @@ class GatewayApp:
         path = scope["path"]
         started = time.perf_counter()
         route = route_of(path)
+        if self.token is not None and not self.token.allows(scope["headers"]):
+            response = unauthorized(scope)
+            await respond(send, response)
+            self.metrics.http_request(route, response.status, started, len(response.body))
+            return
         caller = HangUpWatch(receive)
         try:
             try:
@@ -293,6 +300,14 @@ def route_of(path: str) -> str:
     return "other"
 
 
+def unauthorized(scope: Scope) -> Response:
+    """401 before the body is read: the request did not carry the gateway's bearer token."""
+    message = "this gateway needs 'Authorization: Bearer <token>' (its --auth-token-file)"
+    log.info("request_failed", path=scope["path"], status=401, message=message, peer=client_address(scope))
+    body = ms_rest.error_body(message) if scope["path"].startswith(ms_rest.PREFIX) else oip.error_body(message)
+    return Response(401, body, JSON, ((b"www-authenticate", b'Bearer realm="zmserve"'), (b"connection", b"close")))
+
+
 def expect(verb: str, allowed: str) -> None:
     if verb != allowed:
         raise HttpError(405, f"{verb} is not allowed here; use {allowed}", allow=allowed)
@@ -378,14 +393,17 @@ class Gateway:
         uvicorn_log = logging.getLogger("uvicorn")
         uvicorn_log.addHandler(_UvicornLog())
         uvicorn_log.propagate = False
-        link = BrokerLink(self.config.broker, metrics=self.config.metrics)
+        link = BrokerLink(self.config.broker, metrics=self.config.metrics, curve=self.config.broker_curve)
         await link.start()
+        tls = self.config.tls
         self.server = _Server(uvicorn.Config(
             GatewayApp(link, self.config), http="httptools", ws="none", lifespan="off", interface="asgi3",
             log_config=None, log_level="warning", access_log=False, server_header=False, proxy_headers=False,
-            timeout_keep_alive=self.config.keep_alive_timeout, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+            timeout_keep_alive=self.config.keep_alive_timeout, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None))
         self.server.should_exit = self.stop_requested
-        log.info("gateway_started", bind=self.address, broker=link.address)
+        log.info("gateway_started", bind=self.address, broker=link.address, https=tls is not None,
+                 token=self.config.auth_token is not None, curve=self.config.broker_curve is not None)
         try:
             await self.server.serve(sockets=[self.listener])
         finally:

@@ -21,6 +21,7 @@ are built from it. `status` asks for everything `zmserve status` shows (STATUS_Q
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from zmserve.protocol import (
     encode,
     normalize_address,
 )
+from zmserve.security import CurveClient
 from zmserve.transport import new_socket
 
 log = get_logger("gateway")
@@ -73,14 +75,28 @@ class Served:
 
 
 class BrokerLink:
-    def __init__(self, address: str, metrics: bool = False) -> None:
+    def __init__(self, address: str, metrics: bool = False, curve: CurveClient | None = None) -> None:
         self.address = normalize_address(address)
         self.metrics = GatewayMetrics(metrics, gauges=self.gauges)
         self.context = zmq.Context()
-        self.socket = new_socket(self.context, zmq.DEALER)
+        if curve is not None:  # told from the handshake log's thread when the broker refuses this gateway's key
+            curve = dataclasses.replace(curve, on_refused=self.refused_soon)
+        self.socket = new_socket(self.context, zmq.DEALER, curve=curve)
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.refusal: str | None = None
+        """Why the broker refused this gateway's CURVE handshake; libzmq does not retry, so every request fails."""
+
+    def refused_soon(self, why: str) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.refused, why)
+
+    def refused(self, why: str) -> None:
+        self.refusal = why
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ServingError(ErrorCode.UNAUTHENTICATED, why))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -143,6 +159,8 @@ class BrokerLink:
                    timeout: float) -> tuple[Reply | Metadata | Status, list]:
         """Send one message, await the answer with this id: (header, value frames), or raise its ServingError."""
         assert self.loop is not None, "start() first"
+        if self.refusal is not None:
+            raise ServingError(ErrorCode.UNAUTHENTICATED, self.refusal)
         future = self.loop.create_future()
         self.pending[request_id] = future
         try:

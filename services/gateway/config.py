@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, endpoint_host_port
+
+if TYPE_CHECKING:
+    from services.gateway.auth import TlsFiles
+    from zmserve.security import CurveClient
 
 DEFAULT_BIND = "127.0.0.1:1500"
 """MindSpore Serving's REST port: a client of it only changes the host."""
@@ -32,6 +37,12 @@ class GatewayConfig:
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_S
     metrics: bool = False
     """Record Prometheus metrics (served on `--metrics-bind` by the CLI)."""
+    tls: TlsFiles | None = None
+    """HTTPS with this certificate and key (services/gateway/auth.py); None = plain HTTP."""
+    auth_token: bytes | None = None
+    """Every request must carry `Authorization: Bearer <auth_token>`; None = no token."""
+    broker_curve: CurveClient | None = None
+    """CURVE on the link to the broker (zmserve/security.py); None = plaintext."""
 
     @property
     def host_port(self) -> tuple[str, int]:

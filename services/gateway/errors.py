@@ -13,6 +13,7 @@ HTTP_STATUS: dict[str, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,  # no answer within the request's deadline
     ErrorCode.INTERNAL: 500,  # a bug or a failure inside the servable or the model
     ErrorCode.CANCELLED: 499,  # the caller gave up (nginx's "client closed request"; nobody reads it)
+    ErrorCode.UNAUTHENTICATED: 502,  # the broker refused the gateway's own CURVE keys: the gateway is misconfigured
 }
 
 

@@ -17,6 +17,7 @@ from zmserve.protocol import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
 )
+from zmserve.security import PLAINTEXT, Security
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,6 @@ class WorkerConfig:
     """On SIGTERM: seconds to finish the requests held before stopping anyway (services/worker/drain.py)."""
     ready_file: str | Path | None = None
     """A file present while the worker serves (zmserve/readiness.py), for probes of process supervisors."""
+    security: Security = PLAINTEXT
+    """CURVE on the link to the broker and on the agents' sockets, and MindSpore's TLS in the stage groups
+    (zmserve/security.py)."""

@@ -63,6 +63,8 @@ class AgentRecord:
     signature: ModelSignature = field(default_factory=ModelSignature)
     state: AgentState = AgentState.REGISTERED
     model_file: str = ""
+    public_key: str | None = None
+    """The CURVE key its control connection authenticated with (None over plaintext)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,8 @@ class Membership:
             agent.liveness.heard(now)
         return agent
 
-    def register(self, identity: bytes, message: AgentRegister, now: float) -> list[Action]:
+    def register(self, identity: bytes, message: AgentRegister, now: float,
+                 public_key: str | None = None) -> list[Action]:
         rank = message.rank
         actions: list[Action] = []
         previous = self.agents.get(rank)
@@ -195,7 +198,7 @@ class Membership:
             return [*actions, SendToAgent(identity, AgentRejected(message=problem, retry=retry))]
         self.agents[rank] = AgentRecord(rank, identity, message.host, message.pid, message.publish_address,
                                         Liveness(self.heartbeat_interval, self.heartbeat_liveness, now),
-                                        message.shard.signature, model_file=message.model_file)
+                                        message.shard.signature, model_file=message.model_file, public_key=public_key)
         missing = self.missing()
         log.debug("agent_registered", agent_rank=rank, host=message.host, pid=message.pid,
                   registered=self.model.rank_size - len(missing), missing=missing, previous_exit=message.previous_exit)
@@ -276,13 +279,15 @@ class Membership:
                 leader = rank == stage.leader
                 forward = (Forward.RESULT if stage.index == last else Forward.PUBLISH) if leader else Forward.NONE
                 agent.state = AgentState.CONFIGURED
+                publisher = self.agents[self.stages[stage.index - 1].leader] if stage.index > 0 else None
+                downstream = list(self.stages[stage.index + 1].ranks) if forward == Forward.PUBLISH else []
                 actions.append(SendToAgent(agent.identity, AgentConfigure(
                     stage=stage.index, stage_size=len(self.stages), node_id=rank - stage.ranks[0],
                     group_size=len(stage.ranks), scheduler_host=host, scheduler_port=port,
-                    input_address=self.stage_input_address if stage.index == 0
-                    else self.agents[self.stages[stage.index - 1].leader].publish_address,
-                    result_address=self.results_address, forward=forward,
-                    downstream_ranks=list(self.stages[stage.index + 1].ranks) if forward == Forward.PUBLISH else [],
+                    input_address=self.stage_input_address if publisher is None else publisher.publish_address,
+                    result_address=self.results_address, forward=forward, downstream_ranks=downstream,
+                    input_key=publisher.public_key if publisher is not None else None,
+                    downstream_keys=sorted({key for r in downstream if (key := self.agents[r].public_key)}),
                 )))
         log.debug("forming_groups", stages=len(self.stages), schedulers=[f"{h}:{p}" for h, p in self.schedulers])
         return actions

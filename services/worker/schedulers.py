@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 
 from zmserve.collective import activate_scheduler, start_scheduler, start_standby_scheduler
+from zmserve.collective_tls import CollectiveTls
 from zmserve.logs import get_logger
 from zmserve.standby import retire
 from zmserve.supervision import reap
@@ -29,17 +30,19 @@ class StageScheduler:
     port: int = 0
     process: subprocess.Popen | None = None
     standby: subprocess.Popen | None = None
+    tls: CollectiveTls | None = None
+    """MindSpore's TLS for the group (zmserve/collective_tls.py); None = plain TCP."""
 
     def start(self) -> None:
         self.port = free_port(self.host)
         standby, self.standby = self.standby, None
-        if standby is not None and activate_scheduler(standby, self.host, self.port, self.group_size):
+        if standby is not None and activate_scheduler(standby, self.host, self.port, self.group_size, self.tls):
             self.process = standby
             log.debug("standby_scheduler_used", port=self.port, pid=standby.pid)
             return
         if standby is not None:
             reap(standby, timeout=1.0)
-        self.process = start_scheduler(self.host, self.port, self.group_size)
+        self.process = start_scheduler(self.host, self.port, self.group_size, tls=self.tls)
 
     def keep_standby(self) -> None:
         """Have a standby ready for the next restart (called once the servable serves: its import then competes

@@ -88,6 +88,7 @@ from zmserve.protocol import (
 )
 from zmserve.ranktable import RankTable
 from zmserve.readiness import Readiness
+from zmserve.security import Domain, Peer, curve_user
 from zmserve.servable import ServableSpec, load_servable, method_signatures
 from zmserve.transport import (
     Delivery,
@@ -145,11 +146,12 @@ class Worker:
         """The DEALER to a broker in another process; None while a broker in this process is attached."""
         self.in_process_broker: InProcessBroker | None = None
         if config.broker_address:
-            self.broker = new_socket(self.context, zmq.DEALER)
+            self.broker = new_socket(self.context, zmq.DEALER, curve=config.security.client(Peer.BROKER))
             self.broker.connect(self.broker_address)
-        self.agents = new_socket(self.context, zmq.ROUTER, ROUTER_MANDATORY=1)
-        self.stage_input = new_socket(self.context, zmq.XPUB, XPUB_VERBOSE=1, SNDHWM=0)
-        self.results = new_socket(self.context, zmq.PULL, RCVHWM=0)
+        agents = config.security.server(Domain.AGENTS)
+        self.agents = new_socket(self.context, zmq.ROUTER, curve=agents, ROUTER_MANDATORY=1)
+        self.stage_input = new_socket(self.context, zmq.XPUB, curve=agents, XPUB_VERBOSE=1, SNDHWM=0)
+        self.results = new_socket(self.context, zmq.PULL, curve=agents, RCVHWM=0)
         try:
             bind(self.agents, normalize_address(config.distributed_address), "worker's distributed address")
             stage_input_endpoint = bind(self.stage_input, data_endpoint(host, "stage0"), "worker's stage-0 publisher")
@@ -166,7 +168,8 @@ class Worker:
         self.history = AgentHistory(self.metrics)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer, metrics=self.metrics)
-        self.schedulers = [StageScheduler(host, len(stage.ranks)) for stage in self.membership.stages]
+        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
+                           for stage in self.membership.stages]
         self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
         self.signatures: dict[str, MethodSignature] = {}
         """Each method's inputs and outputs as clients see them, once the agents said what the model takes."""
@@ -243,7 +246,7 @@ class Worker:
             if (other := foreign_version(message.model_file, self.spec.name, self.config.version_number)) is not None:
                 self.reject_other_version(identity, message, other)
                 return
-            self.carry_out(self.membership.register(identity, message, now))
+            self.carry_out(self.membership.register(identity, message, now, public_key=curve_user(frames[1])))
             self.history.registered(self.membership, identity, message)
         elif isinstance(message, RankTableQuery):
             table = self.rank_table.to_document() if self.rank_table is not None else None

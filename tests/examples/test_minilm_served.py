@@ -37,9 +37,11 @@ def reference_embeddings() -> np.ndarray:
     return embed_texts(TEXTS)
 
 
-@pytest.mark.parametrize(("rank_size", "stage_size"), [(1, 1), (2, 1), (2, 2), (4, 2)])
+@pytest.mark.parametrize(("rank_size", "stage_size", "curve"),
+                         [(1, 1, False), (2, 1, False), (2, 2, False), (4, 2, False), (2, 2, True)])
 def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.ndarray, rank_size: int,
-                                       stage_size: int) -> None:
+                                       stage_size: int, curve: bool) -> None:
+    """curve: every link with CURVE and --require-curve (docs/SECURITY.md)."""
     subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
                     "--stage-size", str(stage_size), "--output-dir", str(tmp_path / "model")],
                    check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
@@ -50,7 +52,7 @@ def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.
     (tmp_path / "servables" / "minilm").mkdir(parents=True)
     (tmp_path / "servables" / "minilm" / "servable_config.py").write_text(config)
     model_files = [tmp_path / "model" / f"device{r}" / "minilm.mindir" for r in range(rank_size)]
-    cluster = LocalCluster(tmp_path, tmp_path / "servables", "minilm", model_files)
+    cluster = LocalCluster(tmp_path, tmp_path / "servables", "minilm", model_files, curve=curve)
     try:
         cluster.wait_ready({"text": "warm up"}, method="embed", timeout=300)
         with cluster.client("embed") as client:

@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from zmserve import metrics
-from zmserve.cli import metrics_endpoint, metrics_option
+from zmserve.cli import metrics_endpoint, metrics_option, records_metrics
 from zmserve.metrics import (
     OK,
     BrokerMetrics,
@@ -241,12 +241,14 @@ def test_series_steps_cover_the_span_oldest_first() -> None:
 
 # ---- --metrics-bind in the CLI ----------------------------------------------------------------------------------
 def probe_command(default: str):
-    """A command with the CLI's --metrics-bind option that says whether its service would record."""
+    """A command with the CLI's --metrics-bind option that says whether its service would record, and whether the
+    endpoint serves."""
     @click.command()
     @metrics_option(default)
     def probe(metrics_bind: str) -> None:
-        with metrics_endpoint(metrics_bind, ["broker"]) as recording:
-            click.echo(f"recording={recording}")
+        recording = records_metrics(metrics_bind)
+        with metrics_endpoint(metrics_bind, ["broker"]) as serving:
+            click.echo(f"recording={recording} serving={serving}")
 
     return probe
 
@@ -257,16 +259,17 @@ def test_a_taken_default_port_is_a_warning_and_a_chosen_one_an_error() -> None:
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         result = CliRunner().invoke(probe_command(address), [])
-        assert result.exit_code == 0 and "recording=False" in result.stdout
+        assert result.exit_code == 0 and "recording=True serving=False" in result.stdout
         result = CliRunner().invoke(probe_command("127.0.0.1:9"), ["--metrics-bind", address])
         assert result.exit_code == 1 and f"cannot serve metrics on {address}" in result.output
-    assert "recording=False" in CliRunner().invoke(probe_command(address), ["--metrics-bind", "off"]).stdout
+    assert "recording=False serving=False" in CliRunner().invoke(probe_command(address),
+                                                                 ["--metrics-bind", "off"]).stdout
     assert CliRunner().invoke(probe_command(address), ["--metrics-bind", "nonsense"]).exit_code == 2
 
 
 def test_the_endpoint_lives_as_long_as_the_command() -> None:
     port = free_port()
     result = CliRunner().invoke(probe_command(f"127.0.0.1:{port}"), [])
-    assert result.exit_code == 0 and "recording=True" in result.stdout
+    assert result.exit_code == 0 and "recording=True serving=True" in result.stdout
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # closed again when the command ended

@@ -110,12 +110,17 @@ def resolve_requests(input_path: str | None, input_name: str, shape: str | None,
 @click.option("--startup-timeout", default=DEFAULT_STARTUP_TIMEOUT_S, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="seconds for the --direct group to form, or for every --processes process to warm up")
+@click.option("--broker-key", type=click.Path(exists=True, dir_okay=False),
+              help="CURVE: the broker's public key (.key); needs --secret-key")
+@click.option("--secret-key", type=click.Path(exists=True, dir_okay=False),
+              help="CURVE: this client's key pair (.key_secret); needs --broker-key")
 @click.option("--part", default=None, hidden=True, help="internal: this process is part I/N of a --processes run")
 def run(address: str, servable: str | None, method: str, version_number: int, input_path: str | None,
         input_name: str, shape: str | None, dtype: str, fill: str, count: int, concurrency: int | None,
         rate: float | None, processes: int | None, request_count: int | None, duration: float | None,
         timeout: float, warmup: int, seed: int | None, allow_errors: bool, direct: bool,
-        model_files: tuple[str, ...], startup_timeout: float, part: str | None) -> None:
+        model_files: tuple[str, ...], startup_timeout: float, broker_key: str | None, secret_key: str | None,
+        part: str | None) -> None:
     """Send requests and write one JSON line per request to stdout; the summary goes to stderr (one line
     instead when stdout is a pipe and stderr a terminal: `zmserve bench report` at the other end shows it).
     Exits 1 when any request failed, unless --allow-errors."""
@@ -125,7 +130,7 @@ def run(address: str, servable: str | None, method: str, version_number: int, in
     if request_count is None and duration is None:
         request_count = len(requests) if lines is not None else DEFAULT_REQUESTS
     spec = LoadSpec(concurrency, rate, request_count, duration, timeout, warmup, seed)
-    target = Target(address, servable, method, version_number)
+    target = Target(address, servable, method, version_number, broker_key, secret_key)
     part_of = parse_part(part) if part is not None else None
     writer = ResultWriter(sys.stdout, sys.stderr, progress=sys.stderr.isatty() and part_of is None)
     if direct:

@@ -25,6 +25,7 @@ from zmserve.bench.records import OK, Record
 from zmserve.bench.requests import RequestSpec, payload_bytes
 from zmserve.bench.writer import ResultWriter
 from zmserve.protocol import ErrorCode
+from zmserve.security import SecurityError
 
 RESOLVE_GRACE_S = 5.0
 """How long past its own timeout a request may stay unanswered before the bench gives up on it (the client
@@ -40,6 +41,9 @@ class Target:
     servable: str | None
     method: str
     version: int = 0
+    broker_key: str | None = None
+    """CURVE: the broker's public key file, with `secret_key` this client's key pair (docs/SECURITY.md)."""
+    secret_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,11 @@ class ServiceLoad:
         self.clients: dict[tuple[str, str], Any] = {}
         try:
             for each in dict.fromkeys(self.targets):
-                self.clients[each] = Client(target.address, each[0], each[1], target.version)
+                self.clients[each] = Client(target.address, each[0], each[1], target.version,
+                                            server_public_key=target.broker_key, secret_key=target.secret_key)
+        except SecurityError as exc:  # one CURVE key without the other, or a key file that cannot be read
+            self.close()
+            raise BenchError(str(exc)) from None
         except ValueError as exc:  # an address the client refuses
             self.close()
             raise BenchError(f"--address {target.address!r}: {exc}") from None

@@ -163,6 +163,8 @@ def part_arguments(target: Target, spec: LoadSpec, request_lines: list[str], par
               "--input", str(requests_file), "--timeout", repr(spec.timeout), "--warmup", str(spec.warmup)]
     if target.servable is not None:
         common += ["--servable", target.servable]
+    if target.broker_key is not None and target.secret_key is not None:
+        common += ["--broker-key", target.broker_key, "--secret-key", target.secret_key]
     if spec.duration is not None:
         common += ["--duration", repr(spec.duration)]
     arguments = []

@@ -18,6 +18,7 @@ the caller gets INVALID_ARGUMENT with its message, not INTERNAL.
 from __future__ import annotations
 
 from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS
+from zmserve.security import PLAINTEXT, Security
 from zmserve.servable import InvalidInput
 from zmserve.server import distributed, register
 from zmserve.server.running import run_in_background, stop
@@ -26,8 +27,9 @@ __all__ = ["InvalidInput", "distributed", "register", "start_broker", "stop"]
 
 
 def start_broker(address: str = DEFAULT_BROKER_CLIENT_ADDRESS,
-                 worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS) -> None:
-    """Start the client-facing broker: clients connect to `address`, workers to `worker_address`."""
+                 worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS, security: Security = PLAINTEXT) -> None:
+    """Start the client-facing broker: clients connect to `address`, workers to `worker_address`. `security`:
+    CURVE (`Security.load(secret_key, {Domain.CLIENTS: folder, Domain.WORKERS: folder})`, docs/SECURITY.md)."""
     from services.broker.broker import Broker
 
-    run_in_background("broker", Broker(address, worker_address))
+    run_in_background("broker", Broker(address, worker_address, security=security))

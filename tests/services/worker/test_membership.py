@@ -320,3 +320,28 @@ def test_the_launcher_reporting_an_agents_exit_restarts_the_groups_at_once() -> 
     assert isinstance(restart, RestartGroups)
     assert restart.why == "agent rank 1 was lost (its process 101 was killed by signal SIGKILL)"
     assert machine.state == WorkerState.WAITING_FOR_AGENTS and machine.agents == {}
+
+
+def test_curve_keys_of_the_agents_go_to_their_neighbours() -> None:
+    """Each agent's authenticated CURVE key: a stage-1 agent learns its publisher's (stage 0's leader), the leader
+    learns the next stage's agents' (its XPUB admits only them); stage 0 reads the worker, whose key it holds."""
+    machine = membership(rank_size=6, stage_size=3)
+    keys = {rank: f"key-of-host-{'a' if rank < 3 else 'b'}-{rank}" for rank in range(6)}
+    actions: list = []
+    for rank in range(6):
+        actions += machine.register(identity(rank), register(rank), 1.0, public_key=keys[rank])
+    configures = {message.stage * 10 + message.node_id: message for _, message in sends(actions)}
+    assert configures[0].input_key is None and configures[1].input_key is None  # stage 0 reads the worker
+    assert configures[0].downstream_keys == [keys[2], keys[3]] and configures[1].downstream_keys == []
+    assert configures[10].input_key == keys[0] and configures[11].input_key == keys[0]
+    assert configures[10].downstream_keys == [keys[4], keys[5]]
+    assert configures[20].input_key == keys[2] and configures[20].downstream_keys == []
+
+
+def test_without_curve_no_keys_are_named() -> None:
+    machine = membership()
+    actions: list = []
+    for rank in range(4):
+        actions += machine.register(identity(rank), register(rank), 1.0)
+    for _, message in sends(actions):
+        assert message.input_key is None and message.downstream_keys == []
