@@ -442,12 +442,14 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
               help="seconds between refreshes with --watch")
 @click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.01),
               help="seconds to wait for the broker's answer")
-def status(broker_address: str, as_json: bool, watch: bool, interval: float, timeout: float) -> None:
+@curve_options(peers=[Peer.BROKER])
+def status(broker_address: str, as_json: bool, watch: bool, interval: float, timeout: float, **curve: Any) -> None:
     """Show what is deployed: servables, workers, their agents by stage and rank, load and latency."""
     from zmserve.status import StatusUnavailable, watch_status
 
+    security = load_security(curve, peers=[Peer.BROKER])
     try:
-        watch_status(broker_address, as_json, watch, interval, timeout)
+        watch_status(broker_address, as_json, watch, interval, timeout, curve=security.client(Peer.BROKER))
     except StatusUnavailable as error:
         raise click.ClickException(str(error)) from None
 

@@ -17,6 +17,7 @@ import zmq
 
 from zmserve.client import broker_endpoint
 from zmserve.protocol import AgentStatus, Error, ServingError, Status, StatusQuery, WorkerInfo, decode, encode
+from zmserve.security import CurveClient
 from zmserve.transport import new_socket
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -29,9 +30,9 @@ class StatusUnavailable(RuntimeError):
 class StatusClient:
     """One DEALER to the broker's client address, asking STATUS_QUERY and waiting for the answer with its id."""
 
-    def __init__(self, address: str, context: zmq.Context | None = None) -> None:
+    def __init__(self, address: str, context: zmq.Context | None = None, curve: CurveClient | None = None) -> None:
         self.address = broker_endpoint(address)
-        self.socket = new_socket(context or zmq.Context.instance(), zmq.DEALER)
+        self.socket = new_socket(context or zmq.Context.instance(), zmq.DEALER, curve=curve)
         self.socket.connect(self.address)
         self.ids = itertools.count(1)
 
@@ -43,7 +44,8 @@ class StatusClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(math.ceil(remaining * 1000)):
                 raise StatusUnavailable(f"no answer from the broker at {self.address} within {timeout:g} s "
-                                        "(is it running? --broker is its client address)")
+                                        "(is it running? --broker is its client address; a broker with CURVE "
+                                        "needs --secret-key and --broker-key)")
             frames = self.socket.recv_multipart()
             try:
                 answer = decode(frames[0], Status, Error)
@@ -60,17 +62,18 @@ class StatusClient:
         self.socket.close()
 
 
-def query_status(address: str, timeout: float = 3.0) -> Status:
-    client = StatusClient(address)
+def query_status(address: str, timeout: float = 3.0, curve: CurveClient | None = None) -> Status:
+    client = StatusClient(address, curve=curve)
     try:
         return client.query(timeout)
     finally:
         client.close()
 
 
-def watch_status(address: str, as_json: bool, watch: bool, interval: float, timeout: float) -> None:
+def watch_status(address: str, as_json: bool, watch: bool, interval: float, timeout: float,
+                 curve: CurveClient | None = None) -> None:
     """Print the status once, or every `interval` seconds until interrupted (Ctrl-C ends it quietly)."""
-    client = StatusClient(address)
+    client = StatusClient(address, curve=curve)
     try:
         while True:
             status = client.query(timeout)

@@ -427,6 +427,19 @@ def test_zmserve_bench_measures_a_curve_cluster_with_keys_and_is_refused_without
     assert {json.loads(line)["status"] for line in refused.stdout.splitlines()} == {"UNAUTHENTICATED"}
 
 
+def test_zmserve_status_asks_a_curve_broker_with_keys_and_names_them_without(curve_matmul: Cluster) -> None:
+    assert curve_matmul.keys is not None
+    command = [sys.executable, "-m", "zmserve.cli", "status", "--json", "--timeout", "3", "--broker",
+               curve_matmul.client_address]
+    keys = ["--broker-key", curve_matmul.keys.public("broker"), "--secret-key", curve_matmul.keys.secret("client")]
+    answered = subprocess.run([*command, *keys], capture_output=True, text=True, timeout=60)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    assert [s["servable"] for s in json.loads(answered.stdout)["servables"]] == ["matmul"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "needs --secret-key and --broker-key" in refused.stderr.splitlines()[-1]
+
+
 def test_zmserve_serve_with_curve_serves(tmp_path: Path) -> None:
     """Broker and worker in one process: one key pair and one authenticator for its client and agent sockets."""
     cluster = start_matmul_cluster(tmp_path, 2, colocated=True, curve=True)
