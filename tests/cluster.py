@@ -3,6 +3,7 @@ The processes themselves are started by zmserve.local.LocalCluster (re-exported 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -139,6 +140,24 @@ def listening_ports(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def listening_endpoints(pid: int) -> set[str]:
+    """Where process `pid` listens: tcp://127.0.0.1:PORT for its TCP ports, and ipc://@NAME for its abstract Unix
+    sockets (what zmserve binds on loopback for its data links, PROTOCOL.md §4.5)."""
+    endpoints = {f"tcp://127.0.0.1:{port}" for port in listening_ports(pid)}
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Flags 00010000: __SO_ACCEPTCON (listening); a path starting with @ is in the abstract namespace
+        if len(fields) >= 8 and fields[3] == "00010000" and fields[6] in inodes and fields[7].startswith("@"):
+            endpoints.add(f"ipc://{fields[7]}")
+    return endpoints
 
 
 def log_events(path: Path, event: str) -> list[dict]:

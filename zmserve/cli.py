@@ -38,7 +38,7 @@ from zmserve.protocol import (
     normalize_address,
 )
 from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
-from zmserve.security_cli import curve_options, keys, load_security
+from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
 from zmserve.supervision import handle_stop_signals
 
 log = get_logger("cli")
@@ -150,14 +150,15 @@ def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_re
         worker_bind = worker_bind or following_port(bind)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    security = load_security(curve, [Domain.CLIENTS, Domain.WORKERS],
-                             binds={Domain.CLIENTS: bind, Domain.WORKERS: worker_bind})
+    binds = {Domain.CLIENTS: bind, Domain.WORKERS: worker_bind}
+    security = load_security(curve, [Domain.CLIENTS, Domain.WORKERS], binds=binds)
     try:
         service = Broker(bind, worker_bind, heartbeat_interval=heartbeat_interval,
                          max_request_bytes=max_request_mb * 2**20, metrics=records_metrics(metrics_bind),
                          security=security)
     except (BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+    warn_on_network(security, binds)
     with metrics_endpoint(metrics_bind, ["broker"]):
         run_until_signalled(service)
 
@@ -274,10 +275,10 @@ def worker(broker: str, metrics_bind: str, **options: Any) -> None:
     systemd's READY=1 say the same to a supervisor. SIGTERM drains (finishes what it holds, then exits 0);
     SIGINT stops at once.
     """
-    security = load_security(options, [Domain.AGENTS], [Peer.BROKER],
-                             binds={Domain.AGENTS: options["distributed_address"]},
-                             group_host=options["distributed_address"])
+    binds, group_host = {Domain.AGENTS: options["distributed_address"]}, options["distributed_address"]
+    security = load_security(options, [Domain.AGENTS], [Peer.BROKER], binds=binds, group_host=group_host)
     service = make_worker(broker, **options, metrics=records_metrics(metrics_bind), security=security)
+    warn_on_network(security, binds, group_host)
     with metrics_endpoint(metrics_bind, ["worker"]):
         run_service(service)
 
@@ -304,9 +305,9 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind:
     from services.colocated import Colocated
     from zmserve.transport import BindError
 
-    security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds={
-        Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]},
-        group_host=options["distributed_address"])
+    binds = {Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]}
+    security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds=binds,
+                             group_host=options["distributed_address"])
     recording = records_metrics(metrics_bind)
     worker_service = make_worker(None, **options, metrics=recording, security=security)
     try:
@@ -315,6 +316,7 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind:
     except (BindError, ValueError) as error:
         worker_service.close_sockets()
         raise click.ClickException(str(error)) from None
+    warn_on_network(security, binds, options["distributed_address"])
     with metrics_endpoint(metrics_bind, ["broker", "worker"]):
         run_service(Colocated(broker_service, worker_service))
 
@@ -376,6 +378,7 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
     group_host = next((a for a in (agent_ip, worker) if a and not is_loopback(a)), "127.0.0.1")
     security = load_security(curve, peers=[Peer.WORKER], group_host=group_host)
+    warn_on_network(security, group_host=group_host)
     if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip
         security.warn_plaintext({Domain.DOWNSTREAM: agent_ip})
     try:

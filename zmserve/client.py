@@ -43,7 +43,8 @@ NOT_SERVING_YET = (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND)
 """What a servable that is still starting answers: no worker registered it yet, or not all its agents are in."""
 RETRY_WHILE_STARTING_S = 0.5
 CANCEL_LINGER_MS = 500
-"""How long a closing client's socket keeps trying to deliver the cancels of its unanswered requests."""
+"""How long a closing client's socket keeps trying to deliver what it sent last (requests, and the cancels of the
+unanswered ones): a socket closed with no linger drops what its IO thread has not written yet."""
 _ADDRESS = re.compile(r"^(?:tcp://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})$")
 
 
@@ -205,7 +206,7 @@ class Client:
         if io is not None:
             io.close()
         for link in links:
-            link.close()
+            link.close(linger=CANCEL_LINGER_MS)  # a cancel sent on Ctrl-C just before still leaves
 
     def __enter__(self) -> Client:
         return self
@@ -341,12 +342,11 @@ class IOThread(threading.Thread):
     def run(self) -> None:
         try:
             link = _Link.open(self.context, self.address, self.curve)
-            linger = 0
             try:
                 self.serve(link)
-                linger = self.cancel_pending(link.socket)
+                self.cancel_pending(link.socket)
             finally:
-                link.close(linger=linger)
+                link.close(linger=CANCEL_LINGER_MS)
         except _Refused as refusal:
             self.refused = True
             self.fail_all(ClientError(ErrorCode.UNAUTHENTICATED, refused(self.address, refusal.refusal)))
@@ -375,17 +375,18 @@ class IOThread(threading.Thread):
                     self.resolve(recv_frames(broker))
             self.expire()
 
-    def cancel_pending(self, broker: zmq.Socket) -> int:
-        """The client is closing: cancel what is still unanswered (and still queued to go out); returns the linger
-        the socket needs for those cancels to leave."""
+    def cancel_pending(self, broker: zmq.Socket) -> None:
+        """The client is closing: send what is still queued to go out, and cancel what is still unanswered. The
+        socket then closes with CANCEL_LINGER_MS, so that these, and what `serve` sent just before (still in the
+        socket's queue), leave."""
         while self.inbound.poll(0):
-            broker.send_multipart(self.inbound.recv_multipart(copy=False), copy=False)
+            with contextlib.suppress(zmq.Again):
+                broker.send_multipart(self.inbound.recv_multipart(copy=False), flags=zmq.NOBLOCK, copy=False)
         with self.lock:
             unanswered = [rid for rid, pending in self.pending.items() if not pending.future.done()]
         for request_id in unanswered:
             with contextlib.suppress(zmq.Again):
                 broker.send(encode(Cancel(id=request_id)), flags=zmq.NOBLOCK)
-        return CANCEL_LINGER_MS if unanswered else 0
 
     def poll_timeout_ms(self) -> int:
         with self.lock:

@@ -108,12 +108,25 @@ def curve_options(allowed: Sequence[Domain] = (), peers: Sequence[Peer] = (),
     return decorate
 
 
+def warn_on_network(security: Security, binds: Mapping[Domain, str | None] | None = None,
+                    group_host: str | None = None) -> None:
+    """A warning for every address this process binds on the network without CURVE, and for MindSpore's group
+    traffic leaving the machine without TLS. Called once the service has bound its sockets, so that a command
+    that cannot start prints only why."""
+    security.warn_plaintext(binds or {})
+    if group_host is not None and not is_loopback(group_host) and security.collective_tls is None:
+        log.warning("plaintext_on_network", address=group_host, domain="collective",
+                    how="MindSpore's traffic inside each stage (group formation and the collectives' tensors) "
+                        "crosses the network in clear: give every machine --collective-tls (docs/SECURITY.md), "
+                        "or keep a stage's agents on one private network")
+
+
 def load_security(options: dict[str, Any], allowed: Sequence[Domain] = (), peers: Sequence[Peer] = (),
                   binds: Mapping[Domain, str | None] | None = None, group_host: str | None = None) -> Security:
     """Take the key options out of a command's keyword arguments: the process's `Security`, checked
-    (`--require-curve`), with a warning for every address it binds on the network without CURVE. `group_host` is
-    where this process's MindSpore groups talk (commands with --collective-tls). SIGHUP makes the process read
-    its folders of allowed keys again."""
+    (`--require-curve`; `warn_on_network` warns of what it leaves in clear). `group_host` is where this
+    process's MindSpore groups talk (commands with --collective-tls). SIGHUP makes the process read its folders
+    of allowed keys again."""
     secret_key = options.pop("secret_key", None)
     folders = {domain: options.pop(domain.value, None) for domain in allowed}
     key_files = {peer: options.pop(f"{peer.value}_key", None) for peer in peers}
@@ -130,12 +143,6 @@ def load_security(options: dict[str, Any], allowed: Sequence[Domain] = (), peers
                                     f"group traffic leaves the machine ({group_host})")
     except (SecurityError, CollectiveTlsError) as error:
         raise click.ClickException(str(error)) from None
-    security.warn_plaintext(binds or {})
-    if group_host is not None and not is_loopback(group_host) and security.collective_tls is None:
-        log.warning("plaintext_on_network", address=group_host, domain="collective",
-                    how="MindSpore's traffic inside each stage (group formation and the collectives' tensors) "
-                        "crosses the network in clear: give every machine --collective-tls (docs/SECURITY.md), "
-                        "or keep a stage's agents on one private network")
     if security.allowed and threading.current_thread() is threading.main_thread():
         # a signal handler only starts the work: the reload takes a lock the interrupted code may hold
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_allowed_keys, daemon=True).start())

@@ -89,7 +89,11 @@ class HangUpWatch:
         return message
 
     async def watch(self) -> None:
-        if (await self._receive())["type"] == "http.disconnect" and self.request_task is not None:
+        # uvicorn may hand over one more, empty `http.request` first (its body event set twice by a body that came
+        # in two reads): only `http.disconnect` means the caller hung up
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if self.request_task is not None:
             self.hung_up = True
             self.request_task.cancel()
 

@@ -62,7 +62,7 @@ def http_predict(gateway: str) -> socket.socket:
     return connection
 
 
-def give_up(cluster: LocalCluster, how: str) -> None:
+def give_up(cluster: LocalCluster, how: str, gateway: str | None) -> None:
     """Send GIVE_UP requests, which queue in the worker behind the keepers, and give up on them. A client's
     cancel follows its request down the same sockets, so the worker always holds the request when its cancel
     comes; the gateway forwards a request only once it has read its body, so the test waits for that first."""
@@ -78,7 +78,7 @@ def give_up(cluster: LocalCluster, how: str) -> None:
             with pytest.raises(ClientError, match="the client was closed"):
                 future.result(timeout=5)
     else:
-        gateway = cluster.start_gateway()
+        assert gateway is not None
         connections = [http_predict(gateway) for _ in range(GIVE_UP)]
         wait_for(lambda: len(log_events(cluster.logs["gateway"], "request_sent")) >= GIVE_UP, timeout=30,
                  what="the gateway to forward the requests", details=cluster.log_tails)
@@ -96,12 +96,14 @@ KEEPERS = 3
 def test_cancelled_requests_queued_in_the_worker_never_reach_the_agents(
         cluster: LocalCluster, slow_model: tuple[Path, list[Path], np.ndarray], how: str) -> None:
     expected = slow_model[2]
+    # the gateway starts first: a process start can take longer than the keepers keep the model busy
+    gateway = cluster.start_gateway() if how == "http_disconnect" else None
     with cluster.client() as client:
         keepers = [client.infer_async({"x": X}, timeout=60) for _ in range(KEEPERS)]
         in_model = keepers[0]
         if how == "future_cancel":  # the first keeper is with the agents at once (the pipeline was empty)
             assert in_model.cancel()
-        give_up(cluster, how)
+        give_up(cluster, how, gateway)
         after = client.infer_async({"x": X}, timeout=60)
         for future in [*keepers[1:], after]:
             np.testing.assert_allclose(future.result(timeout=60)[0]["y"], expected, atol=1e-4, rtol=0)

@@ -6,8 +6,9 @@
 Stage 0's output crosses from host_a to host_b; the client runs inside the server namespace.
 Skipped (with the reason) where the machine does not allow `ip netns`. The namespaces come from tests/netns.py.
 
-With `curve`, every process runs with CURVE and --require-curve, each host with its own key pair
-(docs/SECURITY.md's layout, `LocalCluster`'s `ClusterKeys`): no process starts without keys, and none of the
+With `curve`, every process runs with CURVE, --require-curve and MindSpore's TLS inside the stages
+(--collective-tls), each host with its own key pair (docs/SECURITY.md's layout, `LocalCluster`'s `ClusterKeys`): no
+process starts without keys, and none of the
 worker's ports on 10.231.0.1 answers a host that is not in its folder of agent keys.
 """
 
@@ -25,6 +26,7 @@ import pytest
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, export_mlp, write_servable
 from netns import SUBNET, three_hosts
 
+from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.local import ClusterKeys
 from zmserve.supervision import reap
 
@@ -61,15 +63,20 @@ CLIENT = textwrap.dedent("""
 
 
 def curve_arguments(keys: ClusterKeys | None) -> dict[str, list[str]]:
+    """Each process's key options; with CURVE, the stages' MindSpore traffic also runs TLS (--require-curve asks
+    for it: the groups talk between hosts)."""
     if keys is None:
         return {"broker": [], "worker": [], "host_a": [], "host_b": []}
+    tls = ["--collective-tls", str(generate_collective_tls(keys.root / "collective"))]
     return {
         "broker": ["--secret-key", keys.secret("broker"), "--client-keys", keys.allowed("clients"),
                    "--worker-keys", keys.allowed("workers"), "--require-curve"],
         "worker": ["--secret-key", keys.secret("worker"), "--broker-key", keys.public("broker"),
-                   "--agent-keys", keys.allowed("agents"), "--require-curve"],
-        "host_a": ["--secret-key", keys.secret("host-a"), "--worker-key", keys.public("worker"), "--require-curve"],
-        "host_b": ["--secret-key", keys.secret("host-b"), "--worker-key", keys.public("worker"), "--require-curve"],
+                   "--agent-keys", keys.allowed("agents"), "--require-curve", *tls],
+        "host_a": ["--secret-key", keys.secret("host-a"), "--worker-key", keys.public("worker"), "--require-curve",
+                   *tls],
+        "host_b": ["--secret-key", keys.secret("host-b"), "--worker-key", keys.public("worker"), "--require-curve",
+                   *tls],
     }
 
 

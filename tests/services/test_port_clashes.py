@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, free_port, log_events, wait_for, write_servable
 
+from services.agent.launcher import publish_address
 from zmserve.supervision import reap
 
 pytestmark = pytest.mark.slow
@@ -105,22 +107,27 @@ def test_an_address_of_no_interface_here(servable_dir: Path) -> None:
 
 
 def test_a_taken_publish_port_of_a_stage_leader(tmp_path: Path) -> None:
-    """Rank 0 leads stage 0 of the MLP and publishes its output on --agent-start-port + 0, which is taken: it
-    fails to load in one line (no traceback), and the worker says why it restarts the groups."""
+    """Rank 0 leads stage 0 of the MLP and publishes its output at --agent-start-port + 0 (on loopback, the Unix
+    socket named after that port), which is taken: it fails to load in one line (no traceback), and the worker
+    says why it restarts the groups."""
     model_files = export_mlp(tmp_path, 4, 2)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    port = free_port()
+    address = publish_address("127.0.0.1", port)
+    taken = zmq.Context.instance().socket(zmq.PULL)
+    taken.bind(address)
+    try:
         cluster = Cluster(tmp_path, MLP_EXAMPLE, "mlp", model_files, extra_agent_args=["--agent-start-port", str(port)])
         try:
-            [lost, *_] = wait_for(lambda: log_events(cluster.logs["worker"], "agent_lost"), timeout=180,
-                                  what="the worker to lose rank 0", details=cluster.log_tails)
+            failed = wait_for(lambda: [e for e in log_events(cluster.logs["worker"], "agent_lost")
+                                       if e["why"].startswith("agent failed")],
+                              timeout=180, what="the worker to lose rank 0 for its failure", details=cluster.log_tails)
         finally:
             cluster.stop()
-    cause = f"cannot bind the publish socket of rank 0 (--agent-start-port + its position) to tcp://127.0.0.1:{port}"
-    assert lost["agent_rank"] == 0 and lost["why"] == f"agent failed: {cause}: {IN_USE}"
-    [failed, *_] = log_events(cluster.logs["agents"], "agent_load_failed")
-    assert failed["why"] == f"{cause}: {IN_USE}" and "exception" not in failed
+    finally:
+        taken.close(linger=0)
+    cause = f"cannot bind the publish socket of rank 0 (--agent-start-port + its position) to {address}"
+    assert failed[0]["agent_rank"] == 0 and failed[0]["why"] == f"agent failed: {cause}: {IN_USE}"
+    [load_failed, *_] = log_events(cluster.logs["agents"], "agent_load_failed")
+    assert load_failed["why"] == f"{cause}: {IN_USE}" and "exception" not in load_failed
     assert "Traceback" not in cluster.logs["agents"].read_text()
 

@@ -104,7 +104,7 @@ def test_readiness_metadata_and_the_brokers_errors(broker: LocalCluster) -> None
         embed = client.get_model_metadata("fake")  # the first method
         assert embed["inputs"] == [{"name": "text"}] and embed["outputs"][0]["shape"] == [384]
 
-        not_ready = "servable 'fake' is not ready: waiting for agents: 0/2 registered"
+        not_ready = "servable 'fake' is not ready: version 1: waiting for agents: 0/2 registered"
         assert curl(url, "/model/fake:predict", b'{"instances": [{"x": 1}]}') == (503, {"error_msg": not_ready})
         tensor = triton.InferInput("x", [1], "FP32")
         tensor.set_data_from_numpy(np.ones(1, np.float32))
