@@ -198,6 +198,9 @@ class Broker:
         self.scan = HeartbeatClock(SCAN_INTERVAL_S)
         self.stop_event = threading.Event()
         self.started_at = time.monotonic()
+        self.learning_window_s = heartbeat_interval * self.heartbeat_liveness
+        """After a start, how long an unknown servable is UNAVAILABLE (its worker may not have reported yet), not
+        NOT_FOUND."""
         self.metrics = BrokerMetrics(metrics, gauges=lambda: broker_gauges(self))
         """Prometheus (when `metrics`) and the last minutes of each servable's traffic (always)."""
 
@@ -319,6 +322,12 @@ class Broker:
         if not serving and servable in self.seen_servables:
             raise ServingError(ErrorCode.UNAVAILABLE,
                                f"servable {servable!r} has no worker right now (its worker was lost); retry")
+        if not serving and (age := time.monotonic() - self.started_at) < self.learning_window_s:
+            # a restarted broker learns its workers from their next WORKER_STATUS (every heartbeat interval): not
+            # knowing a servable yet is no proof that it does not exist
+            raise ServingError(ErrorCode.UNAVAILABLE,
+                               f"servable {servable!r} is not known yet: this broker started {age:.1f} s ago and "
+                               f"learns its workers within {self.learning_window_s:.0f} s; retry")
         if not serving:
             raise ServingError(ErrorCode.NOT_FOUND, f"servable {servable!r} is not served; {self.describe()}")
         return ready_of_version(serving, servable, method, version)
@@ -581,12 +590,3 @@ def may_retry(pending: PendingRequest) -> bool:
     """PROTOCOL.md §4.10: `before_model` while no call of the request was published (REQUESTS_STARTED), `until_result`
     as long as the worker has not answered (the worker answers in the step that takes the model's result)."""
     return pending.retry is Retry.UNTIL_RESULT or (pending.retry is Retry.BEFORE_MODEL and not pending.started)
-
-
-def is_unavailable(header: Any) -> bool:
-    """Whether a one-frame answer is an ERROR with code UNAVAILABLE (a worker that cannot run the request now)."""
-    try:
-        answer = decode(header, Reply, Error)
-    except ServingError:
-        return False
-    return isinstance(answer, Error) and answer.code == ErrorCode.UNAVAILABLE
