@@ -1,4 +1,4 @@
-"""What CURVE costs (docs/SECURITY.md, docs/BENCHMARKS.md §10): the same requests with every link plaintext and
+"""What CURVE costs (docs/SECURITY.md, docs/BENCHMARKS.md §13): the same requests with every link plaintext and
 with every link CURVE (and, for MatMul, also MindSpore's TLS inside the stage: --collective-tls), measured in one
 session, configurations alternating within each round.
 
