@@ -154,6 +154,9 @@ class ControlLink(threading.Thread):
         self.heartbeat = HeartbeatClock(heartbeat_interval)
         self.worker_liveness = Liveness(heartbeat_interval, heartbeat_liveness)
         self.worker_heard = False
+        self.registered = False
+        """AGENT_REGISTER has left: heartbeats only follow it (a worker answers a heartbeat from an agent it does not
+        know with AGENT_SHUTDOWN, so a heartbeat that overtook the registration would restart a healthy agent)."""
 
     def send(self, message: Message) -> None:
         """Called from the main thread: a control message for the worker."""
@@ -199,6 +202,7 @@ class ControlLink(threading.Thread):
         kind = frames[0].bytes
         if (refusal := send_unless_refused(self.control, [frames[1]], self.handshake)) is not None:
             self.refused(refusal)
+        self.registered = True  # the main thread's first message is AGENT_REGISTER
         if kind == b"exit":
             self.exit(int(frames[2].bytes), last_message_sent=True)
 
@@ -224,7 +228,7 @@ class ControlLink(threading.Thread):
 
     def do_chores(self, now: float) -> None:
         flush_bursts()
-        if self.heartbeat.due():
+        if self.registered and self.heartbeat.due():
             with contextlib.suppress(zmq.Again):
                 self.control.send(encode(Heartbeat(rank=self.rank)), flags=zmq.NOBLOCK)
         if self.worker_heard and self.worker_liveness.expired(now):
