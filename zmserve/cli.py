@@ -39,7 +39,7 @@ from zmserve.protocol import (
 )
 from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
-from zmserve.supervision import handle_stop_signals
+from zmserve.supervision import act_on_sigint, handle_stop_signals
 
 log = get_logger("cli")
 
@@ -117,6 +117,7 @@ def main(log_level: str) -> None:
     """
     os.environ["ZMSERVE_LOG_LEVEL"] = log_level  # agents and other children log at the same level
     configure_logging(log_level)
+    act_on_sigint()
 
 
 HEARTBEAT_HELP = "Seconds between heartbeats; a peer not heard from for 3 intervals is taken as lost."

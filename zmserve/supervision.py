@@ -51,6 +51,15 @@ def reap(process: subprocess.Popen, timeout: float = 5.0) -> int:
     return process.wait()
 
 
+def act_on_sigint() -> None:
+    """Give SIGINT back its meaning (KeyboardInterrupt) when this process inherited it ignored: a shell without job
+    control starts every background command (`zmserve ... &` in a script, a test runner's children) with SIGINT
+    ignored, and Python then never installs its handler. zmserve promises that SIGINT stops any of its commands
+    cleanly, wherever they were started. Only the main thread can install handlers."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def handle_stop_signals(stop: Callable[[], None], drain: Callable[[], None] | None = None) -> None:
     """SIGINT and SIGTERM call `stop`, or SIGTERM calls `drain` when given (a graceful stop: what systemd and
     Kubernetes send; SIGINT, a Ctrl-C, stops at once). Both must only set flags: they run inside a signal handler.

@@ -295,9 +295,12 @@ def test_status_json_field_by_field(deployment: Deployment) -> None:
 
 
 def test_status_watch_redraws_until_interrupted(deployment: Deployment) -> None:
+    """Started with SIGINT ignored, as a shell without job control starts a background command (and as this
+    suite's children inherit it when the suite itself runs in the background): SIGINT still ends the watch."""
     process = subprocess.Popen([sys.executable, "-m", "zmserve.cli", "status", "--broker",
                                 deployment.cluster.client_address, "--watch", "--json", "--interval", "0.2"],
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         answers = [json.loads(process.stdout.readline()) for _ in range(3)]
     finally:
