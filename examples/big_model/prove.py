@@ -5,7 +5,8 @@
 2. Serve TP4xPP2 with every agent under --memory-limit (default 1.5G): cold start, per-agent memory, and the
    outputs of a few random inputs against the float64 numpy reference computed layer by layer from the seed.
 3. Serve the unsharded model in one agent under the same limit: the launcher must give up with one line naming
-   the rank, the limit and the shard size, and a client must get UNAVAILABLE naming the limit.
+   the rank, the limit and the shard size (exit code 1, one `Error:` line), and a client must get UNAVAILABLE
+   naming the limit.
 
     .venv/bin/python examples/big_model/prove.py                     # ~4 min, ~9 GB of RAM at the peak
     .venv/bin/python examples/big_model/prove.py --preset small --limit 400M
@@ -35,10 +36,12 @@ for path in (HERE, REPO):
 from reference import forward  # noqa: E402
 from weights import PRESETS, check_layout  # noqa: E402
 
+from services.agent.agent import rank_of_process_name  # noqa: E402
 from services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
 from zmserve.client import ClientError  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.streamed_export import shard_bytes  # noqa: E402
+from zmserve.supervision import process_name  # noqa: E402
 
 SEQ = 16
 """Tokens per input, fixed in the export (export_model.py says why)."""
@@ -64,7 +67,7 @@ def export_dir(preset: str, rank_size: int, stage_size: int, root: Path = HERE /
 def export_complete(output: Path, rank_size: int, seq: int = SEQ) -> bool:
     layout = output / "big" / "layout.json"
     return (all(path.is_file() for path in model_files(output, rank_size)) and layout.is_file()
-            and json.loads(layout.read_text()).get("seq") == seq)
+            and json.loads(layout.read_text()).get("seq") in (seq, 0))  # 0: exported for any sequence length
 
 
 def model_files(output: Path, rank_size: int) -> list[Path]:
@@ -81,21 +84,25 @@ def log_events(path: Path, *names: str) -> list[dict[str, Any]]:
     return events
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (from any of its threads), as Linux lists them."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
 def agent_memory(cluster: LocalCluster, launcher: str = "agents") -> list[dict[str, Any]]:
     """Per running agent: rank, VmHWM (peak RSS, shared library pages included) and its cgroup's peak charge."""
-    import psutil
-
     hierarchy = None
     rows = []
-    for child in psutil.Process(cluster.processes[launcher].pid).children():
-        command = child.cmdline()
-        if "services.agent.agent" not in command:
+    for pid in child_pids(cluster.processes[launcher].pid):
+        rank = rank_of_process_name(process_name(pid))  # None for a standby (not an agent yet) or another child
+        if rank is None:
             continue
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
-        row: dict[str, Any] = {"rank": int(command[command.index("--rank") + 1]), "pid": child.pid,
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        row: dict[str, Any] = {"rank": rank, "pid": pid,
                                "vm_hwm_mib": round(int(status["VmHWM"].split()[0]) / 1024),
                                "rss_mib": round(int(status["VmRSS"].split()[0]) / 1024)}
-        cgroup_path = next((line.split(":", 2)[2] for line in Path(f"/proc/{child.pid}/cgroup").read_text()
+        cgroup_path = next((line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text()
                             .splitlines() if ":memory:" in line or line.startswith("0::")), "")
         if "zmserve-agent-" in cgroup_path:
             hierarchy = hierarchy or find_hierarchy()
@@ -119,9 +126,9 @@ def start_and_time(workdir: Path, output: Path, rank_size: int, agent_args: list
     return cluster, time.monotonic() - started
 
 
-def prove_sharded(preset: str, limit: str, workdir: Path, inputs: int) -> dict[str, Any]:
+def prove_sharded(preset: str, limit: str, workdir: Path, inputs: int, export_root: Path) -> dict[str, Any]:
     dims = PRESETS[preset]
-    output = ensure_export(preset, 8, 2)
+    output = ensure_export(preset, 8, 2, root=export_root)
     rng = np.random.default_rng(2024)
     xs = rng.standard_normal((inputs, SEQ, dims.hidden)).astype(np.float32)
     print(f"serving TP4xPP2 from {output} with --memory-limit {limit} per agent ...", flush=True)
@@ -151,9 +158,9 @@ def prove_sharded(preset: str, limit: str, workdir: Path, inputs: int) -> dict[s
             "agents": memory, "exit_codes": codes}
 
 
-def prove_unsharded(preset: str, limit: str, workdir: Path) -> dict[str, Any]:
+def prove_unsharded(preset: str, limit: str, workdir: Path, export_root: Path) -> dict[str, Any]:
     dims = PRESETS[preset]
-    output = ensure_export(preset, 1, 1)
+    output = ensure_export(preset, 1, 1, root=export_root)
     print(f"serving the unsharded model ({format_size(shard_bytes(model_files(output, 1)[0]))}) in one agent "
           f"with --memory-limit {limit} ...", flush=True)
     (workdir / "unsharded").mkdir(parents=True, exist_ok=True)
@@ -171,14 +178,16 @@ def prove_unsharded(preset: str, limit: str, workdir: Path) -> dict[str, Any]:
                 client_error = f"{error.code}: {error.message}"
     finally:
         codes = cluster.stop()
-    failed = log_events(cluster.logs["agents"], "launcher_failed")
-    why = failed[0]["why"] if failed else None
-    ok = (launcher_code == 2 and why is not None and format_size(parse_size(limit)) in why
+    # the launcher gives up with exit code 1 and one line "Error: rank 0 was killed by the OOM killer 3 times ..."
+    failed = [line for line in cluster.logs["agents"].read_text().splitlines() if line.startswith("Error: ")]
+    why = failed[0].removeprefix("Error: ") if len(failed) == 1 else None
+    ok = (launcher_code == 1 and why is not None and format_size(parse_size(limit)) in why
           and client_error is not None and "killed by the OOM killer" in client_error)
     print(f"  the launcher exited {launcher_code} after {seconds:.1f} s: {why}", flush=True)
     print(f"  a client gets: {client_error}", flush=True)
     print(f"  {'PASS' if ok else 'FAIL'}", flush=True)
-    return {"ok": ok, "launcher_exit": launcher_code, "seconds": round(seconds, 1), "launcher_error": why,
+    return {"ok": ok, "launcher_exit": launcher_code, "launcher_pid": cluster.processes["agents"].pid,
+            "seconds": round(seconds, 1), "launcher_error": why,
             "client_error": client_error, "exit_codes": codes}
 
 
@@ -189,12 +198,14 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=4, help="random inputs checked against the reference")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/zmserve-big-model-proof"),
                         help="logs of every process")
+    parser.add_argument("--export-root", type=Path, default=HERE / "out",
+                        help="where the two layouts are exported (and reused when already complete)")
     args = parser.parse_args()
     find_hierarchy()  # fail early, with the reason, where no memory cgroup can be created
     print(f"load average {os.getloadavg()[0]:.2f}, preset {args.preset!r}: "
           f"{PRESETS[args.preset].nbytes() / 2**30:.2f} GiB of float32 weights", flush=True)
-    sharded = prove_sharded(args.preset, args.limit, args.workdir, args.inputs)
-    unsharded = prove_unsharded(args.preset, args.limit, args.workdir)
+    sharded = prove_sharded(args.preset, args.limit, args.workdir, args.inputs, args.export_root)
+    unsharded = prove_unsharded(args.preset, args.limit, args.workdir, args.export_root)
     print(json.dumps({"preset": args.preset, "limit": args.limit, "sharded": sharded, "unsharded": unsharded,
                       "load1": os.getloadavg()[0], "logs": str(args.workdir)}))
     sys.exit(0 if sharded["ok"] and unsharded["ok"] else 1)

@@ -10,6 +10,7 @@ docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import REPO, Cluster, load_example_module, log_events, wait_for
+from cluster import REPO, Cluster, load_example_module, log_events
 
 from services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy, format_size
 from zmserve.client import ClientError
@@ -31,6 +32,7 @@ sys.path.append(str(EXAMPLE))  # appended: examples/minilm has modules of the sa
 from weights import PRESETS  # noqa: E402
 
 forward = load_example_module(EXAMPLE / "reference.py", "big_model_reference").forward
+prove_export_dir = load_example_module(EXAMPLE / "prove.py", "big_model_prove").export_dir
 
 DIMS = PRESETS["small"]
 LIMIT = "400M"
@@ -49,14 +51,15 @@ def cgroups_available() -> None:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The small preset exported as TP4xPP2 and unsharded (TP1xPP1), streamed from seed 0, any sequence length
-    (the out-of-memory request below is a long one)."""
+    (the out-of-memory request below is a long one), in the folders prove.py uses (so that it reuses them)."""
     root = tmp_path_factory.mktemp("big_model")
     layouts = {"tp4pp2": (8, 2), "tp1pp1": (1, 1)}
-    for name, (rank_size, stage_size) in layouts.items():
-        layout = ["--rank-size", str(rank_size), "--stage-size", str(stage_size), "--output-dir", str(root / name)]
+    for rank_size, stage_size in layouts.values():
+        layout = ["--rank-size", str(rank_size), "--stage-size", str(stage_size), "--output-dir",
+                  str(prove_export_dir("small", rank_size, stage_size, root))]
         subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--preset", "small", "--seq", "0", *layout],
                        check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
-    return {name: root / name for name in layouts}
+    return {name: prove_export_dir("small", *layout, root) for name, layout in layouts.items()}
 
 
 def model_files(export: Path) -> list[Path]:
@@ -94,25 +97,26 @@ def test_the_sharded_model_serves_correctly_under_the_limit_and_survives_an_agen
     assert crashes and all(c["why"].endswith(f"{LIMIT_TEXT} while serving") for c in crashes)
 
 
-def test_the_unsharded_model_does_not_load_in_one_agent_under_the_same_limit(tmp_path: Path,
-                                                                            exports: dict[str, Path]) -> None:
-    export = exports["tp1pp1"]
-    cluster = Cluster(tmp_path, export, "big", model_files(export), extra_agent_args=["--memory-limit", LIMIT])
-    launcher = cluster.processes["agents"]
-    try:
-        wait_for(lambda: launcher.poll() is not None, timeout=150, what="the launcher to give up",
-                 details=cluster.log_tails)
-        assert launcher.returncode == 1
-        (failed,) = [line for line in cluster.logs["agents"].read_text().splitlines() if line.startswith("Error: ")]
-        shard = model_files(export)[0]
-        assert failed.startswith("Error: rank 0 was killed by the OOM killer 3 times while loading its shard "
-                                 f"({format_size(shard_bytes(shard))}, {shard})")  # 193.09 MiB
-        assert f"does not fit the {LIMIT_TEXT} per agent" in failed
-        with cluster.client() as client, pytest.raises(ClientError) as refused:
-            client.infer({"x": np.zeros((8, DIMS.hidden), np.float32)}, timeout=10)
-        assert refused.value.code == ErrorCode.UNAVAILABLE
-        assert f"killed by the OOM killer at its {LIMIT_TEXT} while loading its shard" in refused.value.message
-    finally:
-        codes = cluster.stop()
-    assert codes == {"agents": 1, "worker": 0, "broker": 0}
-    assert not list(find_hierarchy().parent.glob(f"{CGROUP_PREFIX}{launcher.pid}-*"))
+def test_prove_runs_both_halves_with_the_small_preset(tmp_path: Path, exports: dict[str, Path]) -> None:
+    """examples/big_model/prove.py end to end (README names it), on this module's exports: the sharded model
+    serves the reference's outputs under the limit; the unsharded one is OOM-killed 3 times while loading, the
+    launcher gives up with exit code 1 and one line naming the rank, the shard and the limit, a client gets
+    UNAVAILABLE naming the kill, and no cgroup is left behind."""
+    result = subprocess.run([sys.executable, str(EXAMPLE / "prove.py"), "--preset", "small", "--limit", LIMIT,
+                             "--inputs", "2", "--export-root", str(exports["tp4pp2"].parent),
+                             "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "GLOG_v": "3"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    proof = json.loads(result.stdout.splitlines()[-1])
+    sharded, unsharded = proof["sharded"], proof["unsharded"]
+    assert sharded["ok"] and sharded["max_abs_error"] <= 1e-4 and len(sharded["agents"]) == 8
+    assert sharded["exit_codes"] == {"agents": 0, "worker": 0, "broker": 0}
+    shard = model_files(exports["tp1pp1"])[0]
+    assert unsharded["launcher_exit"] == 1
+    assert unsharded["launcher_error"].startswith("rank 0 was killed by the OOM killer 3 times while loading its "
+                                                  f"shard ({format_size(shard_bytes(shard))}, {shard})")
+    assert f"does not fit the {LIMIT_TEXT} per agent" in unsharded["launcher_error"]
+    assert unsharded["client_error"].startswith("UNAVAILABLE: ")
+    assert f"killed by the OOM killer at its {LIMIT_TEXT} while loading its shard" in unsharded["client_error"]
+    assert unsharded["exit_codes"] == {"agents": 1, "worker": 0, "broker": 0}
+    assert not list(find_hierarchy().parent.glob(f"{CGROUP_PREFIX}{unsharded['launcher_pid']}-*"))
