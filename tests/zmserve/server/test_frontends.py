@@ -20,7 +20,7 @@ from zmserve.transport import free_port, free_port_range
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "services" / "gateway"))
 
-from ms_grpc_client import MsClient  # noqa: E402
+from ms_grpc_client import MsClient
 
 pytestmark = pytest.mark.slow
 
