@@ -115,6 +115,29 @@ def test_infer_async_style_futures_all_answered(served: Served) -> None:
         assert same(parse(future.result(timeout=30)), [{"y": np.array([i], np.int64)}])
 
 
+def test_mindspore_servings_own_client(served: Served) -> None:
+    """MindSpore Serving 2.0.2's `Client` itself (the peer's Python 3.9), where the peer is installed: every case
+    through `infer`, the first through `infer_async` too, each the answer the generated client gets."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks" / "peers" / "mindspore_serving"))
+    from grpc_peer import CASES_DIR, DEFAULT_PEER, REPO, installed, run_driver
+
+    peer = (REPO / DEFAULT_PEER).resolve()
+    if not installed(peer):
+        peer = REPO.parent.parent / "shared" / "peers" / "mindspore-serving"  # a worktree beside the main checkout
+    if not installed(peer):
+        pytest.skip("MindSpore Serving's client is not installed (../shared/peers/mindspore-serving/setup.sh)")
+    answers = dict(run_driver(peer, "cases", served.grpc_address, str(CASES_DIR)))
+    expected = {case.name: case.answer for case in CASES}
+    expected[f"{CASES[0].name}[infer_async]"] = CASES[0].answer
+    assert answers.keys() == expected.keys()
+    wrong = [f"{name}: {describe(answers[name])} != {describe(answer)}" for name, answer in expected.items()
+             if not same(answers[name], answer)]
+    assert not wrong, "\n".join(wrong)
+
+
 # ---- the Open Inference Protocol over gRPC -----------------------------------------------------------------------
 def test_tritonclient_health_and_metadata(served: Served) -> None:
     client = served.triton
