@@ -9,6 +9,9 @@
     POST /v2/models/{name}[/versions/{v}]/infer          OIP infer (JSON or binary tensors)
     GET  /, /api/status                                  the live status page and its data   (status_page)
 
+With `--grpc-bind`, the same process and loop also answer gRPC (grpc_server: MindSpore Serving's MSService and the
+OIP's GRPCInferenceService), sharing the one BrokerLink; without `--bind` (`bind=None`) it answers gRPC only.
+
 Why a bare ASGI app on uvicorn: measured with `benchmarks/gateway_frameworks.py`, it answers a 65 KB b64 body
 in 0.26-0.29 ms p50 against 0.33-0.36 ms for aiohttp (on uvloop) and 0.40-0.43 ms for Starlette on the same
 uvicorn; with two route families, a router adds nothing the path checks below do not.

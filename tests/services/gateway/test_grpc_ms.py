@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 from cluster import export_matmul, matmul_reference, write_servable
 from ms_grpc_cases import CASES, SERVABLE, Case, describe, same
-from ms_grpc_client import MsClient
+from ms_grpc_client import MsClient, parse, request
 from ms_rest_cases import ZMSERVE_CONFIG
 from tritonclient.utils import InferenceServerException
 
@@ -69,12 +69,10 @@ def test_matmul_of_random_inputs_matches_numpy(served: Served) -> None:
 
 
 def test_errors_carry_zmserve_code_in_trailing_metadata(served: Served) -> None:
-    reply, call = served.client.stub.Predict.with_call(
-        __import__("ms_grpc_client").request("nope", "echo", 0, {"x": 1}))
+    reply, call = served.client.stub.Predict.with_call(request("nope", "echo", 0, {"x": 1}))
     assert reply.error_msg[0].error_code != 0
     assert ("zmserve-code", "NOT_FOUND") in tuple(call.trailing_metadata())
-    reply, call = served.client.stub.Predict.with_call(
-        __import__("ms_grpc_client").request(SERVABLE, "echo", 0, {"z": 1}))
+    reply, call = served.client.stub.Predict.with_call(request(SERVABLE, "echo", 0, {"z": 1}))
     assert reply.error_msg[0].error_code == 2  # MindSpore Serving's INVALID_INPUTS
     assert ("zmserve-code", "INVALID_ARGUMENT") in tuple(call.trailing_metadata())
 
@@ -108,8 +106,6 @@ def test_a_16_mib_tensor_round_trips(served: Served) -> None:
 
 def test_infer_async_style_futures_all_answered(served: Served) -> None:
     """MindSpore Serving's `infer_async` is `stub.Predict.future`: many in flight at once, each answered."""
-    from ms_grpc_client import parse, request
-
     futures = [served.client.stub.Predict.future(request(SERVABLE, "echo", 0, {"x": i})) for i in range(20)]
     for i, future in enumerate(futures):
         assert same(parse(future.result(timeout=30)), [{"y": np.array([i], np.int64)}])
