@@ -1,7 +1,8 @@
 """One zmserve cluster (rank-1 MatMul), three ways in, one client process, alternating: p50 of sequential calls
 through the gateway's gRPC (MSService/Predict, a client of zmserve/proto's stubs), the gateway's HTTP (MindSpore
 Serving's REST scheme, b64 body, keep-alive) and zmserve's own zmq client straight to the broker. What the gRPC
-front costs over the other two, on the same machine at the same time.
+front costs over the other two, on the same machine at the same time: p50, and the gateway process's CPU per call
+(user + system, which a busy machine distorts less than time).
 
     .venv/bin/python benchmarks/peers/mindspore_serving/grpc_paths.py [--calls 300] [--rounds 2]
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests" / "services" / "gateway"))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from cluster import export_matmul, write_servable  # noqa: E402
 from ms_grpc_client import MsClient  # noqa: E402
 from ms_rest_cases import SERVABLE, ZMSERVE_CONFIG  # noqa: E402
@@ -33,13 +35,17 @@ from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.transport import free_port  # noqa: E402
 
 
-def p50_ms(call: Callable[[], object], calls: int) -> float:
+def measure(call: Callable[[], object], calls: int, gateway: psutil.Process) -> tuple[float, float]:
+    """p50 ms of `calls` sequential calls, and the gateway's CPU ms per call."""
     seconds = []
+    cpu = gateway.cpu_times()
     for _ in range(calls):
         started = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(seconds)
+    after = gateway.cpu_times()
+    cpu_ms = 1e3 * (after.user + after.system - cpu.user - cpu.system) / calls
+    return 1e3 * statistics.median(seconds), cpu_ms
 
 
 def main() -> int:
@@ -69,10 +75,12 @@ def main() -> int:
                      "http_b64": over_http, "zmq_client": lambda: zmq_client.infer({"x": x})}
             for call in paths.values():
                 call()
+            gateway = psutil.Process(cluster.processes["gateway"].pid)
             for round_ in range(1, args.rounds + 1):
                 order = list(paths.items()) if round_ % 2 else list(paths.items())[::-1]
                 for name, call in order:
-                    print(f"round {round_}  {name:<10}  p50 {p50_ms(call, args.calls):6.2f} ms  "
+                    p50, cpu_ms = measure(call, args.calls, gateway)
+                    print(f"round {round_}  {name:<10}  p50 {p50:6.2f} ms  gateway CPU {cpu_ms:5.2f} ms/call  "
                           f"load {os.getloadavg()[0]:.1f}", flush=True)
             grpc_client.close()
             zmq_client.close()
