@@ -408,13 +408,15 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="The private key of --certfile (PEM).")
 @click.option("--auth-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Every request must carry 'Authorization: Bearer <the token in this file>' (else 401).")
+@click.option("--grpc-bind", help="also answer gRPC on this host:port: MindSpore Serving's MSService/Predict and "
+                                  "the OIP's GRPCInferenceService (port 0 = any free port)")
 @metrics_option(DEFAULT_GATEWAY_METRICS_BIND)
 @curve_options(peers=[Peer.BROKER])
 def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, body_timeout: float,
             keep_alive_timeout: float, certfile: str | None, keyfile: str | None, auth_token_file: str | None,
-            metrics_bind: str, **curve: Any) -> None:
+            grpc_bind: str | None, metrics_bind: str, **curve: Any) -> None:
     """Answer HTTP: MindSpore Serving's RESTful scheme (/model/...), the Open Inference Protocol (/v2/...) and a
-    live status page (/)."""
+    live status page (/); with --grpc-bind, gRPC too (MindSpore Serving's client, tritonclient.grpc)."""
     import ssl
 
     from services.gateway.app import Gateway
@@ -428,7 +430,7 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
         raise click.ClickException(str(error)) from None
     config = GatewayConfig(bind, broker_address, timeout, max_body_mb * 2**20, body_timeout, keep_alive_timeout,
                            metrics=records_metrics(metrics_bind), tls=tls, auth_token=token,
-                           broker_curve=security.client(Peer.BROKER))
+                           broker_curve=security.client(Peer.BROKER), grpc_bind=grpc_bind)
     try:
         service = Gateway(config)
     except (OSError, ValueError) as error:

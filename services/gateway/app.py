@@ -9,6 +9,9 @@
     POST /v2/models/{name}[/versions/{v}]/infer          OIP infer (JSON or binary tensors)
     GET  /, /api/status                                  the live status page and its data   (status_page)
 
+With `--grpc-bind`, the same process and loop also answer gRPC (grpc_server: MindSpore Serving's MSService and the
+OIP's GRPCInferenceService), sharing the one BrokerLink; without `--bind` (`bind=None`) it answers gRPC only.
+
 Why a bare ASGI app on uvicorn: measured with `benchmarks/gateway_frameworks.py`, it answers a 65 KB b64 body
 in 0.26-0.29 ms p50 against 0.33-0.36 ms for aiohttp (on uvloop) and 0.40-0.43 ms for Starlette on the same
 uvicorn; with two route families, a router adds nothing the path checks below do not.
@@ -373,16 +376,24 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        host, port = config.host_port
-        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.listener.bind((host, port))
-        except OSError:
-            self.listener.close()
-            raise
-        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.listener: socket.socket | None = None
+        self.address: str | None = None
+        if config.bind is not None:
+            host, port = config.host_port
+            self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.listener.bind((host, port))
+            except OSError:
+                self.listener.close()
+                raise
+            self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.grpc_address: str | None = None
+        """Where gRPC listens once `serve` has started it (`--grpc-bind` with port 0 picks a free one)."""
         self.server: _Server | None = None
+        self.stopped = asyncio.Event()
+        """Set by `stop` for a gRPC-only gateway (no uvicorn to tell)."""
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_requested = False
 
     def run(self) -> None:
@@ -392,26 +403,43 @@ class Gateway:
         self.stop_requested = True
         if self.server is not None:
             self.server.should_exit = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.stopped.set)
 
     async def serve(self) -> None:
         uvicorn_log = logging.getLogger("uvicorn")
         uvicorn_log.addHandler(_UvicornLog())
         uvicorn_log.propagate = False
+        self.loop = asyncio.get_running_loop()
         link = BrokerLink(self.config.broker, metrics=self.config.metrics, curve=self.config.broker_curve)
         await link.start()
-        tls = self.config.tls
-        self.server = _Server(uvicorn.Config(
-            GatewayApp(link, self.config), http="httptools", ws="none", lifespan="off", interface="asgi3",
-            log_config=None, log_level="warning", access_log=False, server_header=False, proxy_headers=False,
-            timeout_keep_alive=self.config.keep_alive_timeout, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None))
-        self.server.should_exit = self.stop_requested
-        log.info("gateway_started", bind=self.address, broker=link.address, https=tls is not None,
-                 token=self.config.auth_token is not None, curve=self.config.broker_curve is not None)
+        grpc_server = None
         try:
-            await self.server.serve(sockets=[self.listener])
+            if self.config.grpc_bind is not None:
+                from services.gateway.grpc_server import start_grpc
+
+                grpc_server, self.grpc_address = await start_grpc(link, self.config)
+            tls = self.config.tls
+            log.info("gateway_started", bind=self.address, grpc=self.grpc_address, broker=link.address,
+                     https=tls is not None, token=self.config.auth_token is not None,
+                     curve=self.config.broker_curve is not None)
+            if self.listener is None:
+                if not self.stop_requested:
+                    await self.stopped.wait()
+            else:
+                self.server = _Server(uvicorn.Config(
+                    GatewayApp(link, self.config), http="httptools", ws="none", lifespan="off", interface="asgi3",
+                    log_config=None, log_level="warning", access_log=False, server_header=False,
+                    proxy_headers=False, timeout_keep_alive=self.config.keep_alive_timeout,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                    ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None))
+                self.server.should_exit = self.stop_requested
+                await self.server.serve(sockets=[self.listener])
         finally:
+            if grpc_server is not None:  # calls in flight get the same grace as HTTP requests
+                await grpc_server.stop(GRACEFUL_SHUTDOWN_S)
             await link.close()
-            self.listener.close()
+            if self.listener is not None:
+                self.listener.close()
             log.info("gateway_stopped")
 

@@ -29,7 +29,8 @@ GRACEFUL_SHUTDOWN_S = 5.0
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    bind: str = DEFAULT_BIND
+    bind: str | None = DEFAULT_BIND
+    """HTTP host:port; None = no HTTP (a gRPC-only gateway, as `zmserve.server.start_grpc_server` starts)."""
     broker: str = DEFAULT_BROKER_CLIENT_ADDRESS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 2**20
@@ -43,8 +44,11 @@ class GatewayConfig:
     """Every request must carry `Authorization: Bearer <auth_token>`; None = no token."""
     broker_curve: CurveClient | None = None
     """CURVE on the link to the broker (zmserve/security.py); None = plaintext."""
+    grpc_bind: str | None = None
+    """gRPC host:port (MindSpore Serving's MSService and the OIP's GRPCInferenceService); None = no gRPC."""
 
     @property
     def host_port(self) -> tuple[str, int]:
         """`--bind` is host:port (port 0 = any free port)."""
+        assert self.bind is not None, "no HTTP"
         return endpoint_host_port(self.bind)

@@ -224,7 +224,13 @@ def _b64_payload(encoded: Any, kind: str, shape: list[int]) -> Value:
     if len(raw) != count * dtype.itemsize:
         raise invalid(f"size is not matched, decode base64 size:{len(raw)}; Given info: type:{kind}; "
                       f"type size:{dtype.itemsize}; element nums:{count}")
-    return np.frombuffer(raw, dtype).reshape(shape)
+    return raw_tensor(raw, kind, shape)
+
+
+def raw_tensor(raw: bytes, kind: str, shape: list[int]) -> np.ndarray:
+    """Raw little-endian elements (a b64 value's, a gRPC tensor's `data`) as an array of `shape`, without a copy;
+    the caller has checked the byte count and says so in its own scheme's words."""
+    return np.frombuffer(raw, np.dtype(kind)).reshape(shape)
 
 
 def _quote(text: str) -> str:

@@ -13,6 +13,7 @@ from zmserve.protocol import (
 )
 from zmserve.security import PLAINTEXT, Security
 from zmserve.servable import declare_servable
+from zmserve.server.frontends import worker_started
 from zmserve.server.running import run_in_background
 from zmserve.supervision import handle_stop_signals
 
@@ -41,6 +42,7 @@ def start_servable(
                                  distributed_address, broker_address, wait_agents_time_in_seconds,
                                  security=security))
     run_in_background("worker", worker)
+    worker_started(broker_address)
 
 
 def startup_agents(
