@@ -108,9 +108,15 @@ def shard_weights(weights: Mapping[str, np.ndarray], config: Mapping[str, Any], 
 
 
 def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any], stage: int, stage_size: int,
-                     tp_rank: int, tp: int, incremental: bool) -> Any:
+                     tp_rank: int, tp: int, incremental: bool, in_graph_slots: int = 0) -> Any:
     """The Cell of one rank: stage `stage` of `stage_size`, tensor-parallel rank `tp_rank` of `tp`; with
-    `incremental` the one-token-per-row decode graph, else the full graph over a chunk of T tokens per row."""
+    `incremental` the one-token-per-row decode graph, else the full graph over a chunk of T tokens per row.
+
+    `in_graph_slots` > 0 builds the alternative the contract did NOT choose, kept to measure it
+    (benchmarks/generation_model.py): the cache lives in the graph as Parameters [slots, Hr, M, D] per layer and
+    K/V, the call takes (tokens, positions, slots) with slots[b] the cache row of row b, reads the rows with a
+    Gather and writes the new K/V with ScatterNdUpdate. Only for a one-stage incremental graph.
+    """
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
 
@@ -190,8 +196,16 @@ def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
                 self.lm_head = param("lm_head")
                 self.matmul = ops.MatMul()
             self.slots = Tensor(np.arange(max_len, dtype=np.int32).reshape(1, max_len))
+            if in_graph_slots:
+                if not (incremental and first and last):
+                    raise ValueError("in-graph state is built for a one-stage incremental graph only")
+                zeros = np.zeros((in_graph_slots, heads, max_len, head_dim), np.float32)
+                self.cache = ms.ParameterTuple(Parameter(Tensor(zeros), name=f"cache.{i}", requires_grad=False)
+                                               for i in range(2 * n_layers))
+                self.head_index = Tensor(np.arange(heads, dtype=np.int32).reshape(1, heads))
 
         def construct(self, data, positions, kv):
+            """kv: the state input, or (in-graph state) each row's cache slot [B]."""
             if first:
                 batch, length = ops.shape(data)
             else:
@@ -215,12 +229,26 @@ def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
                     x = ops.reshape(x, (-1, d_model))
                 else:
                     x = ops.reshape(data, (-1, d_model))
-            caches = ops.unstack(ops.reshape(kv, (2 * n_layers, batch, heads, max_len, head_dim)), 0)
+            if in_graph_slots:
+                caches = [ops.gather(cache, kv, 0) for cache in self.cache]
+            else:
+                caches = ops.unstack(ops.reshape(kv, (2 * n_layers, batch, heads, max_len, head_dim)), 0)
             new = []
             for i, layer in enumerate(self.layers):
                 x, k, v = layer(x, caches[2 * i], caches[2 * i + 1], cache_bias, new_bias, batch, length)
                 new.append(ops.expand_dims(k, 0))
                 new.append(ops.expand_dims(v, 0))
+            if in_graph_slots:
+                # row b's new K/V go to (slot b, head h, position b) of every cache: indices [B*Hr, 3]
+                zero = self.head_index * 0
+                index = ops.concat((ops.expand_dims(ops.expand_dims(kv, 1) + zero, -1),
+                                    ops.expand_dims(ops.expand_dims(kv, 1) * 0 + self.head_index, -1),
+                                    ops.expand_dims(ops.expand_dims(positions, 1) + zero, -1)), -1)
+                index = ops.reshape(index, (-1, 3))
+                written = [ops.scatter_nd_update(self.cache[i], index, ops.reshape(new[i], (-1, head_dim)))
+                           for i in range(2 * n_layers)]
+                logits = self.matmul(self.ln_f(x), self.lm_head)
+                return ops.depend(logits, written)
             # concat, not ops.stack: a loaded MindIR's Stack keeps the output shape of its first call (2.10)
             kv_new = ops.reshape(ops.concat(new, 0), (n_layers, 2, batch, heads, length, head_dim))
             if not last:
@@ -230,7 +258,7 @@ def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
             return self.matmul(self.ln_f(x), self.lm_head), kv_new
 
     cell = Stage()
-    names = {p.name for p in cell.get_parameters()}
+    names = {p.name for p in cell.get_parameters() if not p.name.startswith("cache.")}
     if names != set(shard):
         raise AssertionError(f"parameters and shard differ: {sorted(names ^ set(shard))}")
     return cell
