@@ -43,6 +43,7 @@ from zmserve.protocol import (
     Metadata,
     MetadataQuery,
     MethodSignature,
+    Partial,
     Reply,
     Request,
     RequestId,
@@ -119,6 +120,9 @@ class PendingRequest:
     """Its worker said it handed the request to the model (REQUESTS_STARTED): never sent anywhere else."""
     tried: tuple[bytes, ...] = ()
     """The workers it was sent to, in order."""
+    streamed: bool = False
+    """A PARTIAL of it reached the client: never sent to another replica (the client has part of this run's
+    answer)."""
 
 
 class InFlight:
@@ -402,9 +406,12 @@ class Broker:
 
     def forward_reply(self, identity: bytes, client: bytes, frames: list[Any]) -> None:
         try:
-            reply = decode(frames[0], Reply, Error)
+            reply = decode(frames[0], Reply, Error, Partial)
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
+            return
+        if isinstance(reply, Partial):
+            self.take_partial(identity, client, reply.id, frames)
             return
         self.take_reply(identity, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
 
@@ -430,6 +437,23 @@ class Broker:
             self.reply_error(client, request_id, ErrorCode.DEADLINE_EXCEEDED, "the reply came after the deadline")
             return
         self.finished(pending, code, now)
+        self.send_to_client(client, frames)
+
+    def take_partial(self, identity: bytes, client: bytes, request_id: RequestId, frames: list[Any]) -> None:
+        """A PARTIAL ([header, *values]) of a streamed request: to the client, and the request stays open for its
+        one REPLY or ERROR. From now on it is never sent to another replica. Dropped like a late reply when the
+        request is answered already or held by another worker; after its deadline the broker's DEADLINE_EXCEEDED is
+        on its way."""
+        key = (client, request_id)
+        pending = self.requests.get(key)
+        if pending is None or pending.worker != identity:
+            bursts.info("late_partial_dropped", request_id=request_id)
+            return
+        if pending.deadline is not None and time.monotonic() > pending.deadline:
+            return
+        if not pending.streamed:
+            pending.streamed = True
+            pending.request, pending.frames = None, []  # never sent again: hold no tensor for it
         self.send_to_client(client, frames)
 
     def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
@@ -588,5 +612,9 @@ class Broker:
 
 def may_retry(pending: PendingRequest) -> bool:
     """PROTOCOL.md §4.10: `before_model` while no call of the request was published (REQUESTS_STARTED), `until_result`
-    as long as the worker has not answered (the worker answers in the step that takes the model's result)."""
+    as long as the worker has not answered (the worker answers in the step that takes the model's result).
+    A request whose PARTIAL reached its client is never sent again: the client holds part of that run's answer.
+    """
+    if pending.streamed:
+        return False
     return pending.retry is Retry.UNTIL_RESULT or (pending.retry is Retry.BEFORE_MODEL and not pending.started)
