@@ -454,7 +454,8 @@ class Broker:
         if not pending.streamed:
             pending.streamed = True
             pending.request, pending.frames = None, []  # never sent again: hold no tensor for it
-        self.send_to_client(client, frames)
+        if self.send_to_client(client, frames) is Delivery.UNREACHABLE:  # the client is gone: stop generating
+            self.cancel(client, request_id, encode(Cancel(id=request_id)))
 
     def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
                               frames: list[Any]) -> None:
@@ -558,13 +559,14 @@ class Broker:
     def reply_error(self, client: bytes, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
         self.send_to_client(client, [error_frame(request_id, code, message)])
 
-    def send_to_client(self, client: bytes, frames: list[Any]) -> None:
+    def send_to_client(self, client: bytes, frames: list[Any]) -> Delivery:
         self.metrics.sent(frames)
         delivery = send_nonblocking(self.clients, [client, *frames])
         if delivery is Delivery.WOULD_BLOCK:
             bursts.warning("client_not_reading", client=client.hex())
         elif delivery is Delivery.UNREACHABLE:
             bursts.info("client_gone", client=client.hex())
+        return delivery
 
     def deliver_to_worker(self, identity: bytes, frames: list[Any]) -> Delivery:
         """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
