@@ -40,7 +40,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClus
     subprocess.run([sys.executable, str(GPT / "export_model.py"), "--rank-size", str(RANKS), "--stage-size", "1",
                     "--output-dir", str(workdir)], check=True, capture_output=True)
     model_files = [workdir / "model" / f"device{rank}" for rank in range(RANKS)]
-    cluster = LocalCluster(workdir, GPT, "gpt", model_files)
+    # the export copies the servable folder beside the model (DIR/gpt/, with its layout.json)
+    servable_dir = workdir if (workdir / "gpt" / "servable_config.py").is_file() else GPT
+    cluster = LocalCluster(workdir, servable_dir, "gpt", model_files)
     try:
         cluster.wait_ready(generation_inputs("hi", max_tokens=1), method="generate")
         yield cluster, cluster.start_gateway("gateway")
