@@ -274,6 +274,7 @@ class BrokerLink:
                 continue
             future = self.pending.get(request_id) if isinstance(request_id, int) else None
             if future is None or future.done():
-                log.info("late_reply_dropped", request_id=request_id)
+                # the partials of a stream that ended early (cancelled) may come by the hundred: not a line each
+                (log.debug if isinstance(header, Partial) else log.info)("late_reply_dropped", request_id=request_id)
                 continue
             future.set_result((header, frames[1:]))

@@ -122,9 +122,10 @@ def test_a_caller_that_hangs_up_mid_stream_cancels_the_request(gateway: tuple[Lo
                        {"content-type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200 and response.read(6) == b"data: "
-    connection.close()  # mid-stream
-    wait_for(lambda: '"request_cancelled"' in cluster.logs["worker"].read_text(), timeout=10,
-             what="the worker to drop the stream of the caller that hung up")
+    response.close()  # mid-stream: both (the response holds the socket open too)
+    connection.close()
+    wait_for(lambda: '"request_cancelled"' in cluster.logs["worker"].read_text(), timeout=20,
+             what="the worker to drop the stream of the caller that hung up", details=cluster.log_tails)
     assert '"request_abandoned"' in cluster.logs["gateway"].read_text()
 
 
