@@ -216,7 +216,7 @@ class OpenAIApi:
     async def stream(self, job: Job, send: Send) -> None:
         """Server-Sent Events from the first partial on; an error before it is an ordinary error answer."""
         chunks = Chunks(job)
-        started = False
+        started = streamed = False
         generation: Generation | None = None
         answers = self.link.stream(job.servable, GENERATE_METHOD, job.version, job.inputs, self.request_timeout)
         async with contextlib.aclosing(answers):
@@ -231,7 +231,10 @@ class OpenAIApi:
                             await send_event(send, chunks.role())
                     if final:
                         generation = generation_of(values)
+                        if not streamed and generation.text:  # a method that does not stream: its whole text
+                            await send_event(send, chunks.text(generation.text))
                     elif values.get("text"):
+                        streamed = True
                         await send_event(send, chunks.text(str(values["text"])))
             except ServingError as error:
                 if not started:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -57,3 +58,30 @@ def test_chunks_and_whole_answers_have_openais_shapes() -> None:
     assert answer["id"].startswith("chatcmpl-") and whole_answer(completion, generation)["object"] == "text_completion"
     assert error_object(503, "down", "UNAVAILABLE")["error"]["type"] == "server_error"
     assert parse_model("m") == ("m", 0)
+
+
+class OneAnswerLink:
+    """A broker link whose method does not stream: its one answer is the final one."""
+
+    async def stream(self, *args: object) -> object:
+        yield True, {"text": "whole", "token_ids": np.array([1, 2], np.int32), "finish_reason": "stop",
+                     "prompt_tokens": np.int32(1), "completion_tokens": np.int32(2)}
+
+
+def test_a_method_that_does_not_stream_still_streams_its_whole_text_once() -> None:
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def scenario() -> None:
+        api = OpenAIApi(OneAnswerLink(), 60.0)  # type: ignore[arg-type]
+        await api.stream(Job(False, "m", 0, "m", {}, True, False), send)
+
+    asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    events = [m["body"].decode() for m in sent[1:]]
+    assert events[-1] == "data: [DONE]\n\n" and sent[-1]["more_body"] is False
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [("whole", None),
+                                                                                             ("", "stop")]
