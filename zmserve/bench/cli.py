@@ -21,7 +21,7 @@ import click
 
 from zmserve.bench.direct import run_direct_group, run_direct_in_process, whole_rank_set
 from zmserve.bench.errors import BenchError
-from zmserve.bench.generation import GENERATE_METHOD, GenerationLoad, random_prompts, read_prompts
+from zmserve.bench.generation import GENERATE_METHOD, GenerationLoad, prompt_lines, random_prompts, read_prompts
 from zmserve.bench.lines import STDIN, open_lines, source_name
 from zmserve.bench.load import LoadSpec, ServiceLoad, Target, request_targets, run_threads
 from zmserve.bench.processes import announce_ready_and_wait, parse_part, part_arguments, run_in_processes
@@ -143,8 +143,9 @@ def run(address: str, servable: str | None, method: str | None, version_number: 
         run_generation(GenerationRun(prompts_path, random_prompts, prompt_words, max_tokens),
                        Target(address, servable, method or GENERATE_METHOD, version_number, broker_key, secret_key),
                        LoadSpec(concurrency, rate, request_count, duration, timeout, warmup, seed),
-                       conflicts={"--input": input_path, "--shape": shape, "--processes": processes,
-                                  "--direct": direct or None, "--part": part}, allow_errors=allow_errors)
+                       Parts(processes, part, startup_timeout),
+                       conflicts={"--input": input_path, "--shape": shape, "--direct": direct or None},
+                       allow_errors=allow_errors)
         return
     method = method or "predict"
     requests, lines = resolve_requests(input_path, input_name, shape, dtype, fill, count, seed)
@@ -182,9 +183,19 @@ class GenerationRun:
     max_tokens: int
 
 
-def run_generation(run: GenerationRun, target: Target, spec: LoadSpec, conflicts: dict[str, object],
+@dataclass(frozen=True)
+class Parts:
+    """--processes (this process starts the parts), or --part (this process is one)."""
+
+    processes: int | None
+    part: str | None
+    startup_timeout: float
+
+
+def run_generation(run: GenerationRun, target: Target, spec: LoadSpec, parts: Parts, conflicts: dict[str, object],
                    allow_errors: bool) -> None:
-    """Generation mode: streamed requests from prompt lines (or random prompts), closed or open loop."""
+    """Generation mode: streamed requests from prompt lines (or random prompts), closed or open loop, from threads
+    of this process or spread over --processes (each part gets the prompts as a --prompts file)."""
     given = [option for option, value in conflicts.items() if value is not None]
     if given:
         raise BenchError(f"{', '.join(given)} do not apply to generation mode (--prompts, --random-prompts)")
@@ -197,11 +208,22 @@ def run_generation(run: GenerationRun, target: Target, spec: LoadSpec, conflicts
         requests = random_prompts(count, run.prompt_words, run.max_tokens, spec.seed)
     if spec.requests is None and spec.duration is None:
         spec = replace(spec, requests=len(requests))
-    writer = ResultWriter(sys.stdout, sys.stderr, progress=sys.stderr.isatty())
-    load = GenerationLoad(target, requests, spec.timeout, writer)
-    summary = summarize(run_threads(load, spec, writer))
-    show_run_summary(summary)
-    check_failures(summary, allow_errors)
+    part_of = parse_part(parts.part) if parts.part is not None else None
+    writer = ResultWriter(sys.stdout, sys.stderr, progress=sys.stderr.isatty() and part_of is None)
+    if parts.processes is not None and part_of is None:
+        request_targets(requests, target.servable, target.method)
+        with tempfile.TemporaryDirectory(prefix="zmserve-bench-") as workdir:
+            arguments = part_arguments(target, spec, prompt_lines(requests), parts.processes, Path(workdir),
+                                       input_option="--prompts")
+            records = run_processes(arguments, writer, parts.startup_timeout)
+    else:
+        offset, stride = part_of or (0, 1)
+        load = GenerationLoad(target, requests, spec.timeout, writer, offset, stride)
+        records = run_threads(load, spec, writer, announce_ready_and_wait if part_of is not None else None)
+    if part_of is None:  # a part's records are judged by the process that merges them
+        summary = summarize(records)
+        show_run_summary(summary)
+        check_failures(summary, allow_errors)
 
 
 def run_processes(arguments: list[list[str]], writer: ResultWriter, startup_timeout: float) -> list[Record]:

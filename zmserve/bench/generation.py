@@ -15,6 +15,7 @@ Prompt lines are JSON objects: `{"prompt": "...", "max_tokens": 32}` plus any sa
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Iterable
@@ -55,6 +56,21 @@ def prompt_request(line: str) -> RequestSpec:
     except (TypeError, ValueError) as error:
         raise ValueError(str(error)) from None
     return RequestSpec(document.get("servable"), document.get("method"), [instance])
+
+
+def prompt_lines(requests: list[RequestSpec]) -> list[str]:
+    """The prompt lines that make these requests again (random prompts handed to --processes parts)."""
+    lines = []
+    for spec in requests:
+        instance = spec.instances[0]
+        document: dict[str, Any] = {name: np.asarray(instance[name]).item() for name in SAMPLING_DTYPES}
+        document["prompt"] = instance["prompt"]
+        if document["seed"] == -1:
+            del document["seed"]
+        document.update({key: value for key, value in (("servable", spec.servable), ("method", spec.method))
+                         if value is not None})
+        lines.append(json.dumps(document))
+    return lines
 
 
 def random_prompts(count: int, words: int, max_tokens: int, seed: int | None) -> list[RequestSpec]:

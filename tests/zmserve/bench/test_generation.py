@@ -15,7 +15,13 @@ import generator_servable
 import numpy as np
 import pytest
 
-from zmserve.bench.generation import generation_record, prompt_request, random_prompts, read_prompts
+from zmserve.bench.generation import (
+    generation_record,
+    prompt_lines,
+    prompt_request,
+    random_prompts,
+    read_prompts,
+)
 from zmserve.bench.records import Record
 from zmserve.bench.requests import RequestSpec
 from zmserve.bench.summary import format_summary, summarize, summary_json
@@ -71,6 +77,9 @@ def test_prompt_lines_become_generation_requests_and_bad_ones_say_where() -> Non
         read_prompts(['{"prompt": "a"}', '{"prompt": "b", "beam": 2}'], "prompts.jsonl")
     with pytest.raises(BenchError, match="max_tokens must be at least 1"):
         read_prompts(['{"prompt": "a", "max_tokens": 0}'], "p")
+    again = read_prompts(prompt_lines([spec]), "lines")[0]
+    assert again.servable == "gpt" and {k: np.asarray(v).item() for k, v in again.instances[0].items()} == \
+        {k: np.asarray(v).item() for k, v in instance.items()}, "prompt_lines makes the same requests again"
     prompts = random_prompts(3, 4, 7, seed=1)
     assert [len(p.instances[0]["prompt"].split()) for p in prompts] == [4, 4, 4]
     assert [p.instances[0]["prompt"] for p in prompts] == [p.instances[0]["prompt"] for p in random_prompts(3, 4, 7, 1)]
@@ -120,5 +129,13 @@ def test_bench_streams_generations_from_a_prompt_file(tmp_path: Path) -> None:
         assert len(records) == 4 and {r.tokens for r in records} == {3} and all(len(r.itl_ms or ()) == 2
                                                                                 for r in records)
         assert "TTFT ms" in open_loop.stderr and "tokens/s" in open_loop.stderr
+
+        spread = subprocess.run(
+            [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
+             generator_servable.SERVABLE, "--random-prompts", "--max-tokens", "4", "--processes", "2", "-c", "2",
+             "--requests", "6", "--seed", "3", "--timeout", "30"], capture_output=True, text=True, timeout=180)
+        assert spread.returncode == 0, spread.stderr
+        records = [Record.from_json(line) for line in spread.stdout.splitlines()]
+        assert sorted(r.id for r in records) == list(range(6)) and {r.tokens for r in records} == {4}
     finally:
         cluster.stop()
