@@ -622,9 +622,13 @@ class AsyncInferStream(_Stream):
             self.close()
 
     async def result(self) -> Instance:
+        """The final outputs, once the request is answered; a task cancelled while it waits cancels the request."""
         assert self._future is not None
-        with contextlib.suppress(asyncio.CancelledError, CancelledError):
-            await asyncio.wait([asyncio.wrap_future(self._future)])
+        try:
+            await asyncio.wait([asyncio.wrap_future(self._future)])  # returns, never raises, when it is answered
+        except asyncio.CancelledError:
+            self.close()
+            raise
         return self._final()
 
     async def __aenter__(self) -> AsyncInferStream:
