@@ -77,7 +77,7 @@ def worker_status(worker: Worker, now: float) -> WorkerStatus:
         draining=draining, retry=worker.spec.retry_on_replica_loss, state=worker.state.value,
         address=worker.config.distributed_address,
         host=HOST, pid=os.getpid(), agents=worker.history.agents(worker.membership, now), requests=len(table),
-        queued=queued(worker), calls_in_flight=len(table.in_pipeline))
+        queued=queued(worker), calls_in_flight=len(table.in_pipeline), chat_template=worker.spec.chat_template)
 
 
 def queued(worker: Worker) -> int:
