@@ -22,6 +22,7 @@ from services.gateway.ms_grpc import MsServingService
 from services.gateway.oip_grpc import OipService
 from zmserve.logs import get_logger
 from zmserve.protocol import endpoint_host_port
+from zmserve.security import is_loopback
 
 log = get_logger("gateway")
 
@@ -75,4 +76,8 @@ async def start_grpc(link: BrokerLink, config: GatewayConfig) -> tuple[grpc.aio.
     if bound == 0:
         raise OSError(f"cannot listen on {config.grpc_bind} (gRPC)")
     await server.start()
+    if config.tls is None and not is_loopback(config.grpc_bind):
+        log.warning("plaintext_on_network", address=config.grpc_bind, domain="grpc",
+                    how="calls, their tensors and any bearer token cross the network in clear: serve TLS with "
+                        "--certfile and --keyfile (docs/SECURITY.md), or bind 127.0.0.1")
     return server, f"{host}:{bound}"
