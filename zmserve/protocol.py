@@ -134,10 +134,13 @@ class TensorSpec(msgspec.Struct, frozen=True):
 
 
 class ModelSignature(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A shard's inputs and outputs, from the `group_config.json` its export wrote (None when unknown)."""
+    """A shard's inputs and outputs, from the `group_config.json` its export wrote (None when unknown). `stateful`:
+    the subgraph also takes and updates a state the agents keep per sequence (its "state" entry), so each row of a
+    call names its sequence (`ModelCall.sequences`)."""
 
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
+    stateful: bool = False
 
 
 class ShardInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -149,6 +152,8 @@ class ShardInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     stage: int | None = None
     stage_size: int | None = None
     signature: ModelSignature = ModelSignature()
+    subgraphs: list[ModelSignature] = []
+    """One signature per subgraph file, in subgraph order (empty: one graph, `signature`)."""
 
 
 class ValueSpec(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -361,6 +366,8 @@ class AgentConfigure(Message, tag=MessageType.AGENT_CONFIGURE.value):
     which the agent holds already, or plaintext)."""
     downstream_keys: list[str] = []
     """CURVE: for a "publish" leader, the public keys of the next stage's agents, the only ones its XPUB admits."""
+    max_sequences: int = 0
+    """Most sequences whose state the agent keeps at once (0: no bound); one more is refused RESOURCE_EXHAUSTED."""
 
 
 class AgentReady(Message, tag=MessageType.AGENT_READY.value):
@@ -472,12 +479,18 @@ class Status(Message, tag=MessageType.STATUS.value):
 
 
 class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
-    """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only."""
+    """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only.
+    `subgraph` selects the graph. For a stateful subgraph, `sequences` names the sequence of each batch row: the
+    agents feed that sequence's state in and keep its update. `release`: sequences whose state the agents free,
+    before the call; a call with no values only releases (and has no result)."""
 
     call: int
     values: list[TensorSpec]
     request_id: RequestId | None = None
     rank: int | None = None
+    subgraph: int = 0
+    sequences: list[int] | None = None
+    release: list[int] = []
 
 
 class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):

@@ -1,0 +1,99 @@
+"""A tiny stateful two-subgraph model for the generation tests (runtime's own, so they never wait for examples/gpt).
+
+Its "attention" is a sum over the whole history: the state of a sequence holds one embedding per token seen so far
+(K) and twice it (V), zeros past its length, exactly the generation contract's layout [L, 2, B, H, M, D] with
+L = H = 1. The logits of a call are (sum of every cached V + sum of the new tokens' V) @ W + (position after the
+last token) * w_pos, so a token that depends on a wrong, stale or foreign state comes out different: a real test of
+where the state lives. `reference_generate` is the same maths in numpy with no state kept anywhere but a list.
+
+Run as a script it exports: `python tests/stateful_model.py OUTPUT_DIR` writes OUTPUT_DIR/device0/tiny_{0,1}.mindir
+and group_config.json (with "subgraphs").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+VOCAB, DIM, MAX_LEN = 11, 4, 24
+SEED = 11
+
+
+def weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    embedding = rng.standard_normal((VOCAB, DIM)).astype(np.float32)
+    out = rng.standard_normal((DIM, VOCAB)).astype(np.float32)
+    w_pos = rng.standard_normal(VOCAB).astype(np.float32) * 2.0
+    return embedding, out, w_pos
+
+
+def reference_generate(prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens after `prompt`, in float64 numpy."""
+    embedding, out, w_pos = (w.astype(np.float64) for w in weights())
+    history = list(prompt)
+    generated = []
+    for _ in range(max_tokens):
+        hidden = 2 * embedding[history].sum(axis=0)
+        logits = hidden @ out + len(history) * w_pos
+        token = int(np.argmax(logits))
+        generated.append(token)
+        history.append(token)
+    return generated
+
+
+def state_entry() -> dict:
+    return {"name": "kv", "dtype": "float32", "shape": [1, 2, 1, MAX_LEN, DIM], "batch_axis": 2, "time_axis": 4,
+            "update": "kv_new", "positions": "positions"}
+
+
+def export(output_dir: Path) -> list[Path]:
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    embedding, out, w_pos = weights()
+
+    class Tiny(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = ms.Parameter(ms.Tensor(embedding), name="embedding")
+            self.out = ms.Parameter(ms.Tensor(out), name="out")
+            self.w_pos = ms.Parameter(ms.Tensor(w_pos), name="w_pos")
+
+        def construct(self, tokens, positions, kv):
+            new = ops.gather(self.embedding, tokens, 0)  # [B, T, D]
+            steps = ops.cast(ops.shape(tokens)[1], ms.float32)
+            cached = kv[0, 1].sum(axis=(1, 2))  # [B, D]: every cached V (zeros past the length)
+            hidden = cached + 2 * new.sum(axis=1)
+            after = ops.cast(positions, ms.float32) + steps
+            logits = ops.matmul(hidden, self.out) + ops.expand_dims(after, 1) * self.w_pos
+            k = ops.expand_dims(ops.expand_dims(new, 1), 0)  # [1, B, 1, T, D]
+            kv_new = ops.expand_dims(ops.concat((k, 2 * k), 0), 0)  # [1, 2, B, 1, T, D]
+            return logits, kv_new
+
+    device = output_dir / "device0"
+    device.mkdir(parents=True, exist_ok=True)
+    cell = Tiny()
+    files = []
+    for index, steps in enumerate((None, 1)):
+        tokens = ms.Tensor(shape=[None, steps], dtype=ms.int32)
+        positions = ms.Tensor(shape=[None], dtype=ms.int32)
+        kv = ms.Tensor(shape=[1, 2, None, 1, MAX_LEN, DIM], dtype=ms.float32)
+        ms.export(cell, tokens, positions, kv, file_name=str(device / f"tiny_{index}"), file_format="MINDIR")
+        files.append(device / f"tiny_{index}.mindir")
+    subgraphs = [{"file": f.name,
+                  "inputs": [{"name": "tokens", "dtype": "int32", "shape": [-1, -1 if i == 0 else 1]},
+                             {"name": "positions", "dtype": "int32", "shape": [-1]}],
+                  "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, VOCAB]}],
+                  "state": state_entry()} for i, f in enumerate(files)]
+    config = {"rank": 0, "rank_size": 1, "stage": 0, "stage_size": 1, "inputs": subgraphs[0]["inputs"],
+              "outputs": subgraphs[0]["outputs"], "subgraphs": subgraphs}
+    (device / "group_config.json").write_text(json.dumps(config, indent=2))
+    return files
+
+
+if __name__ == "__main__":
+    export(Path(sys.argv[1]))
