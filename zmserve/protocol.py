@@ -217,6 +217,11 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     calls_in_flight: int
     in_flight: int
     status_age: float
+    sequences: int = 0
+    waiting_sequences: int = 0
+    max_sequences: int = 0
+    """Generation: sequences holding a slot, those of them waiting for their step, and the slots (0: the servable
+    does not generate)."""
 
 
 class TrafficPoint(msgspec.Struct, frozen=True, array_like=True):
@@ -314,6 +319,11 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     calls_in_flight: int = 0
     draining: bool = False
     retry: Retry = Retry.BEFORE_MODEL
+    sequences: int = 0
+    waiting_sequences: int = 0
+    max_sequences: int = 0
+    """Generation (continuous batching): sequences holding a slot, those of them whose model call waits for its step,
+    and the slots (`--max-sequences`; 0 when the model has no stateful subgraph)."""
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):
@@ -634,6 +644,8 @@ MAX_BATCH_SIZE = 32
 uses that size instead)."""
 MAX_BATCH_DELAY_S = 0.002
 """How long the first instance of a batch may wait for others."""
+MAX_SEQUENCES = 16
+"""Sequences a worker generates at once (requests whose stage calls a stateful model); more: RESOURCE_EXHAUSTED."""
 EXECUTION_TIMEOUT_S = 30.0
 """A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
 DRAIN_TIMEOUT_S = 30.0

@@ -1,0 +1,195 @@
+"""Generation end to end (issue 21): Python stages that loop over `model.call(..., subgraph=0/1)` on a two-subgraph
+stateful model, the state kept per sequence in the agent, continuous batching, slots and their release.
+
+One real cluster (broker, worker with --max-sequences 3, one agent) serves tests/stateful_model.py's tiny model,
+whose every token depends on the whole history kept in the agent's state: a token computed from a wrong, stale or
+foreign state differs from the numpy reference. Nothing is killed in this cluster; the agent-loss test has its own.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import stateful_model
+from cluster import agent_pids, log_events, wait_for, write_servable
+
+from zmserve.client import ClientError
+from zmserve.local import LocalCluster
+from zmserve.protocol import ErrorCode
+from zmserve.status import query_status
+
+pytestmark = pytest.mark.slow
+
+MAX_SEQUENCES = 3
+
+CONFIG = """
+import numpy as np
+from zmserve.server import distributed, register
+
+model = distributed.declare_servable(rank_size=1, stage_size=1, with_batch_dim=False)
+
+
+def generate_tokens(prompt, max_tokens):
+    history = [int(t) for t in prompt]
+    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
+    generated = []
+    for step in range(int(max_tokens)):
+        token = int(np.argmax(logits[0]))
+        generated.append(token)
+        if step + 1 < int(max_tokens):
+            position = len(history) + step
+            logits = model.call(np.array([[token]], np.int32), np.array([position], np.int32), subgraph=1)
+    return np.array(generated, np.int32)
+
+
+def stream_tokens(prompt, max_tokens):
+    for token in generate_tokens(prompt, max_tokens):
+        yield np.array([token], np.int32)
+
+
+def spin(prompt, steps):
+    # holds its sequence for `steps` decode steps (rewriting one position), to observe slots while it runs
+    logits = model.call(np.array([[int(t) for t in prompt]], np.int32), np.array([0], np.int32), subgraph=0)
+    for _ in range(int(steps)):
+        logits = model.call(np.array([[1]], np.int32), np.array([len(prompt)], np.int32), subgraph=1)
+    return np.array([int(np.argmax(logits[0]))], np.int32)
+
+
+@register.register_method(output_names=["tokens"])
+def predict(prompt, max_tokens):
+    return register.add_stage(generate_tokens, prompt, max_tokens, outputs_count=1)
+
+
+@register.register_method(output_names=["tokens"])
+def generate(prompt, max_tokens):
+    return register.add_stage(stream_tokens, prompt, max_tokens, outputs_count=1)
+
+
+@register.register_method(output_names=["token"])
+def hold(prompt, steps):
+    return register.add_stage(spin, prompt, steps, outputs_count=1)
+"""
+
+
+def instance(prompt: list[int], max_tokens: int) -> dict[str, np.ndarray]:
+    return {"prompt": np.array(prompt, np.int32), "max_tokens": np.array(max_tokens, np.int32)}
+
+
+def hold_instance(steps: int = 100_000) -> dict[str, np.ndarray]:
+    return {"prompt": np.array([3, 1], np.int32), "steps": np.array(steps, np.int32)}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("stateful_model")
+    stateful_model.export(workdir / "model")
+    write_servable(workdir / "servables", "tiny", CONFIG)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cluster(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("generation"), model_folder / "servables", "tiny",
+                           [model_folder / "model" / "device0"], ["--max-sequences", str(MAX_SEQUENCES)])
+    try:
+        cluster.wait_ready(instance([1, 2], 2))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def sequences(cluster: LocalCluster) -> int:
+    (worker,) = query_status(cluster.client_address).workers
+    return worker.sequences
+
+
+def agent_held(cluster: LocalCluster) -> int | None:
+    """Sequences the agent holds state for, from its latest allocation or release line."""
+    events = log_events(cluster.logs["agents"], "sequence_allocated") + \
+        log_events(cluster.logs["agents"], "sequences_released")
+    return max(events, key=lambda e: e["timestamp"])["held"] if events else None
+
+
+def test_concurrent_generations_match_the_reference_and_share_decode_steps(cluster: LocalCluster) -> None:
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [2, 2, 10, 0]]
+    lengths = [12, 7, 15, 10]
+    with cluster.client("predict") as client:
+        futures: list[Future] = []
+        for round_ in range(2):  # more requests than slots would be refused: two rounds of at most 3
+            batch = range(3) if round_ == 0 else range(3, 4)
+            futures = [client.infer_async(instance(prompts[i], lengths[i]), timeout=60) for i in batch]
+            for i, future in zip(batch, futures, strict=True):
+                (result,) = future.result()
+                assert result["tokens"].tolist() == stateful_model.reference_generate(prompts[i], lengths[i])
+    metrics = urllib.request.urlopen(cluster.metrics["worker"], timeout=5).read().decode()
+    steps = {line.split(" ")[0].split("{")[0]: float(line.split(" ")[-1]) for line in metrics.splitlines()
+             if line.startswith("zmserve_worker_step_sequences_") and not line.startswith("#")
+             and "_bucket" not in line}
+    assert steps["zmserve_worker_step_sequences_sum"] > steps["zmserve_worker_step_sequences_count"], \
+        "no decode step carried more than one sequence"
+    wait_for(lambda: sequences(cluster) == 0, 5, what="slots free")
+
+
+def test_a_generator_stage_answers_with_what_it_yielded(cluster: LocalCluster) -> None:
+    with cluster.client("generate") as client:
+        (result,) = client.infer(instance([4, 4, 1], 9), timeout=30)
+    assert result["tokens"].tolist() == stateful_model.reference_generate([4, 4, 1], 9)
+
+
+def test_a_full_server_refuses_at_once_and_a_cancel_frees_the_slot(cluster: LocalCluster) -> None:
+    with cluster.client("hold") as client:
+        holders = [client.infer_async(hold_instance(), timeout=60) for _ in range(MAX_SEQUENCES)]
+        wait_for(lambda: sequences(cluster) == MAX_SEQUENCES, 10, what="every slot held")
+        started = time.monotonic()
+        with pytest.raises(ClientError) as refused:
+            client.infer(hold_instance(1), timeout=30)
+        assert refused.value.code == ErrorCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 2
+        for future in holders:
+            future.cancel()
+        wait_for(lambda: sequences(cluster) == 0, 5, what="slots free after the cancels")
+        wait_for(lambda: agent_held(cluster) == 0, 5, what="the agent freed every sequence's state")
+        (result,) = cluster.client("predict").infer(instance([1, 2, 3], 5), timeout=30)
+    assert result["tokens"].tolist() == stateful_model.reference_generate([1, 2, 3], 5)
+
+
+def test_a_deadline_frees_the_slot(cluster: LocalCluster) -> None:
+    with cluster.client("hold") as client:
+        started = time.monotonic()
+        with pytest.raises(ClientError) as expired:
+            client.infer(hold_instance(), timeout=0.5)
+        assert expired.value.code == ErrorCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+    wait_for(lambda: sequences(cluster) == 0, 5, what="slot free after the deadline")
+    wait_for(lambda: agent_held(cluster) == 0, 5, what="the agent freed the sequence's state")
+
+
+def test_an_agent_lost_mid_generation_ends_every_request_unavailable(model_folder: Path, tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path, model_folder / "servables", "tiny", [model_folder / "model" / "device0"],
+                           ["--max-sequences", "4"])
+    try:
+        cluster.wait_ready(instance([1], 1))
+        with cluster.client("hold") as client:
+            running = [client.infer_async(hold_instance(), timeout=60) for _ in range(3)]
+            wait_for(lambda: sequences(cluster) == 3, 10, what="three sequences running")
+            (agent,) = agent_pids(cluster.processes["agents"].pid)
+            import os
+            import signal
+
+            os.kill(agent, signal.SIGKILL)
+            for future in running:
+                with pytest.raises(ClientError) as lost:
+                    future.result(timeout=30)
+                assert lost.value.code == ErrorCode.UNAVAILABLE
+        wait_for(lambda: sequences(cluster) == 0, 5, what="slots free after the loss")
+        cluster.wait_ready(instance([1, 2, 3], 6))
+        (result,) = cluster.client("predict").infer(instance([1, 2, 3], 6), timeout=30)
+        assert result["tokens"].tolist() == stateful_model.reference_generate([1, 2, 3], 6)
+    finally:
+        cluster.stop()
