@@ -10,6 +10,10 @@ deadline itself, so a dead broker still yields DEADLINE_EXCEEDED instead of a ha
 inside the client (a bad address, a failed IO thread, a closed client) is a `ClientError` or a `ValueError`
 at once, never a call that waits forever.
 
+`infer_stream` (and `infer_stream_async`, `generate`) ask for a streamed answer (`Request.stream`): the IO thread
+hands each PARTIAL to the stream in order, and the request's one REPLY or ERROR ends it (PROTOCOL.md §4.11).
+Leaving the loop over a stream early, or closing it, cancels the request.
+
 With `server_public_key` and `secret_key` the link to the broker runs CURVE (docs/SECURITY.md). Each DEALER's
 monitor is polled next to it, so a broker that refuses the handshake (an unknown key, a wrong server key, keys
 on one side only) ends the call at once with UNAUTHENTICATED instead of at the deadline; the refused socket is
@@ -18,23 +22,27 @@ dropped, so the next call tries a fresh connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import math
 import os
+import queue
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
-from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, Retry, ServingError, decode, encode
+from zmserve.protocol import Cancel, Error, ErrorCode, Partial, Reply, Request, Retry, ServingError, decode, encode
+from zmserve.sampling import SamplingParams
 from zmserve.security import CurveClient, Handshake, KeyPair, Refusal, client_curve, send_unless_refused
 from zmserve.transport import new_socket, recv_frames, send_frames
 
@@ -163,22 +171,58 @@ class Client:
     def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
         """Like `infer`, but returns a concurrent.futures.Future at once. `future.cancel()` before it resolves
         tells the broker and the worker (CANCEL): a request not yet handed to the agents is never computed."""
+        return self._submit(instances, timeout)
+
+    def _submit(self, instances: Instance | list[Instance], timeout: float,
+                on_partial: Callable[[Partial, list[zmq.Frame]], None] | None = None) -> Future:
+        """Hand a request to the IO thread: its future, which a cancel turns into a CANCEL. `on_partial` (called on
+        the IO thread) takes the request's PARTIALs, and makes it a streamed request."""
         future: Future = Future()
         try:
-            request_id, frames, deadline = self._request(instances, timeout)
+            request_id, frames, deadline = self._request(instances, timeout, stream=on_partial is not None)
             with self._lock:
                 if self._io is None or self._io.refused:  # a refused connection is not retried: start afresh
                     self._io = self.io_thread_class(self._context, self.address, self._curve)
                 io = self._io
-            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
+            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout), on_partial), frames)
         except (ClientError, ValueError) as error:
             future.set_exception(error)
             return future
         future.add_done_callback(lambda done: io.cancel(request_id) if done.cancelled() else None)
         return future
 
+    # ---- streamed answers -----------------------------------------------------------------------------------
+    def infer_stream(self, instance: Instance, timeout: float = DEFAULT_TIMEOUT_S) -> InferStream:
+        """Run the method on one instance and stream its answer: iterate the returned `InferStream` for the
+        partial answers (one dict each, what the method yielded in that step), then `.result()` for the final
+        outputs. Leaving the loop early, `close()` or leaving a `with` block cancels the request. Same deadline
+        and error codes as `infer` (a ClientError raised where the answer is read)."""
+        stream = InferStream()
+        stream.attach(self._submit(_one_instance(instance), timeout, stream.take_partial))
+        return stream
+
+    def infer_stream_async(self, instance: Instance, timeout: float = DEFAULT_TIMEOUT_S) -> AsyncInferStream:
+        """`infer_stream` for asyncio: an async iterator of the partial answers (`async for`), then
+        `await .result()`; call it from a running event loop."""
+        stream = AsyncInferStream(asyncio.get_running_loop())
+        stream.attach(self._submit(_one_instance(instance), timeout, stream.take_partial))
+        return stream
+
+    def generate(self, prompt: str, *, timeout: float = DEFAULT_TIMEOUT_S, **sampling: Any) -> GenerationStream:
+        """Generate text from `prompt` with this client's method (a generation method, contract: `prompt` and the
+        sampling inputs of `zmserve.sampling.SamplingParams`: max_tokens, temperature, top_k, top_p,
+        frequency_penalty, presence_penalty, seed). Iterate the stream for `GenerationChunk`s as they come;
+        `.result()` is the whole `Generation`. A sampling value out of range is a ValueError at once."""
+        return GenerationStream(self.infer_stream(generation_inputs(prompt, **sampling), timeout))
+
+    def generate_async(self, prompt: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                       **sampling: Any) -> AsyncGenerationStream:
+        """`generate` for asyncio: `async for chunk in stream`, then `await stream.result()`."""
+        return AsyncGenerationStream(self.infer_stream_async(generation_inputs(prompt, **sampling), timeout))
+
     # ---- shared -----------------------------------------------------------------------------------------------
-    def _request(self, instances: Instance | list[Instance], timeout: float) -> tuple[int, list[Any], float]:
+    def _request(self, instances: Instance | list[Instance], timeout: float,
+                 stream: bool = False) -> tuple[int, list[Any], float]:
         if self._closed:
             raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
         if not timeout > 0:
@@ -190,7 +234,7 @@ class Client:
             raise ClientError(error.code, error.message) from None
         request_id = next(self._ids)
         header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry))
+                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry, stream=stream))
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:
@@ -265,16 +309,17 @@ class _Outcome:
 
 
 def read_answer(frames: list[zmq.Frame], request_id: int | None = None) -> _Outcome | None:
-    """The outcome of an answer frame set; None when it does not answer `request_id` (given) or is unreadable."""
+    """The outcome of an answer frame set; None when it does not answer `request_id` (given), is a PARTIAL, or is
+    unreadable."""
     answer = _decode_answer(frames)
-    if answer is None or (request_id is not None and answer.id != request_id):
+    if answer is None or isinstance(answer, Partial) or (request_id is not None and answer.id != request_id):
         return None
     return _outcome(answer, frames)
 
 
-def _decode_answer(frames: list[zmq.Frame]) -> Reply | Error | None:
+def _decode_answer(frames: list[zmq.Frame]) -> Reply | Error | Partial | None:
     try:
-        return decode(frames[0], Reply, Error)
+        return decode(frames[0], Reply, Error, Partial)
     except ServingError:
         return None
 
@@ -294,6 +339,8 @@ class _Pending:
     deadline: float
     no_reply: str
     """What DEADLINE_EXCEEDED says when no answer came."""
+    on_partial: Callable[[Partial, list[zmq.Frame]], None] | None = field(default=None)
+    """A streamed request's PARTIALs go here (on the IO thread)."""
 
 
 class IOThread(threading.Thread):
@@ -399,6 +446,12 @@ class IOThread(threading.Thread):
         answer = _decode_answer(frames)
         if answer is None or not isinstance(answer.id, int):
             return
+        if isinstance(answer, Partial):
+            with self.lock:
+                pending = self.pending.get(answer.id)
+            if pending is not None and pending.on_partial is not None and not pending.future.done():
+                pending.on_partial(answer, frames[1:])
+            return
         with self.lock:
             pending = self.pending.pop(answer.id, None)
         if pending is None or pending.future.done():  # a cancelled future stays cancelled
@@ -434,6 +487,252 @@ class _Refused(Exception):
 
 
 Client.io_thread_class = IOThread
+
+
+def _one_instance(instance: Instance) -> list[Instance]:
+    if not isinstance(instance, dict):
+        raise TypeError(f"a streamed request takes one instance (a dict), got {type(instance).__name__}")
+    return [instance]
+
+
+_END = object()
+"""Put into a stream's queue when its request is answered (after every PARTIAL it had)."""
+
+
+class _Stream:
+    """What the sync and async streams share: the request's future, the PARTIALs the IO thread hands over (in
+    order), and the check that they come numbered 0, 1, 2, ... (a gap is an error, never a silent loss)."""
+
+    def __init__(self) -> None:
+        self._future: Future | None = None
+        self._expected = 0
+        self._ended = False
+
+    def attach(self, future: Future) -> None:
+        self._future = future
+        future.add_done_callback(lambda _: self._put(_END))
+
+    def _put(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def take_partial(self, partial: Partial, frames: list[zmq.Frame]) -> None:
+        """On the IO thread: queue one PARTIAL's values (or the error of reading them)."""
+        try:
+            values: Instance | ClientError = decode_instances(partial.instances, frames)[0] if partial.instances \
+                else {}
+        except ServingError as error:
+            values = ClientError(error.code, f"a partial answer could not be read: {error.message}")
+        self._put((partial.seq, values))
+
+    def _accept(self, item: Any) -> Instance | None:
+        """The next partial's values, None at the end; raises the request's error (and cancels it on a gap)."""
+        if item is _END:
+            self._ended = True
+            self._final()  # raises the request's error, if it ended with one
+            return None
+        seq, values = item
+        if isinstance(values, ClientError):
+            self.close()
+            raise values
+        if seq != self._expected:
+            self.close()
+            raise ClientError(ErrorCode.INTERNAL, f"the stream lost its order: partial {seq} came where "
+                                                  f"{self._expected} was due")
+        self._expected += 1
+        return values
+
+    def _final(self) -> Instance:
+        assert self._future is not None and self._future.done()
+        if self._future.cancelled():
+            raise ClientError(ErrorCode.CANCELLED, "the stream was closed before its answer came")
+        return self._future.result()[0]
+
+    def close(self) -> None:
+        """Cancel the request unless it is answered (CANCEL: the worker stops generating)."""
+        if self._future is not None and not self._future.done():
+            self._future.cancel()
+
+
+class InferStream(_Stream):
+    """A streamed answer (`Client.infer_stream`): iterate it for the partial answers, `result()` for the final
+    outputs. Leaving the loop early, `close()` or leaving a `with` block cancels the request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _put(self, item: Any) -> None:
+        self._items.put(item)
+
+    def __iter__(self) -> Iterator[Instance]:
+        try:
+            while not self._ended and (values := self._accept(self._get())) is not None:
+                yield values
+        finally:
+            self.close()
+
+    def _get(self) -> Any:
+        while True:  # in short waits, so Ctrl-C is seen; the IO thread always ends the request by its deadline
+            with contextlib.suppress(queue.Empty):
+                return self._items.get(timeout=0.5)
+
+    def result(self) -> Instance:
+        """The final outputs, once the request is answered (partials not read are skipped)."""
+        assert self._future is not None
+        with contextlib.suppress(CancelledError):
+            self._future.exception()  # waits
+        return self._final()
+
+    def __enter__(self) -> InferStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncInferStream(_Stream):
+    """`InferStream` for asyncio (`Client.infer_stream_async`): `async for` over the partial answers, then
+    `await result()`. Leaving the loop early or `close()` cancels the request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+        self._items: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody reads this stream any more
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[Instance]:
+        try:
+            while not self._ended and (values := self._accept(await self._items.get())) is not None:
+                yield values
+        finally:
+            self.close()
+
+    async def result(self) -> Instance:
+        assert self._future is not None
+        with contextlib.suppress(asyncio.CancelledError, CancelledError):
+            await asyncio.wait([asyncio.wrap_future(self._future)])
+        return self._final()
+
+    async def __aenter__(self) -> AsyncInferStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+SAMPLING_DTYPES: dict[str, type[np.generic]] = {
+    "max_tokens": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
+    "frequency_penalty": np.float32, "presence_penalty": np.float32, "seed": np.int64,
+}
+"""A generation method's sampling inputs (zmserve.sampling.SamplingParams) and their wire dtypes; `seed` -1 is
+none."""
+
+
+def generation_inputs(prompt: str, **sampling: Any) -> Instance:
+    """A generation method's inputs: `prompt` and every sampling value, SamplingParams' default for those not
+    given (so a method that requires all of them, and one with optional inputs, both take it). An unknown name is
+    a TypeError, a value out of range a ValueError (SamplingParams' checks), both before anything is sent."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    unknown = sorted(set(sampling) - set(SAMPLING_DTYPES))
+    if unknown:
+        raise TypeError(f"unknown sampling parameters {unknown}; known: {list(SAMPLING_DTYPES)}")
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as error:
+        raise ValueError(f"sampling parameters {sampling}: {error}") from None
+    values: Instance = {"prompt": prompt}
+    for name, dtype in SAMPLING_DTYPES.items():
+        value = getattr(params, name)
+        values[name] = np.asarray(-1 if value is None else value, dtype)
+    return values
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """What one step of a generation added: its new tokens, and their text ("" while a character is split)."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole generation: every token and the text, why it stopped ("length" or "stop"), and the token counts."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def chunk_of(values: Instance) -> GenerationChunk:
+    return GenerationChunk(str(values.get("text", "")), _ints(values.get("token_ids")))
+
+
+def generation_of(values: Instance) -> Generation:
+    token_ids = _ints(values.get("token_ids"))
+    return Generation(str(values.get("text", "")), token_ids, str(values.get("finish_reason", "")),
+                      int(values.get("prompt_tokens", 0)),  # type: ignore[arg-type]
+                      int(values.get("completion_tokens", len(token_ids))))  # type: ignore[arg-type]
+
+
+def _ints(value: Any) -> list[int]:
+    return [] if value is None else np.asarray(value).reshape(-1).astype(int).tolist()
+
+
+class GenerationStream:
+    """`Client.generate`'s answer: iterate it for `GenerationChunk`s as tokens come, `result()` for the whole
+    `Generation`. Leaving the loop early, `close()` or leaving a `with` block cancels the request."""
+
+    def __init__(self, stream: InferStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        chunks = iter(self.stream)
+        try:
+            for values in chunks:
+                yield chunk_of(values)
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+
+    def result(self) -> Generation:
+        return generation_of(self.stream.result())
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGenerationStream:
+    """`GenerationStream` for asyncio (`Client.generate_async`)."""
+
+    def __init__(self, stream: AsyncInferStream) -> None:
+        self.stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        chunks = aiter(self.stream)
+        try:
+            async for values in chunks:
+                yield chunk_of(values)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def result(self) -> Generation:
+        return generation_of(await self.stream.result())
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def infer_when_ready(client: Client, instances: Instance | list[Instance], ready_within: float = 300.0,

@@ -28,6 +28,8 @@ class MessageType(StrEnum):
     REQUEST = "request"
     REPLY = "reply"
     ERROR = "error"
+    # worker -> broker -> client, before the REPLY or ERROR of a streamed request (`Request.stream`)
+    PARTIAL = "partial"
     CANCEL = "cancel"
     # worker <-> broker (control). A worker repeats its status every heartbeat interval, so a restarted broker
     # learns every worker again within one interval.
@@ -269,12 +271,26 @@ class Request(Message, tag=MessageType.REQUEST.value):
     timeout_ms: float | None = None
     instances: list[list[TensorSpec]] = []
     retry: Retry | None = None
+    stream: bool = False
+    """Send what a generator stage yields as PARTIAL messages before the one REPLY or ERROR (PROTOCOL.md §4.11);
+    a request that has had a partial is never sent to another replica."""
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
     """worker -> broker -> client: one list of output specs per input instance."""
 
     id: RequestId
+    instances: list[list[TensorSpec]] = []
+
+
+class Partial(Message, tag=MessageType.PARTIAL.value):
+    """worker -> broker -> client: part of a streamed answer; the request still ends with exactly one REPLY or
+    ERROR. `seq` counts 0, 1, 2, ... per request, so a client sees that nothing was lost or sent twice; `instances`
+    describes the value frames after the header exactly as in REPLY (per instance, what it yielded in this step:
+    an empty list for an instance that yielded nothing)."""
+
+    id: RequestId
+    seq: int
     instances: list[list[TensorSpec]] = []
 
 
@@ -520,18 +536,19 @@ class ModelError(Message, tag=MessageType.MODEL_ERROR.value):
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
-    Request, Reply, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted, DrainAck,
+    Request, Reply, Partial, Error, Cancel, WorkerStatus, WorkerDisconnect, Heartbeat, RequestsStarted, DrainAck,
     AgentRegister, AgentConfigure, AgentReady, AgentFailed, AgentRejected, AgentShutdown, AgentStopped,
     RankTableQuery, RankTableAnswer, LauncherHello, AgentsShutDown, AgentExited, MetadataQuery, Metadata, ModelCall,
     ModelResult, ModelError, StatusQuery, Status,
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Request | Reply | Error | Cancel | WorkerStatus | WorkerDisconnect | Heartbeat
-                                   | RequestsStarted | DrainAck | AgentRegister | AgentConfigure | AgentReady
-                                   | AgentFailed | AgentRejected | AgentShutdown | AgentStopped | RankTableQuery
-                                   | RankTableAnswer | LauncherHello | AgentsShutDown | AgentExited | MetadataQuery
-                                   | Metadata | ModelCall | ModelResult | ModelError | StatusQuery | Status)
+_decoder = msgspec.msgpack.Decoder(Request | Reply | Partial | Error | Cancel | WorkerStatus | WorkerDisconnect
+                                   | Heartbeat | RequestsStarted | DrainAck | AgentRegister | AgentConfigure
+                                   | AgentReady | AgentFailed | AgentRejected | AgentShutdown | AgentStopped
+                                   | RankTableQuery | RankTableAnswer | LauncherHello | AgentsShutDown | AgentExited
+                                   | MetadataQuery | Metadata | ModelCall | ModelResult | ModelError | StatusQuery
+                                   | Status)
 _peek_decoder = msgspec.msgpack.Decoder()
 
 

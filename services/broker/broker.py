@@ -43,6 +43,7 @@ from zmserve.protocol import (
     Metadata,
     MetadataQuery,
     MethodSignature,
+    Partial,
     Reply,
     Request,
     RequestId,
@@ -119,6 +120,9 @@ class PendingRequest:
     """Its worker said it handed the request to the model (REQUESTS_STARTED): never sent anywhere else."""
     tried: tuple[bytes, ...] = ()
     """The workers it was sent to, in order."""
+    streamed: bool = False
+    """A PARTIAL of it reached the client: never sent to another replica (the client has part of this run's
+    answer)."""
 
 
 class InFlight:
@@ -402,9 +406,12 @@ class Broker:
 
     def forward_reply(self, identity: bytes, client: bytes, frames: list[Any]) -> None:
         try:
-            reply = decode(frames[0], Reply, Error)
+            reply = decode(frames[0], Reply, Error, Partial)
         except ServingError as error:
             bursts.warning("worker_reply_malformed", message=error.message)
+            return
+        if isinstance(reply, Partial):
+            self.take_partial(identity, client, reply.id, frames)
             return
         self.take_reply(identity, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
 
@@ -431,6 +438,24 @@ class Broker:
             return
         self.finished(pending, code, now)
         self.send_to_client(client, frames)
+
+    def take_partial(self, identity: bytes, client: bytes, request_id: RequestId, frames: list[Any]) -> None:
+        """A PARTIAL ([header, *values]) of a streamed request: to the client, and the request stays open for its
+        one REPLY or ERROR. From now on it is never sent to another replica. Dropped like a late reply when the
+        request is answered already or held by another worker; after its deadline the broker's DEADLINE_EXCEEDED is
+        on its way."""
+        key = (client, request_id)
+        pending = self.requests.get(key)
+        if pending is None or pending.worker != identity:
+            bursts.info("late_partial_dropped", request_id=request_id)
+            return
+        if pending.deadline is not None and time.monotonic() > pending.deadline:
+            return
+        if not pending.streamed:
+            pending.streamed = True
+            pending.request, pending.frames = None, []  # never sent again: hold no tensor for it
+        if self.send_to_client(client, frames) is Delivery.UNREACHABLE:  # the client is gone: stop generating
+            self.cancel(client, request_id, encode(Cancel(id=request_id)))
 
     def take_in_process_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
                               frames: list[Any]) -> None:
@@ -534,13 +559,14 @@ class Broker:
     def reply_error(self, client: bytes, request_id: RequestId | None, code: ErrorCode, message: str) -> None:
         self.send_to_client(client, [error_frame(request_id, code, message)])
 
-    def send_to_client(self, client: bytes, frames: list[Any]) -> None:
+    def send_to_client(self, client: bytes, frames: list[Any]) -> Delivery:
         self.metrics.sent(frames)
         delivery = send_nonblocking(self.clients, [client, *frames])
         if delivery is Delivery.WOULD_BLOCK:
             bursts.warning("client_not_reading", client=client.hex())
         elif delivery is Delivery.UNREACHABLE:
             bursts.info("client_gone", client=client.hex())
+        return delivery
 
     def deliver_to_worker(self, identity: bytes, frames: list[Any]) -> Delivery:
         """Frames for a worker: over the worker ROUTER, or handed straight to an in-process worker's loop."""
@@ -588,5 +614,9 @@ class Broker:
 
 def may_retry(pending: PendingRequest) -> bool:
     """PROTOCOL.md §4.10: `before_model` while no call of the request was published (REQUESTS_STARTED), `until_result`
-    as long as the worker has not answered (the worker answers in the step that takes the model's result)."""
+    as long as the worker has not answered (the worker answers in the step that takes the model's result).
+    A request whose PARTIAL reached its client is never sent again: the client holds part of that run's answer.
+    """
+    if pending.streamed:
+        return False
     return pending.retry is Retry.UNTIL_RESULT or (pending.retry is Retry.BEFORE_MODEL and not pending.started)

@@ -20,7 +20,8 @@ from services.worker.batching import Batcher
 from services.worker.requests import MethodRun, ModelCall, RunTable, check_model_input
 from services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
 from services.worker.steps import Steps
-from zmserve.codec import decode_values, encode_instances, encode_values
+from services.worker.streaming import GeneratorStage, is_generator_stage
+from zmserve.codec import Instance, decode_values, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import OK, WorkerMetrics
 from zmserve.protocol import (
@@ -28,6 +29,7 @@ from zmserve.protocol import (
     ModelError,
     ModelResult,
     ModelSignature,
+    Partial,
     Reply,
     ServingError,
     TensorSpec,
@@ -47,16 +49,19 @@ Answer = Callable[[bytes, Any, str, list[Any]], None]
 """Send [header, *values] of a REPLY or ERROR for request id (2nd) to the client with this routing identity."""
 StartStage = Callable[[MethodRun, Stage], None]
 """Run a Python stage that calls the model on a thread of its own (stage_threads.StageThreads.start)."""
+SendPartial = Callable[[bytes, list[Any]], None]
+"""Send [header, *values] of a PARTIAL to the client with this routing identity (the request stays open)."""
 
 
 class Pipeline:
     def __init__(self, model: DistributedModel, max_inflight_calls: int, max_queued_requests: int,
                  publish: Publish, answer: Answer, metrics: WorkerMetrics | None = None,
-                 start_stage: StartStage | None = None, max_sequences: int = 0, step_wait: float = 0.002) -> None:
+                 start_stage: StartStage | None = None, max_sequences: int = 0, step_wait: float = 0.002,
+                 partial: SendPartial | None = None) -> None:
         self.model = model
         self.metrics = metrics or WorkerMetrics("", 0, enabled=False)
         self.max_queued_requests = max_queued_requests
-        self.publish, self.answer = publish, answer
+        self.publish, self.answer, self.partial = publish, answer, partial
         self.table = RunTable(max_inflight_calls)
         self.start_stage = start_stage
         self.steps = Steps(publish, self.table.call_ids, self.metrics, max_sequences, step_wait,
@@ -67,6 +72,8 @@ class Pipeline:
         """Runs whose stage thread runs Python now (not waiting on a model call)."""
         self.signature = ModelSignature()
         self.batcher: Batcher | None = None
+        self.generators: dict[MethodRun, GeneratorStage] = {}
+        """Runs at a generator stage, stepped one yield per loop turn (`step_generators`)."""
         self.stats = {"requests": 0, "model_calls": 0, "model_rows": 0}
         self.started: list[tuple[bytes, Any]] = []
         """(client, request id) of the runs whose first model call was published since the worker last told the
@@ -109,6 +116,9 @@ class Pipeline:
                 if stage.calls_model and self.start_stage is not None:
                     self.computing.add(run)
                     self.start_stage(run, stage)
+                    return
+                if is_generator_stage(stage):
+                    self.generators[run] = GeneratorStage(run, stage)
                     return
                 if not stage.is_model:
                     started = time.perf_counter()
@@ -184,6 +194,7 @@ class Pipeline:
             return
         reached_agents = self.table.reached_agents(run)
         self.table.remove_run(run)
+        self.stop_generators(run)
         if self.batcher is not None:
             self.batcher.discard(run)
         self.metrics.request_done(run.method.name, ErrorCode.CANCELLED, run.started)
@@ -204,8 +215,12 @@ class Pipeline:
                 except ServingError as error:
                     event.future.set_exception(error)
             elif isinstance(event, StagePartial):
-                if not run.finished:
-                    self.partial(run, event.instance, event.item)
+                per_instance: list[Instance] = [{} for _ in run.values]
+                per_instance[event.instance] = event.values
+                try:
+                    self.send_partial(run, per_instance)
+                except ServingError as error:
+                    self.fail(run, error.code, error.message)
             elif isinstance(event, StageDone):
                 self.computing.discard(run)
                 self.stage_done(event)
@@ -220,22 +235,54 @@ class Pipeline:
             return
         stage = run.current_stage
         assert stage is not None and done.outputs is not None
-        try:
-            for index, returned in enumerate(done.outputs):
-                outputs = returned if stage.outputs_count > 1 else (returned,)
-                if not isinstance(outputs, tuple | list) or len(outputs) != stage.outputs_count:
-                    raise ServingError(ErrorCode.INTERNAL, f"stage {stage.label!r} should return "
-                                                           f"{stage.outputs_count} values, returned {returned!r:.80}")
-                run.keep_outputs(index, outputs)
-        except ServingError as error:
-            self.fail(run, error.code, error.message)
-            return
+        for index, outputs in enumerate(done.outputs):
+            run.keep_outputs(index, outputs)
         self.metrics.stage_ran(run.method.name, stage.label, run.started)
         run.stage_index += 1
         self.advance(run)
 
-    def partial(self, run: MethodRun, instance: int, item: Any) -> None:
-        """A generator stage yielded: a streaming request gets it as a PARTIAL (the stream helper's part)."""
+    # ---- generator stages and partial answers ---------------------------------------------------------------
+    def step_generators(self) -> None:
+        """Once per loop turn: every run at a generator stage advances by one yield, which a streaming request gets
+        as a PARTIAL; a run whose generators ended walks on to its next stage."""
+        for run, stage in list(self.generators.items()):
+            if run.finished:
+                continue
+            try:
+                yielded = stage.step()
+                if any(yielded):
+                    self.send_partial(run, yielded)
+            except ServingError as error:
+                self.fail(run, error.code, error.message)
+                continue
+            if stage.done and not run.finished:
+                del self.generators[run]
+                stage.keep_outputs()
+                self.metrics.stage_ran(run.method.name, stage.stage.label, stage.started)
+                self.advance(run)
+
+    def send_partial(self, run: MethodRun, per_instance: list[Instance]) -> None:
+        """Send what a generator stage yielded for `run` (one dict per instance, {} for none) as its next PARTIAL,
+        if the request asked for a stream; nothing once the run is answered. The one place a PARTIAL is made:
+        loop-run generator stages and threaded stages (on the loop thread) both call it. A value that cannot be
+        encoded is the servable's mistake: ServingError INTERNAL."""
+        if not run.stream or run.finished:
+            return
+        try:
+            specs, frames = encode_instances(per_instance)
+        except ServingError as error:
+            raise ServingError(ErrorCode.INTERNAL, f"method {run.method.name!r} yielded a value that cannot be "
+                                                   f"sent: {error.message}") from None
+        header = encode(Partial(id=run.request_id, seq=run.partials_sent, instances=specs))
+        run.partials_sent += 1
+        assert self.partial is not None, "a pipeline that streams needs a way to send partials"
+        self.partial(run.client, [header, *frames])
+
+    def stop_generators(self, run: MethodRun) -> None:
+        """The run ended (answered, cancelled, expired): its generators stop now."""
+        stage = self.generators.pop(run, None)
+        if stage is not None:
+            stage.close()
 
     # ---- results in -----------------------------------------------------------------------------------------
     def take_result(self, message: ModelResult | ModelError, value_frames: list[Any]) -> None:
@@ -281,7 +328,10 @@ class Pipeline:
 
     # ---- periodic chores and endings ------------------------------------------------------------------------
     def seconds_until_due(self) -> float | None:
-        """When the oldest waiting batch or decode step must leave (None: nothing waits)."""
+        """When the pipeline next has work of its own: at once while a generator stage waits to be stepped, else
+        when the oldest waiting batch or decode step must leave (None: nothing waits)."""
+        if self.generators:
+            return 0.0
         dues = [self.steps.seconds_until_due(), self.batcher.seconds_until_due() if self.batcher is not None
                 else None]
         return min((due for due in dues if due is not None), default=None)
@@ -310,6 +360,7 @@ class Pipeline:
         if run.finished:
             return
         self.table.remove_run(run)
+        self.stop_generators(run)
         self.metrics.request_done(run.method.name, code, run.started)
         bursts.info("request_failed", key=code, request_id=run.request_id, code=code, message=message)
         self.answer(run.client, run.request_id, code, [error_frame(run.request_id, code, message)])

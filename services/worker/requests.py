@@ -68,10 +68,14 @@ class MethodRun:
     first_token: float | None = None
     last_token: float | None = None
     """perf_counter() of its first and latest stateful model result (generation metrics: TTFT, inter-token)."""
+    stream: bool = False
+    """The client asked for partial answers (`Request.stream`): what a generator stage yields is sent as PARTIAL."""
+    partials_sent: int = 0
+    """The `seq` of its next PARTIAL."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,
-              instances: list[Instance], deadline: float | None) -> MethodRun:
+              instances: list[Instance], deadline: float | None, stream: bool = False) -> MethodRun:
         if not instances:
             raise ServingError(ErrorCode.INVALID_ARGUMENT, "a request needs at least one instance")
         values = []
@@ -84,7 +88,7 @@ class MethodRun:
                     f"got {sorted(names)}",
                 )
             values.append({ValueRef(METHOD_INPUT, i, n): instance[n] for i, n in enumerate(method.input_names)})
-        return cls(client, request_id, servable, method, values, deadline)
+        return cls(client, request_id, servable, method, values, deadline, stream=stream)
 
     @property
     def current_stage(self) -> Stage | None:
@@ -92,29 +96,19 @@ class MethodRun:
         return stages[self.stage_index] if self.stage_index < len(stages) else None
 
     def run_python_stage(self, stage: Stage) -> None:
-        """Run a Python stage for every instance and keep its outputs. A stage that refuses its input (InvalidInput,
-        TypeError, ValueError) is the caller's fault: INVALID_ARGUMENT with the stage's message. Anything else it
-        raises is the servable's: INTERNAL, logged with its traceback."""
+        """Run a Python stage for every instance and keep its outputs (errors: `stage_failure`)."""
         assert stage.function is not None
-        for index, values in enumerate(self.values):
+        for index in range(len(self.values)):
             try:
-                returned = stage.function(*(values[ref] for ref in stage.inputs))
-            except INPUT_ERRORS as exc:
-                raise ServingError(ErrorCode.INVALID_ARGUMENT,
-                                   f"instance {index}: stage {stage.label!r} rejected its input: {exc}") from None
+                returned = stage.function(*self.stage_inputs(stage, index))
             except Exception as exc:
-                log.exception("stage_crashed", request_id=self.request_id, stage=stage.label, instance=index)
-                raise ServingError(
-                    ErrorCode.INTERNAL, f"instance {index}: stage {stage.label!r} raised {type(exc).__name__}: {exc}"
-                ) from None
-            outputs = returned if stage.outputs_count > 1 else (returned,)
-            if not isinstance(outputs, tuple | list) or len(outputs) != stage.outputs_count:
-                raise ServingError(
-                    ErrorCode.INTERNAL,
-                    f"stage {stage.label!r} should return {stage.outputs_count} values, returned {returned!r:.80}",
-                )
-            self.keep_outputs(index, outputs)
+                raise stage_failure(exc, self.request_id, stage, index) from None
+            self.keep_outputs(index, stage_outputs(stage, returned))
         self.stage_index += 1
+
+    def stage_inputs(self, stage: Stage, instance_index: int) -> list[Value]:
+        """A stage's inputs for one instance."""
+        return [self.values[instance_index][ref] for ref in stage.inputs]
 
     def keep_outputs(self, instance_index: int, outputs: tuple[Value, ...] | list[Value]) -> None:
         for i, output in enumerate(outputs):
@@ -144,6 +138,32 @@ class MethodRun:
             {name: values[ref] for name, ref in zip(self.method.output_names, self.method.outputs, strict=True)}
             for values in self.values
         ]
+
+
+def stage_failure(exc: Exception, request_id: Any, stage: Stage, index: int) -> ServingError:
+    """What a Python stage's exception answers. A stage that refuses its input (InvalidInput, TypeError,
+    ValueError) is the caller's fault: INVALID_ARGUMENT with the stage's message. Anything else it raises is the
+    servable's: INTERNAL, logged with its traceback. A ServingError (from zmserve's own calls inside the stage)
+    keeps its code. Called inside the `except` block, so the log line carries the traceback."""
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, INPUT_ERRORS):
+        return ServingError(ErrorCode.INVALID_ARGUMENT, f"instance {index}: stage {stage.label!r} rejected its input: "
+                                                        f"{exc}")
+    log.exception("stage_crashed", request_id=request_id, stage=stage.label, instance=index)
+    return ServingError(ErrorCode.INTERNAL,
+                        f"instance {index}: stage {stage.label!r} raised {type(exc).__name__}: {exc}")
+
+
+def stage_outputs(stage: Stage, returned: Any) -> tuple[Value, ...] | list[Value]:
+    """A Python stage's return value as its `outputs_count` outputs; any other shape is the servable's mistake."""
+    outputs = returned if stage.outputs_count > 1 else (returned,)
+    if not isinstance(outputs, tuple | list) or len(outputs) != stage.outputs_count:
+        raise ServingError(
+            ErrorCode.INTERNAL,
+            f"stage {stage.label!r} should return {stage.outputs_count} values, returned {returned!r:.80}",
+        )
+    return outputs
 
 
 class RunTable:

@@ -21,9 +21,11 @@ from typing import Any
 
 import zmq
 
-from services.worker.requests import INPUT_ERRORS, MethodRun
+from services.worker.requests import MethodRun, stage_failure, stage_outputs
+from services.worker.streaming import concatenated, yielded_values
+from zmserve.codec import Instance
 from zmserve.logs import Bursts, get_logger
-from zmserve.protocol import ErrorCode, ServingError
+from zmserve.protocol import ServingError
 from zmserve.servable import Stage, set_model_caller
 
 log = get_logger("worker")
@@ -47,19 +49,19 @@ class CallWanted:
 
 @dataclass(eq=False)
 class StagePartial:
-    """A generator stage yielded `item` for instance `instance`."""
+    """A generator stage yielded `values` ({output name: value}) for instance `instance`."""
 
     run: MethodRun
     instance: int
-    item: Any
+    values: Instance
 
 
 @dataclass(eq=False)
 class StageDone:
-    """The stage ended: `outputs` per instance, or `error`; neither when its request had already ended."""
+    """The stage ended: its outputs per instance, or `error`; neither when its request had already ended."""
 
     run: MethodRun
-    outputs: list[Any] | None = None
+    outputs: list[tuple[Any, ...] | list[Any]] | None = None
     error: ServingError | None = None
 
 
@@ -120,7 +122,7 @@ class StageThreads:
     def _run(self, run: MethodRun, stage: Stage) -> None:
         set_model_caller(lambda inputs, subgraph: self.call(run, inputs, subgraph))
         try:
-            outputs = [self._instance(run, stage, index, values) for index, values in enumerate(run.values)]
+            outputs = [self._instance(run, stage, index) for index in range(len(run.values))]
             done = StageDone(run, outputs)
         except RunEnded:
             done = StageDone(run)
@@ -133,52 +135,27 @@ class StageThreads:
         if push is not None:
             push.close(linger=1000)
 
-    def _instance(self, run: MethodRun, stage: Stage, index: int, values: dict[Any, Any]) -> Any:
-        """Run the stage for one instance; a generator stage's yields go to the loop as partials and its outputs
-        are what it returns (or, if nothing, everything it yielded: `generator_outputs`)."""
+    def _instance(self, run: MethodRun, stage: Stage, index: int) -> tuple[Any, ...] | list[Any]:
+        """Run the stage for one instance: its outputs. A generator stage's yields go to the loop as partials, and
+        its outputs are what it returns or, if nothing, what it yielded (streaming.py's rules, shared with the
+        generator stages the loop runs)."""
         assert stage.function is not None
         try:
-            returned = stage.function(*(values[ref] for ref in stage.inputs))
+            returned = stage.function(*run.stage_inputs(stage, index))
             if inspect.isgenerator(returned):
-                items = []
+                yields = []
                 while True:
                     try:
                         item = next(returned)
                     except StopIteration as stop:
-                        returned = stop.value if stop.value is not None else generator_outputs(stage, items)
+                        if stop.value is None:
+                            return concatenated(run.method, stage, yields)
+                        returned = stop.value
                         break
-                    items.append(item)
-                    self.post(StagePartial(run, index, item))
-            return returned
-        except (RunEnded, ServingError):
+                    yields.append(yielded_values(run.method, item))
+                    self.post(StagePartial(run, index, yields[-1]))
+            return stage_outputs(stage, returned)
+        except RunEnded:
             raise
-        except INPUT_ERRORS as exc:
-            raise ServingError(ErrorCode.INVALID_ARGUMENT,
-                               f"instance {index}: stage {stage.label!r} rejected its input: {exc}") from None
         except Exception as exc:
-            log.exception("stage_crashed", request_id=run.request_id, stage=stage.label, instance=index)
-            raise ServingError(ErrorCode.INTERNAL,
-                               f"instance {index}: stage {stage.label!r} raised {type(exc).__name__}: {exc}") from None
-
-
-def generator_outputs(stage: Stage, items: list[Any]) -> Any:
-    """A generator stage that returns nothing: its outputs are what it yielded, joined per output (strings
-    concatenated, arrays concatenated along their first axis, a lone value kept as the last one yielded)."""
-    if not items:
-        raise ServingError(ErrorCode.INTERNAL, f"generator stage {stage.label!r} yielded nothing and returned nothing")
-    import numpy as np
-
-    if all(isinstance(item, dict) for item in items):  # {output name: value}: in the first item's order
-        columns = [tuple(item[name] for name in items[0]) for item in items]
-    else:
-        columns = [item if isinstance(item, tuple | list) else (item,) for item in items]
-
-    def join(values: list[Any]) -> Any:
-        if all(isinstance(v, str) for v in values):
-            return "".join(values)
-        if all(isinstance(v, np.ndarray) and v.ndim >= 1 for v in values):
-            return np.concatenate(values)
-        return values[-1]
-
-    joined = tuple(join([column[i] for column in columns]) for i in range(len(columns[0])))
-    return joined if stage.outputs_count > 1 else joined[0]
+            raise stage_failure(exc, run.request_id, stage, index) from None

@@ -172,7 +172,8 @@ class Worker:
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer, metrics=self.metrics,
                                  start_stage=self.stage_threads.start, max_sequences=config.max_sequences,
-                                 step_wait=config.max_batch_delay)
+                                 step_wait=config.max_batch_delay,
+                                 partial=self.send_partial)
         self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
                            for stage in self.membership.stages]
         self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
@@ -375,7 +376,7 @@ class Worker:
             self.pipeline.check_room()
             instances = decode_instances(request.instances, value_frames)
             run = MethodRun.start(client, request.id, self.spec.name, method, instances,
-                                  deadline_of(request.timeout_ms))
+                                  deadline_of(request.timeout_ms), stream=request.stream)
             self.pipeline.admit(run)
         except ServingError as error:
             bursts.info("request_rejected", key=error.code, request_id=request.id, code=error.code,
@@ -408,6 +409,7 @@ class Worker:
             self.scan_chores(now)
         else:
             self.pipeline.send_due_batches()
+        self.pipeline.step_generators()
         self.release_calls()
 
     def scan_chores(self, now: float) -> None:
@@ -490,6 +492,11 @@ class Worker:
             self.in_process_broker.take_reply(client, request_id, code, frames)
         else:
             self.send_to_broker([BrokerCommand.REPLY, client, *frames])
+
+    def send_partial(self, client: bytes, frames: list[Any]) -> None:
+        """A PARTIAL ([header, *values]) of a streamed request, on the reply path: the broker forwards it and keeps
+        the request open (a broker in this process reads it as the DEALER's frames)."""
+        self.send_to_broker([BrokerCommand.REPLY, client, *frames])
 
     def send_to_broker(self, frames: list[Any]) -> None:
         """Never block on the broker: if it is gone, the reply is lost and the client's deadline answers."""

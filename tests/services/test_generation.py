@@ -49,8 +49,14 @@ def generate_tokens(prompt, max_tokens):
 
 
 def stream_tokens(prompt, max_tokens):
-    for token in generate_tokens(prompt, max_tokens):
-        yield np.array([token], np.int32)
+    history = [int(t) for t in prompt]
+    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
+    for step in range(int(max_tokens)):
+        token = int(np.argmax(logits[0]))
+        yield {"tokens": np.array([token], np.int32)}
+        if step + 1 < int(max_tokens):
+            logits = model.call(np.array([[token]], np.int32), np.array([len(history) + step], np.int32),
+                                subgraph=1)
 
 
 def spin(prompt, steps):
@@ -136,10 +142,16 @@ def test_concurrent_generations_match_the_reference_and_share_decode_steps(clust
     wait_for(lambda: sequences(cluster) == 0, 5, what="slots free")
 
 
-def test_a_generator_stage_answers_with_what_it_yielded(cluster: LocalCluster) -> None:
+def test_a_generator_stage_that_calls_the_model_streams_each_token(cluster: LocalCluster) -> None:
+    expected = stateful_model.reference_generate([4, 4, 1], 9)
     with cluster.client("generate") as client:
-        (result,) = client.infer(instance([4, 4, 1], 9), timeout=30)
-    assert result["tokens"].tolist() == stateful_model.reference_generate([4, 4, 1], 9)
+        (whole,) = client.infer(instance([4, 4, 1], 9), timeout=30)
+        with client.infer_stream(instance([4, 4, 1], 9), timeout=30) as stream:
+            partials = [partial["tokens"].tolist() for partial in stream]
+            final = stream.result()
+    assert whole["tokens"].tolist() == expected
+    assert partials == [[token] for token in expected]
+    assert final["tokens"].tolist() == expected
 
 
 def test_a_full_server_refuses_at_once_and_a_cancel_frees_the_slot(cluster: LocalCluster) -> None:

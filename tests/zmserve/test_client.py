@@ -3,18 +3,30 @@ answers every pending request. A raw ROUTER in the test plays the broker."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from collections.abc import Iterator
 
+import generator_servable
 import numpy as np
 import pytest
 import zmq
+from cluster import wait_for
 
-from zmserve.client import Client, ClientError, IOThread, broker_endpoint, infer_when_ready
-from zmserve.codec import encode_instances
-from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, decode, encode
+from zmserve.client import (
+    Client,
+    ClientError,
+    Generation,
+    IOThread,
+    broker_endpoint,
+    generation_inputs,
+    infer_when_ready,
+)
+from zmserve.codec import decode_instances, encode_instances
+from zmserve.local import LocalCluster
+from zmserve.protocol import Cancel, Error, ErrorCode, Partial, Reply, Request, decode, encode
 from zmserve.transport import free_port
 
 ONES = {"x": np.ones((2, 3), np.float32)}
@@ -61,7 +73,7 @@ class FakeBroker:
 
     def receive_message(self, timeout_s: float = 5.0) -> tuple[bytes, Request | Cancel]:
         assert self.socket.poll(int(timeout_s * 1000)), "no message arrived"
-        identity, header, *_ = self.socket.recv_multipart()
+        identity, header, *self.last_values = self.socket.recv_multipart()
         return identity, decode(header, Request, Cancel)
 
     def reply(self, identity: bytes, request_id: int, value: np.ndarray) -> None:
@@ -256,3 +268,200 @@ def test_an_interrupted_infer_cancels_its_request(broker: FakeBroker) -> None:
         _, request = broker.receive()
         _, cancel = broker.receive_message()
     assert cancel == Cancel(id=request.id)
+
+
+# ---- streamed answers -------------------------------------------------------------------------------------------
+def send_partial(broker: FakeBroker, identity: bytes, request_id: int, seq: int, text: str) -> None:
+    specs, frames = encode_instances([{"text": text, "token_ids": np.array([seq], np.int32)}])
+    broker.socket.send_multipart([identity, encode(Partial(id=request_id, seq=seq, instances=specs)), *frames])
+
+
+def send_final(broker: FakeBroker, identity: bytes, request_id: int, **values: object) -> None:
+    specs, frames = encode_instances([values])
+    broker.socket.send_multipart([identity, encode(Reply(id=request_id, instances=specs)), *frames])
+
+
+def test_a_stream_yields_each_partial_in_order_then_its_result(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        stream = client.infer_stream({"x": "abc"}, timeout=5)
+        identity, request = broker.receive()
+        assert request.stream is True and len(request.instances) == 1
+        for seq, text in enumerate("abc"):
+            send_partial(broker, identity, request.id, seq, text)
+        send_final(broker, identity, request.id, text="abc!")
+        assert [p["text"] for p in stream] == ["a", "b", "c"]
+        assert [p for p in stream] == [], "a stream read to its end stays ended"
+        assert stream.result() == {"text": "abc!"}
+        assert not broker.socket.poll(200), "an answered stream sends no cancel"
+
+        plain = client.infer_async({"x": "abc"}, timeout=5)
+        identity, request = broker.receive()
+        assert request.stream is False
+        broker.reply(identity, request.id, np.zeros(1, np.float32))
+        plain.result(5)
+
+
+def test_leaving_the_loop_early_cancels_the_request(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        stream = client.infer_stream({"x": "abc"}, timeout=5)
+        identity, request = broker.receive()
+        for seq in range(3):
+            send_partial(broker, identity, request.id, seq, "t")
+        for partial in stream:
+            assert partial["text"] == "t"
+            break
+        identity, cancel = broker.receive_message()
+        assert isinstance(cancel, Cancel) and cancel.id == request.id
+        with pytest.raises(ClientError) as caught:
+            stream.result()
+        assert caught.value.code is ErrorCode.CANCELLED
+
+        with client.infer_stream({"x": "abc"}, timeout=5):
+            identity, request = broker.receive()
+        identity, cancel = broker.receive_message()
+        assert isinstance(cancel, Cancel) and cancel.id == request.id, "leaving a with block cancels too"
+
+
+def test_an_error_after_partials_is_raised_by_the_loop_with_its_code(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        stream = client.infer_stream({"x": "abc"}, timeout=5)
+        identity, request = broker.receive()
+        send_partial(broker, identity, request.id, 0, "a")
+        broker.error(identity, request.id, ErrorCode.UNAVAILABLE, "the worker serving 's' was lost")
+        seen = []
+        with pytest.raises(ClientError) as caught:
+            seen.extend(p["text"] for p in stream)
+        assert seen == ["a"] and caught.value.code is ErrorCode.UNAVAILABLE
+        with pytest.raises(ClientError):
+            stream.result()
+
+
+def test_a_gap_in_the_partials_is_an_error_and_cancels(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        stream = client.infer_stream({"x": "abc"}, timeout=5)
+        identity, request = broker.receive()
+        send_partial(broker, identity, request.id, 0, "a")
+        send_partial(broker, identity, request.id, 2, "c")
+        with pytest.raises(ClientError) as caught:
+            list(stream)
+        assert caught.value.code is ErrorCode.INTERNAL and "partial 2 came where 1 was due" in caught.value.message
+        _, cancel = broker.receive_message()
+        assert isinstance(cancel, Cancel)
+
+
+def test_a_stream_ends_at_its_deadline_when_nothing_more_comes(broker: FakeBroker) -> None:
+    with Client(broker.address, "s", "m") as client:
+        stream = client.infer_stream({"x": "abc"}, timeout=0.3)
+        identity, request = broker.receive()
+        send_partial(broker, identity, request.id, 0, "a")
+        started = time.monotonic()
+        with pytest.raises(ClientError) as caught:
+            list(stream)
+        assert caught.value.code is ErrorCode.DEADLINE_EXCEEDED and time.monotonic() - started < 1.0
+
+
+def test_the_async_stream_yields_the_same_and_cancels_when_left(broker: FakeBroker) -> None:
+    async def scenario(client: Client) -> tuple[list[str], dict]:
+        stream = client.infer_stream_async({"x": "abc"}, timeout=5)
+        identity, request = await asyncio.to_thread(broker.receive)
+        for seq, text in enumerate("ab"):
+            send_partial(broker, identity, request.id, seq, text)
+        send_final(broker, identity, request.id, text="ab")
+        texts = [p["text"] async for p in stream]
+        result = await stream.result()
+
+        early = client.infer_stream_async({"x": "abc"}, timeout=5)
+        identity, request = await asyncio.to_thread(broker.receive)
+        send_partial(broker, identity, request.id, 0, "a")
+        async for _ in early:
+            break
+        # the async generator left by `break` is closed by the loop (its asyncgen finalizer): that cancels
+        _, cancel = await asyncio.to_thread(broker.receive_message)
+        assert isinstance(cancel, Cancel) and cancel.id == request.id
+        return texts, result
+
+    with Client(broker.address, "s", "m") as client:
+        texts, result = asyncio.run(scenario(client))
+    assert texts == ["a", "b"] and result == {"text": "ab"}
+
+
+def test_generate_sends_the_prompt_and_every_sampling_value_and_reads_chunks(broker: FakeBroker) -> None:
+    with Client(broker.address, "gpt", "generate") as client:
+        stream = client.generate("Hello", max_tokens=2, temperature=0.5, seed=None, timeout=5)
+        identity, request = broker.receive()
+        sent = decode_instances(request.instances, broker.last_values)[0]
+        assert sent["prompt"] == "Hello"
+        assert (sent["max_tokens"].dtype, int(sent["max_tokens"])) == (np.int32, 2)
+        assert (sent["temperature"].dtype, float(sent["temperature"])) == (np.float32, 0.5)
+        assert (sent["seed"].dtype, int(sent["seed"])) == (np.int64, -1)
+        assert (sent["top_p"].dtype, float(sent["top_p"])) == (np.float32, 1.0), "SamplingParams' default"
+        assert set(sent) == {"prompt", "max_tokens", "temperature", "top_k", "top_p", "frequency_penalty",
+                             "presence_penalty", "seed"}
+        send_partial(broker, identity, request.id, 0, " wor")
+        send_partial(broker, identity, request.id, 1, "ld")
+        send_final(broker, identity, request.id, token_ids=np.array([0, 1], np.int32), text=" world",
+                   finish_reason="length", prompt_tokens=np.int32(1), completion_tokens=np.int32(2))
+        chunks = list(stream)
+        assert [(c.text, c.token_ids) for c in chunks] == [(" wor", [0]), ("ld", [1])]
+        assert stream.result() == Generation(" world", [0, 1], "length", 1, 2)
+
+
+@pytest.mark.parametrize(("sampling", "error"), [
+    ({"temperature": -1.0}, ValueError), ({"top_p": 0.0}, ValueError), ({"max_tokens": 0}, ValueError),
+    ({"beam_width": 4}, TypeError),
+])
+def test_generate_refuses_bad_sampling_values_before_sending(broker: FakeBroker, sampling: dict,
+                                                             error: type) -> None:
+    with Client(broker.address, "gpt", "generate") as client, pytest.raises(error):
+        client.generate("Hello", **sampling)
+    assert not broker.socket.poll(100)
+
+
+# ---- against a real worker (slow) ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Broker, worker and one agent serving tests/generator_servable.py's `echo` (a generator `generate`)."""
+    cluster = generator_servable.start(tmp_path_factory.mktemp("echo"))
+    try:
+        yield cluster
+    finally:
+        codes = cluster.stop()
+    assert set(codes.values()) == {0}, codes
+
+
+@pytest.mark.slow
+def test_a_real_worker_streams_a_generator_stage_token_by_token(echo: LocalCluster) -> None:
+    with echo.client("generate") as client:
+        stream = client.generate("abc", max_tokens=7, timeout=30)
+        chunks = list(stream)
+        text, finish = generator_servable.expected("abc", 7)
+        assert [c.text for c in chunks] == list(text) and [c.token_ids for c in chunks] == [[ord(c)] for c in text]
+        assert stream.result() == Generation(text, [ord(c) for c in text], finish, 3, 7)
+
+        whole = client.infer(generation_inputs("x|yz", max_tokens=9), timeout=30)[0]
+        assert (whole["text"], whole["finish_reason"], int(whole["completion_tokens"])) == ("zy", "stop", 2)
+
+        with pytest.raises(ClientError) as caught:
+            list(client.generate("", timeout=30))
+        assert caught.value.code is ErrorCode.INVALID_ARGUMENT and "non-empty string" in caught.value.message
+
+        async def streamed() -> tuple[list[str], str]:
+            stream = client.generate_async("hey", max_tokens=4, timeout=30)
+            return [c.text async for c in stream], (await stream.result()).text
+
+        assert asyncio.run(streamed()) == (list("yehy"), "yehy")
+
+
+@pytest.mark.slow
+def test_leaving_a_real_stream_early_stops_the_generator_in_the_worker(echo: LocalCluster) -> None:
+    with echo.client("generate") as client:
+        stream = client.generate("ab", max_tokens=2**30, timeout=60)
+        for index, chunk in enumerate(stream):
+            assert chunk.text == "ba"[index % 2]
+            if index == 2:
+                break
+        wait_for(lambda: '"request_cancelled"' in echo.logs["worker"].read_text(), timeout=10,
+                 what="the worker to drop the cancelled stream")
+        started = time.monotonic()
+        assert client.generate("ok", max_tokens=2, timeout=30).result().text == "ko"
+        assert time.monotonic() - started < 5, "the worker is not busy with the abandoned stream"
