@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,18 +31,34 @@ def weights() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return embedding, out, w_pos
 
 
-def reference_generate(prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy tokens after `prompt`, in float64 numpy."""
+def reference_logits(history: list[int]) -> np.ndarray:
+    """The next token's logits after `history`, in float64 numpy."""
     embedding, out, w_pos = (w.astype(np.float64) for w in weights())
+    return 2 * embedding[history].sum(axis=0) @ out + len(history) * w_pos
+
+
+def reference_generate(prompt: list[int], max_tokens: int, sampler: Any = None) -> list[int]:
+    """The tokens after `prompt`: greedy, or chosen by `sampler` (a zmserve.sampling.Sampler)."""
     history = list(prompt)
-    generated = []
+    generated: list[int] = []
     for _ in range(max_tokens):
-        hidden = 2 * embedding[history].sum(axis=0)
-        logits = hidden @ out + len(history) * w_pos
-        token = int(np.argmax(logits))
+        logits = reference_logits(history)
+        token = int(np.argmax(logits)) if sampler is None else sampler.next_token(logits, generated)
         generated.append(token)
         history.append(token)
     return generated
+
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def write_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over this model's 11 tokens (for the GPT example's servable_config)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="zero"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
 
 
 def state_entry() -> dict:

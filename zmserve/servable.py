@@ -153,6 +153,8 @@ class MethodSpec:
     output_names: tuple[str, ...]
     stages: tuple[Stage, ...]
     outputs: tuple[ValueRef, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Optional inputs (a parameter with a default value): what a request that leaves one out gets."""
 
 
 @dataclass
@@ -245,7 +247,8 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
             raise ServableConfigError(
                 f"method {name!r} returns {len(outputs)} values but output_names has {len(names)}: {list(names)}"
             )
-        spec.methods[name] = MethodSpec(name, input_names, names, tuple(stages), tuple(outputs))
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        spec.methods[name] = MethodSpec(name, input_names, names, tuple(stages), tuple(outputs), defaults)
         return function
 
     return decorate

@@ -81,13 +81,15 @@ class MethodRun:
         values = []
         for index, instance in enumerate(instances):
             names = set(instance)
-            if names != set(method.input_names):
+            if not set(method.input_names) - set(method.defaults) <= names <= set(method.input_names):
+                optional = f" ({sorted(method.defaults)} optional)" if method.defaults else ""
                 raise ServingError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"instance {index}: method {method.name!r} takes inputs {list(method.input_names)}, "
+                    f"instance {index}: method {method.name!r} takes inputs {list(method.input_names)}{optional}, "
                     f"got {sorted(names)}",
                 )
-            values.append({ValueRef(METHOD_INPUT, i, n): instance[n] for i, n in enumerate(method.input_names)})
+            values.append({ValueRef(METHOD_INPUT, i, n): instance[n] if n in instance else method.defaults[n]
+                           for i, n in enumerate(method.input_names)})
         return cls(client, request_id, servable, method, values, deadline, stream=stream)
 
     @property

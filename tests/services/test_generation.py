@@ -4,10 +4,16 @@ stateful model, the state kept per sequence in the agent, continuous batching, s
 One real cluster (broker, worker with --max-sequences 3, one agent) serves tests/stateful_model.py's tiny model,
 whose every token depends on the whole history kept in the agent's state: a token computed from a wrong, stale or
 foreign state differs from the numpy reference. Nothing is killed in this cluster; the agent-loss test has its own.
+A third cluster serves the same model through examples/gpt/gpt/servable_config.py (a word-level tokenizer over its
+11 tokens), so the GPT example's servable is tested end to end before any GPT export exists.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +28,7 @@ from cluster import agent_pids, log_events, wait_for, write_servable
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 from zmserve.protocol import ErrorCode
+from zmserve.sampling import Sampler, SamplingParams
 from zmserve.status import query_status
 
 pytestmark = pytest.mark.slow
@@ -191,9 +198,6 @@ def test_an_agent_lost_mid_generation_ends_every_request_unavailable(model_folde
             running = [client.infer_async(hold_instance(), timeout=60) for _ in range(3)]
             wait_for(lambda: sequences(cluster) == 3, 10, what="three sequences running")
             (agent,) = agent_pids(cluster.processes["agents"].pid)
-            import os
-            import signal
-
             os.kill(agent, signal.SIGKILL)
             for future in running:
                 with pytest.raises(ClientError) as lost:
@@ -205,3 +209,63 @@ def test_an_agent_lost_mid_generation_ends_every_request_unavailable(model_folde
         assert result["tokens"].tolist() == stateful_model.reference_generate([1, 2, 3], 6)
     finally:
         cluster.stop()
+
+
+GPT_SERVABLE = Path(__file__).resolve().parents[2] / "examples" / "gpt" / "gpt" / "servable_config.py"
+
+
+@pytest.fixture(scope="module")
+def gpt_cluster(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    servables = tmp_path_factory.mktemp("gpt_servables")
+    folder = servables / "gpt"
+    folder.mkdir()
+    shutil.copy(GPT_SERVABLE, folder / "servable_config.py")
+    (folder / "config.json").write_text(json.dumps({"max_len": stateful_model.MAX_LEN,
+                                                    "vocab_size": stateful_model.VOCAB}))
+    (folder / "layout.json").write_text(json.dumps({"rank_size": 1, "stage_size": 1}))
+    stateful_model.write_tokenizer(folder / "tokenizer.json")
+    cluster = LocalCluster(tmp_path_factory.mktemp("gpt"), servables, "gpt", [model_folder / "model" / "device0"])
+    try:
+        cluster.wait_ready({"prompt": "one two"})
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def words(ids: list[int]) -> str:
+    return " ".join(stateful_model.WORDS[i] for i in ids)
+
+
+def test_gpt_servable_predicts_the_whole_answer_with_default_inputs(gpt_cluster: LocalCluster) -> None:
+    prompt = [3, 1, 4]
+    expected = stateful_model.reference_generate(prompt, SamplingParams().max_tokens)
+    with gpt_cluster.client("predict") as client:
+        (result,) = client.infer({"prompt": words(prompt)}, timeout=30)
+    assert result["token_ids"].tolist() == expected
+    assert result["text"] == words(expected)
+    assert result["finish_reason"] == "length"
+    assert int(result["prompt_tokens"]) == 3 and int(result["completion_tokens"]) == len(expected)
+
+
+def test_gpt_servable_streams_seeded_samples_like_the_reference(gpt_cluster: LocalCluster) -> None:
+    prompt = [2, 7]
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=6, top_p=0.9, frequency_penalty=0.3, seed=11)
+    expected = stateful_model.reference_generate(prompt, params.max_tokens, Sampler(params))
+    inputs = {"prompt": words(prompt), "max_tokens": np.array(12, np.int32),
+              "temperature": np.array(0.8, np.float32), "top_k": np.array(6, np.int32),
+              "top_p": np.array(0.9, np.float32), "frequency_penalty": np.array(0.3, np.float32),
+              "seed": np.array(11, np.int64)}
+    with gpt_cluster.client("generate") as client, client.infer_stream(inputs, timeout=30) as stream:
+        partials = list(stream)
+        final = stream.result()
+    assert [p["token_ids"].tolist() for p in partials] == [[token] for token in expected]
+    assert "".join(p["text"] for p in partials) == words(expected) == final["text"]
+    assert final["token_ids"].tolist() == expected
+
+
+def test_gpt_servable_refuses_a_prompt_that_does_not_fit(gpt_cluster: LocalCluster) -> None:
+    with gpt_cluster.client("predict") as client, pytest.raises(ClientError) as refused:
+        client.infer({"prompt": words([1] * 20), "max_tokens": np.array(10, np.int32)}, timeout=30)
+    assert refused.value.code == ErrorCode.INVALID_ARGUMENT
+    assert "do not fit" in refused.value.message
+    wait_for(lambda: sequences(gpt_cluster) == 0, 5, what="the refused request's slot free")

@@ -1,0 +1,151 @@
+"""The GPT example (examples/gpt) as a text-generation servable, in PanGu-alpha's serving shape: a Python stage that
+loops over `model.call`, subgraph 0 (the full graph over the prompt, in chunks) once, then subgraph 1 (one new
+token) per token. The K/V cache never leaves the agents: each request holds a sequence slot, and the worker
+merges the subgraph-1 calls of every running request into one decode step (continuous batching,
+services/worker/steps.py).
+
+Methods (inputs and outputs: the generation contract, section 4):
+  predict(prompt, max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed)
+      -> token_ids, text, finish_reason, prompt_tokens, completion_tokens        (the whole answer)
+  generate(...same...) -> the same, and a streaming request gets one PARTIAL per token: {token_ids, text}
+Every input but `prompt` is optional (the defaults of zmserve.sampling.SamplingParams; seed -1 = none).
+
+`predict` is MindSpore Serving's PanGu shape and runs under it with one import line changed (`from
+mindspore_serving.server import distributed, register`; examples/gpt/gpt/README.md shows that version next to this
+one). `generate` (a generator stage) and optional inputs are zmserve's own.
+
+Files: the export copies this folder next to the model (DIR/gpt/) and writes layout.json (rank_size, stage_size)
+beside it; config.json and tokenizer.json are read from beside this file, else from examples/gpt/weights/.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from zmserve.sampling import Sampler, SamplingParams
+from zmserve.server import distributed, register
+
+HERE = Path(__file__).resolve().parent
+
+
+def find(name):
+    for folder in (HERE, HERE.parent / "weights"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{name} is neither beside {HERE} nor in {HERE.parent / 'weights'}")
+
+
+LAYOUT = json.loads((HERE / "layout.json").read_text()) if (HERE / "layout.json").is_file() \
+    else {"rank_size": 1, "stage_size": 1}
+CONFIG = json.loads(find("config.json").read_text())
+MAX_LEN = int(CONFIG["max_len"])
+EOS = CONFIG.get("eos_token_id")
+PREFILL_CHUNK = 32
+"""Prompt tokens per subgraph-0 call: a long prompt is prefilled in chunks, one chunk between two decode steps, so it
+never stalls the sequences already generating for long."""
+DEFAULTS = SamplingParams()
+tokenizer = Tokenizer.from_file(str(find("tokenizer.json")))
+
+model = distributed.declare_servable(rank_size=LAYOUT["rank_size"], stage_size=LAYOUT["stage_size"],
+                                     with_batch_dim=False)
+
+
+def sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed):
+    """The request's sampling values (a value out of range: ValueError, which answers INVALID_ARGUMENT)."""
+    seed = int(seed)
+    return SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
+                          top_p=float(top_p), frequency_penalty=float(frequency_penalty),
+                          presence_penalty=float(presence_penalty), seed=None if seed < 0 else seed)
+
+
+def encode_prompt(prompt, params):
+    if isinstance(prompt, bytes):
+        prompt = prompt.decode("utf-8")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    if len(ids) + params.max_tokens - 1 > MAX_LEN:
+        raise ValueError(f"the prompt's {len(ids)} tokens and max_tokens {params.max_tokens} do not fit the "
+                         f"model's {MAX_LEN} positions")
+    return ids
+
+
+def tokens(ids, params):
+    """Each next token of the sequence: prefill (subgraph 0, in chunks), then one decode call (subgraph 1) per token.
+    Stops after max_tokens or at the end-of-text token (which is not returned)."""
+    sampler = Sampler(params)
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = ids[start:start + PREFILL_CHUNK]
+        logits = model.call(np.array([chunk], np.int32), np.array([start], np.int32), subgraph=0)
+    generated = []
+    while True:
+        token = sampler.next_token(logits[0], generated)
+        if token == EOS:
+            return
+        generated.append(token)
+        yield token
+        if len(generated) == params.max_tokens:
+            return
+        position = len(ids) + len(generated) - 1
+        logits = model.call(np.array([[token]], np.int32), np.array([position], np.int32), subgraph=1)
+
+
+class TextSoFar:
+    """The text of the tokens so far, handed out as new pieces; a piece that ends inside a UTF-8 character waits
+    for the token that completes it (byte-level tokenizers split characters)."""
+
+    def __init__(self):
+        self.ids, self.sent = [], ""
+
+    def add(self, token):
+        self.ids.append(token)
+        text = tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def answer(prompt_ids, generated, text, max_tokens):
+    finish = "length" if len(generated) == max_tokens else "stop"
+    return (np.array(generated, np.int32), text, finish, np.array(len(prompt_ids), np.int32),
+            np.array(len(generated), np.int32))
+
+
+def generate_whole(prompt, max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed):
+    params = sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed)
+    ids = encode_prompt(prompt, params)
+    generated = list(tokens(ids, params))
+    return answer(ids, generated, tokenizer.decode(generated), params.max_tokens)
+
+
+def generate_stream(prompt, max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed):
+    params = sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed)
+    ids = encode_prompt(prompt, params)
+    text = TextSoFar()
+    for token in tokens(ids, params):
+        yield {"token_ids": np.array([token], np.int32), "text": text.add(token)}
+    return answer(ids, text.ids, tokenizer.decode(text.ids), params.max_tokens)
+
+
+OUTPUTS = ["token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+
+
+@register.register_method(output_names=OUTPUTS)
+def predict(prompt, max_tokens=DEFAULTS.max_tokens, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
+            top_p=DEFAULTS.top_p, frequency_penalty=DEFAULTS.frequency_penalty,
+            presence_penalty=DEFAULTS.presence_penalty, seed=-1):
+    return register.add_stage(generate_whole, prompt, max_tokens, temperature, top_k, top_p, frequency_penalty,
+                              presence_penalty, seed, outputs_count=5)
+
+
+@register.register_method(output_names=OUTPUTS)
+def generate(prompt, max_tokens=DEFAULTS.max_tokens, temperature=DEFAULTS.temperature, top_k=DEFAULTS.top_k,
+             top_p=DEFAULTS.top_p, frequency_penalty=DEFAULTS.frequency_penalty,
+             presence_penalty=DEFAULTS.presence_penalty, seed=-1):
+    return register.add_stage(generate_stream, prompt, max_tokens, temperature, top_k, top_p, frequency_penalty,
+                              presence_penalty, seed, outputs_count=5)
