@@ -112,5 +112,84 @@ def export(output_dir: Path) -> list[Path]:
     return files
 
 
+
+def reference_two_stages(prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of the two-stage variant (`export_two_stages`), prefilling the whole prompt in one call. Each
+    stage keeps its own state: stage 0 the embeddings so far, stage 1 twice the hidden states so far."""
+    embedding, out, w_pos = (w.astype(np.float64) for w in weights())
+    seen_embeddings, seen_hidden = np.zeros(DIM), np.zeros(DIM)
+    chunk, position, generated = list(prompt), 0, []
+    for _ in range(max_tokens):
+        new = embedding[chunk]
+        hidden = new + 0.5 * seen_embeddings
+        logits = (seen_hidden + 2 * hidden.sum(axis=0)) @ out + (position + len(chunk)) * w_pos
+        seen_embeddings += new.sum(axis=0)
+        seen_hidden += 2 * hidden.sum(axis=0)
+        position += len(chunk)
+        chunk = [int(np.argmax(logits))]
+        generated.append(chunk[0])
+    return generated
+
+
+def export_two_stages(output_dir: Path) -> None:
+    """The same kind of model split over two pipeline stages (rank 0: stage 0, rank 1: stage 1), each with a state of
+    its own, so the worker's calls, their sequences and releases cross a stage boundary:
+    stage 0: hidden = E[tokens] + 0.5 * (sum of the embeddings it cached); state: the embeddings.
+    stage 1: logits = (sum of its cached 2*hidden + 2 * sum of this call's hidden) @ W + (positions + T) * w_pos."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    embedding, out, w_pos = weights()
+
+    def layout(x):  # [B, T, D] -> [1, 2, B, 1, T, D] with (x, 2x)
+        k = ops.expand_dims(ops.expand_dims(x, 1), 0)
+        return ops.expand_dims(ops.concat((k, 2 * k), 0), 0)
+
+    class First(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = ms.Parameter(ms.Tensor(embedding), name="embedding")
+
+        def construct(self, tokens, positions, kv):
+            new = ops.gather(self.embedding, tokens, 0)
+            seen = kv[0, 0].sum(axis=(1, 2))  # [B, D]
+            return new + 0.5 * ops.expand_dims(seen, 1), positions + 0, layout(new)
+
+    class Second(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = ms.Parameter(ms.Tensor(out), name="out")
+            self.w_pos = ms.Parameter(ms.Tensor(w_pos), name="w_pos")
+
+        def construct(self, hidden, positions, kv):
+            steps = ops.cast(ops.shape(hidden)[1], ms.float32)
+            summed = kv[0, 1].sum(axis=(1, 2)) + 2 * hidden.sum(axis=1)
+            after = ops.cast(positions, ms.float32) + steps
+            return ops.matmul(summed, self.out) + ops.expand_dims(after, 1) * self.w_pos, layout(hidden)
+
+    position = {"name": "positions", "dtype": "int32", "shape": [-1]}
+    for stage, cell in enumerate((First(), Second())):
+        device = output_dir / f"device{stage}"
+        device.mkdir(parents=True, exist_ok=True)
+        subgraphs = []
+        for index, steps in enumerate((None, 1)):
+            first = ms.Tensor(shape=[None, steps], dtype=ms.int32) if stage == 0 else \
+                ms.Tensor(shape=[None, steps, DIM], dtype=ms.float32)
+            kv = ms.Tensor(shape=[1, 2, None, 1, MAX_LEN, DIM], dtype=ms.float32)
+            name = f"two_{index}"
+            ms.export(cell, first, ms.Tensor(shape=[None], dtype=ms.int32), kv, file_name=str(device / name),
+                      file_format="MINDIR")
+            t = -1 if index == 0 else 1
+            hidden = {"name": "hidden", "dtype": "float32", "shape": [-1, t, DIM]}
+            inputs = [{"name": "tokens", "dtype": "int32", "shape": [-1, t]} if stage == 0 else hidden, position]
+            outputs = [hidden, position] if stage == 0 else \
+                [{"name": "logits", "dtype": "float32", "shape": [-1, VOCAB]}]
+            subgraphs.append({"file": f"{name}.mindir", "inputs": inputs, "outputs": outputs, "state": state_entry()})
+        config = {"rank": stage, "rank_size": 2, "stage": stage, "stage_size": 2, "inputs": subgraphs[0]["inputs"],
+                  "outputs": subgraphs[0]["outputs"], "subgraphs": subgraphs}
+        (device / "group_config.json").write_text(json.dumps(config, indent=2))
+
+
 if __name__ == "__main__":
     export(Path(sys.argv[1]))

@@ -11,6 +11,7 @@ which unwinds and ends; its last event is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import queue
@@ -110,7 +111,8 @@ class StageThreads:
         if push is None:
             push = self.local.push = self.context.socket(zmq.PUSH)
             push.connect(self.endpoint)
-        push.send(b"")
+        with contextlib.suppress(zmq.Again):  # the loop reads every queued event on any wake: one may be missed
+            push.send(b"", zmq.NOBLOCK)
 
     def call(self, run: MethodRun, inputs: list[Any], subgraph: int) -> list[Any]:
         if run.finished:

@@ -189,24 +189,38 @@ def test_a_deadline_frees_the_slot(cluster: LocalCluster) -> None:
     wait_for(lambda: agent_held(cluster) == 0, 5, what="the agent freed the sequence's state")
 
 
-def test_an_agent_lost_mid_generation_ends_every_request_unavailable(model_folder: Path, tmp_path: Path) -> None:
-    cluster = LocalCluster(tmp_path, model_folder / "servables", "tiny", [model_folder / "model" / "device0"],
-                           ["--max-sequences", "4"])
+def test_two_pipeline_stages_keep_their_own_state_and_an_agent_lost_ends_every_request(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage 0 and stage 1 each keep a state (tests/stateful_model.py, export_two_stages): the calls, their
+    sequences and releases cross the stage boundary. Then the stage-1 agent is killed while three sequences run:
+    each ends UNAVAILABLE, the slots come back, and after the restart the tokens are right again."""
+    workdir = tmp_path_factory.mktemp("two_stages")
+    stateful_model.export_two_stages(workdir / "model")
+    write_servable(workdir / "servables", "tiny", CONFIG.replace("rank_size=1, stage_size=1",
+                                                                 "rank_size=2, stage_size=2"))
+    (workdir / "cluster").mkdir()
+    cluster = LocalCluster(workdir / "cluster", workdir / "servables", "tiny",
+                           [workdir / "model" / "device0", workdir / "model" / "device1"], ["--max-sequences", "4"])
     try:
         cluster.wait_ready(instance([1], 1))
+        prompts = [[3, 1, 4], [5, 9, 2, 6], [8]]
+        with cluster.client("predict") as client:
+            futures = [client.infer_async(instance(prompt, 9), timeout=60) for prompt in prompts]
+            for prompt, future in zip(prompts, futures, strict=True):
+                (result,) = future.result()
+                assert result["tokens"].tolist() == stateful_model.reference_two_stages(prompt, 9)
         with cluster.client("hold") as client:
             running = [client.infer_async(hold_instance(), timeout=60) for _ in range(3)]
             wait_for(lambda: sequences(cluster) == 3, 10, what="three sequences running")
-            (agent,) = agent_pids(cluster.processes["agents"].pid)
-            os.kill(agent, signal.SIGKILL)
+            os.kill(agent_pids(cluster.processes["agents"].pid)[1], signal.SIGKILL)
             for future in running:
                 with pytest.raises(ClientError) as lost:
                     future.result(timeout=30)
                 assert lost.value.code == ErrorCode.UNAVAILABLE
         wait_for(lambda: sequences(cluster) == 0, 5, what="slots free after the loss")
-        cluster.wait_ready(instance([1, 2, 3], 6))
-        (result,) = cluster.client("predict").infer(instance([1, 2, 3], 6), timeout=30)
-        assert result["tokens"].tolist() == stateful_model.reference_generate([1, 2, 3], 6)
+        cluster.wait_ready(instance([3, 1, 4], 6))
+        (result,) = cluster.client("predict").infer(instance([3, 1, 4], 6), timeout=30)
+        assert result["tokens"].tolist() == stateful_model.reference_two_stages([3, 1, 4], 6)
     finally:
         cluster.stop()
 
