@@ -61,6 +61,63 @@ def write_tokenizer(path: Path) -> None:
     tokenizer.save(str(path))
 
 
+SERVABLE_CONFIG = """
+import numpy as np
+from zmserve.server import distributed, register
+
+model = distributed.declare_servable(rank_size=1, stage_size=1, with_batch_dim=False)
+
+
+def generate_tokens(prompt, max_tokens):
+    history = [int(t) for t in prompt]
+    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
+    generated = []
+    for step in range(int(max_tokens)):
+        token = int(np.argmax(logits[0]))
+        generated.append(token)
+        if step + 1 < int(max_tokens):
+            position = len(history) + step
+            logits = model.call(np.array([[token]], np.int32), np.array([position], np.int32), subgraph=1)
+    return np.array(generated, np.int32)
+
+
+def stream_tokens(prompt, max_tokens):
+    history = [int(t) for t in prompt]
+    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
+    for step in range(int(max_tokens)):
+        token = int(np.argmax(logits[0]))
+        yield {"tokens": np.array([token], np.int32)}
+        if step + 1 < int(max_tokens):
+            logits = model.call(np.array([[token]], np.int32), np.array([len(history) + step], np.int32),
+                                subgraph=1)
+
+
+def spin(prompt, steps):
+    # holds its sequence for `steps` decode steps (rewriting one position), to observe slots while it runs
+    logits = model.call(np.array([[int(t) for t in prompt]], np.int32), np.array([0], np.int32), subgraph=0)
+    for _ in range(int(steps)):
+        logits = model.call(np.array([[1]], np.int32), np.array([len(prompt)], np.int32), subgraph=1)
+    return np.array([int(np.argmax(logits[0]))], np.int32)
+
+
+@register.register_method(output_names=["tokens"])
+def predict(prompt, max_tokens):
+    return register.add_stage(generate_tokens, prompt, max_tokens, outputs_count=1)
+
+
+@register.register_method(output_names=["tokens"])
+def generate(prompt, max_tokens):
+    return register.add_stage(stream_tokens, prompt, max_tokens, outputs_count=1)
+
+
+@register.register_method(output_names=["token"])
+def hold(prompt, steps):
+    return register.add_stage(spin, prompt, steps, outputs_count=1)
+"""
+"""A servable over this model: `predict` and `generate` (greedy, PanGu-shaped stages over model.call), `hold`
+(keeps its sequence for `steps` decode steps, to observe slots while it runs)."""
+
+
 def state_entry() -> dict:
     return {"name": "kv", "dtype": "float32", "shape": [1, 2, 1, MAX_LEN, DIM], "batch_axis": 2, "time_axis": 4,
             "update": "kv_new", "positions": "positions"}

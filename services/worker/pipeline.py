@@ -68,8 +68,6 @@ class Pipeline:
                            model.with_batch_dim)
         """Calls of stages that call the model (`model.call`): continuous batching (steps.py)."""
         self.table.on_remove = self.steps.end
-        self.computing: set[MethodRun] = set()
-        """Runs whose stage thread runs Python now (not waiting on a model call)."""
         self.signature = ModelSignature()
         self.batcher: Batcher | None = None
         self.generators: dict[MethodRun, GeneratorStage] = {}
@@ -114,7 +112,7 @@ class Pipeline:
         try:
             while (stage := run.current_stage) is not None:
                 if stage.calls_model and self.start_stage is not None:
-                    self.computing.add(run)
+                    self.steps.computing.add(run)
                     self.start_stage(run, stage)
                     return
                 if is_generator_stage(stage):
@@ -206,7 +204,7 @@ class Pipeline:
         for event in events:
             run = event.run
             if isinstance(event, CallWanted):
-                self.computing.discard(run)
+                self.steps.computing.discard(run)
                 if run.finished:
                     event.future.set_exception(RunEnded())
                     continue
@@ -222,9 +220,9 @@ class Pipeline:
                 except ServingError as error:
                     self.fail(run, error.code, error.message)
             elif isinstance(event, StageDone):
-                self.computing.discard(run)
+                self.steps.computing.discard(run)
                 self.stage_done(event)
-        self.steps.pump(self.computing)
+        self.steps.pump()
 
     def stage_done(self, done: StageDone) -> None:
         run = done.run
@@ -288,7 +286,7 @@ class Pipeline:
     def take_result(self, message: ModelResult | ModelError, value_frames: list[Any]) -> None:
         """A result or an error from the agents: finish the call's runs, or fail them."""
         if self.steps.take_result(message, value_frames):
-            self.steps.pump(self.computing)
+            self.steps.pump()
             return
         call = self.table.take_result(message.call) if message.call is not None else None
         if call is None:
@@ -340,7 +338,7 @@ class Pipeline:
         """Batches that waited long enough (or every batch, when the pipeline is empty) leave now, and so does a
         decode step that waited long enough, or a release."""
         if self.steps.waiting or self.steps.releases:
-            self.steps.pump(self.computing)
+            self.steps.pump()
         if self.batcher is not None and self.batcher.pending:
             self.flush_batches()
             self.publish_calls()

@@ -80,6 +80,9 @@ class Steps:
         self.stateful_step: Step | None = None
         self.other_steps: dict[int, Step] = {}
         self.releases: list[int] = []
+        self.computing: set[MethodRun] = set()
+        """Requests whose stage thread runs Python now (started, or handed a result, and not calling again yet): a
+        decode step waits for those that hold a slot."""
         self.last_was_prefill = False
         self.last_progress = time.monotonic()
         self._sequence_ids = itertools.count(1)
@@ -106,6 +109,7 @@ class Steps:
         for waiting in [w for w in self.waiting if w.wanted.run is run]:
             self.waiting.remove(waiting)
             waiting.wanted.future.set_exception(RunEnded())
+        self.computing.discard(run)
         sequence = self.slots.pop(run, None)
         if sequence is not None and run in self.on_agents:
             self.on_agents.discard(run)
@@ -116,6 +120,7 @@ class Steps:
         for waiting in self.waiting:
             waiting.wanted.future.set_exception(RunEnded())
         self.waiting.clear()
+        self.computing.clear()
         self.stateful_step = None
         self.other_steps.clear()
         self.releases.clear()
@@ -146,14 +151,14 @@ class Steps:
         self.waiting.append(Waiting(wanted, inputs, signature.stateful))
 
     # ---- steps out ------------------------------------------------------------------------------------------
-    def pump(self, computing: set[MethodRun]) -> None:
-        """Send what may go now. `computing`: requests whose stage thread runs Python (not waiting on a call)."""
+    def pump(self) -> None:
+        """Send what may go now."""
         for waiting in [w for w in self.waiting if not w.stateful]:
             self.waiting.remove(waiting)
             self.send([waiting], stateful=False)
         if self.stateful_step is None and self.waiting:
             prefills = [w for w in self.waiting if w.wanted.subgraph == 0]
-            decode = self.decode_ready(computing)
+            decode = self.decode_ready()
             if prefills and (not self.last_was_prefill or not decode):
                 self.send([prefills[0]], stateful=True)
                 self.last_was_prefill = True
@@ -163,14 +168,14 @@ class Steps:
         if self.releases and self.stateful_step is None:
             self.send([], stateful=False)
 
-    def decode_ready(self, computing: set[MethodRun]) -> list[Waiting]:
+    def decode_ready(self) -> list[Waiting]:
         decodes = [w for w in self.waiting if w.wanted.subgraph != 0]
         if not decodes:
             return []
         key = decodes[0].shape_key
         rows = [w for w in decodes if w.shape_key == key]
         waited = time.monotonic() - decodes[0].since
-        still_coming = any(run in self.slots and run not in self.waiting_runs() for run in computing)
+        still_coming = any(run in self.slots for run in self.computing)
         return rows if not still_coming or waited >= self.step_wait else []
 
     def waiting_runs(self) -> set[MethodRun]:
@@ -225,6 +230,7 @@ class Steps:
             return False
         self.last_progress = time.monotonic()
         self.metrics.call_returned(step.published, value_frames)
+        self.computing.update(row.wanted.run for row in step.rows if not row.wanted.run.finished)
         if isinstance(message, ModelError):
             error = ServingError(message.code, f"rank {message.rank}: {message.message}")
             for row in step.rows:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import stateful_model
 from cluster import agent_pids, log_events, wait_for, write_servable
+from stateful_model import SERVABLE_CONFIG
 
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
@@ -35,59 +36,6 @@ pytestmark = pytest.mark.slow
 
 MAX_SEQUENCES = 3
 
-CONFIG = """
-import numpy as np
-from zmserve.server import distributed, register
-
-model = distributed.declare_servable(rank_size=1, stage_size=1, with_batch_dim=False)
-
-
-def generate_tokens(prompt, max_tokens):
-    history = [int(t) for t in prompt]
-    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
-    generated = []
-    for step in range(int(max_tokens)):
-        token = int(np.argmax(logits[0]))
-        generated.append(token)
-        if step + 1 < int(max_tokens):
-            position = len(history) + step
-            logits = model.call(np.array([[token]], np.int32), np.array([position], np.int32), subgraph=1)
-    return np.array(generated, np.int32)
-
-
-def stream_tokens(prompt, max_tokens):
-    history = [int(t) for t in prompt]
-    logits = model.call(np.array([history], np.int32), np.array([0], np.int32), subgraph=0)
-    for step in range(int(max_tokens)):
-        token = int(np.argmax(logits[0]))
-        yield {"tokens": np.array([token], np.int32)}
-        if step + 1 < int(max_tokens):
-            logits = model.call(np.array([[token]], np.int32), np.array([len(history) + step], np.int32),
-                                subgraph=1)
-
-
-def spin(prompt, steps):
-    # holds its sequence for `steps` decode steps (rewriting one position), to observe slots while it runs
-    logits = model.call(np.array([[int(t) for t in prompt]], np.int32), np.array([0], np.int32), subgraph=0)
-    for _ in range(int(steps)):
-        logits = model.call(np.array([[1]], np.int32), np.array([len(prompt)], np.int32), subgraph=1)
-    return np.array([int(np.argmax(logits[0]))], np.int32)
-
-
-@register.register_method(output_names=["tokens"])
-def predict(prompt, max_tokens):
-    return register.add_stage(generate_tokens, prompt, max_tokens, outputs_count=1)
-
-
-@register.register_method(output_names=["tokens"])
-def generate(prompt, max_tokens):
-    return register.add_stage(stream_tokens, prompt, max_tokens, outputs_count=1)
-
-
-@register.register_method(output_names=["token"])
-def hold(prompt, steps):
-    return register.add_stage(spin, prompt, steps, outputs_count=1)
-"""
 
 
 def instance(prompt: list[int], max_tokens: int) -> dict[str, np.ndarray]:
@@ -102,7 +50,7 @@ def hold_instance(steps: int = 100_000) -> dict[str, np.ndarray]:
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("stateful_model")
     stateful_model.export(workdir / "model")
-    write_servable(workdir / "servables", "tiny", CONFIG)
+    write_servable(workdir / "servables", "tiny", SERVABLE_CONFIG)
     return workdir
 
 
@@ -196,7 +144,7 @@ def test_two_pipeline_stages_keep_their_own_state_and_an_agent_lost_ends_every_r
     each ends UNAVAILABLE, the slots come back, and after the restart the tokens are right again."""
     workdir = tmp_path_factory.mktemp("two_stages")
     stateful_model.export_two_stages(workdir / "model")
-    write_servable(workdir / "servables", "tiny", CONFIG.replace("rank_size=1, stage_size=1",
+    write_servable(workdir / "servables", "tiny", SERVABLE_CONFIG.replace("rank_size=1, stage_size=1",
                                                                  "rank_size=2, stage_size=2"))
     (workdir / "cluster").mkdir()
     cluster = LocalCluster(workdir / "cluster", workdir / "servables", "tiny",

@@ -42,6 +42,7 @@ def new_run(steps: Steps) -> MethodRun:
 
 def want(steps: Steps, run: MethodRun, subgraph: int, tokens: list[int], position: int = 0) -> CallWanted:
     wanted = CallWanted(run, subgraph, [np.array([tokens], np.int32), np.array([position], np.int32)])
+    steps.computing.discard(run)  # as the loop does when a stage thread calls
     steps.want(wanted)
     return wanted
 
@@ -64,11 +65,11 @@ def test_waiting_decode_calls_leave_as_one_step_and_each_gets_its_row() -> None:
     runs = [new_run(steps) for _ in range(3)]
     for run in runs:  # prefills go one at a time
         want(steps, run, 0, [1, 2])
-        steps.pump(set())
+        steps.pump()
         answer(steps, published[-1], np.zeros((1, 5), np.float32))
     assert [(c.subgraph, c.sequences) for c in published] == [(0, [steps.slots[r]]) for r in runs]
     wanted = [want(steps, run, 1, [i], 2) for i, run in enumerate(runs)]
-    steps.pump(set())
+    steps.pump()
     step = published[-1]
     assert step.subgraph == 1 and step.sequences == [steps.slots[r] for r in runs]
     answer(steps, step, np.arange(15, dtype=np.float32).reshape(3, 5))
@@ -81,10 +82,11 @@ def test_a_decode_step_waits_for_a_sequence_still_computing_its_token() -> None:
     steps, published = new_steps()
     first, second = new_run(steps), new_run(steps)
     want(steps, first, 1, [1], 3)
-    steps.pump({second})  # second holds a slot and runs Python: it will join this step
+    steps.computing.add(second)  # second holds a slot and runs Python: it will join this step
+    steps.pump()
     assert published == []
     want(steps, second, 1, [2], 3)
-    steps.pump(set())
+    steps.pump()
     assert published[-1].sequences == [steps.slots[first], steps.slots[second]]
 
 
@@ -94,24 +96,24 @@ def test_one_prefill_chunk_at_most_between_two_decode_steps() -> None:
     want(steps, decoding, 1, [1], 4)
     want(steps, prompt_a, 0, [1, 2, 3])
     want(steps, prompt_b, 0, [4, 5])
+    by_sequence = {steps.slots[run]: run for run in (decoding, prompt_a, prompt_b)}
     order = []
     for _ in range(4):
-        steps.pump(set())
+        steps.pump()
         call = published[-1]
         order.append((call.subgraph, call.sequences))
         answer(steps, call, np.zeros((len(call.sequences), 5), np.float32))
-        if call.subgraph == 1:
-            want(steps, decoding, 1, [1], 4)
-    sequence = steps.slots
-    assert order == [(0, [sequence[prompt_a]]), (1, [sequence[decoding]]), (0, [sequence[prompt_b]]),
-                     (1, [sequence[decoding]])]
+        for sequence in call.sequences:  # every sequence served calls again with its next token
+            want(steps, by_sequence[sequence], 1, [1], 5)
+    a, b, d = (steps.slots[run] for run in (prompt_a, prompt_b, decoding))
+    assert order == [(0, [a]), (1, [d, a]), (0, [b]), (1, [d, a, b])]
 
 
 def test_an_ended_request_unwinds_its_thread_and_its_sequence_is_released_once() -> None:
     steps, published = new_steps()
     run, other = new_run(steps), new_run(steps)
     want(steps, run, 0, [1])
-    steps.pump(set())
+    steps.pump()
     answer(steps, published[-1], np.zeros((1, 5), np.float32))
     waiting = want(steps, run, 1, [1], 1)
     sequence = steps.slots[run]
@@ -120,7 +122,7 @@ def test_an_ended_request_unwinds_its_thread_and_its_sequence_is_released_once()
     with pytest.raises(RunEnded):
         waiting.future.result(timeout=1)
     assert run not in steps.slots
-    steps.pump(set())  # nothing else to send: a call that only releases
+    steps.pump()  # nothing else to send: a call that only releases
     assert (published[-1].values, published[-1].release) == ([], [sequence])
     steps.end(other)  # never reached the agents: nothing to release
     assert steps.releases == [] and steps.slots == {}
@@ -130,7 +132,7 @@ def test_a_model_error_reaches_every_row_of_the_step() -> None:
     steps, published = new_steps()
     runs = [new_run(steps) for _ in range(2)]
     wanted = [want(steps, run, 1, [1], 0) for run in runs]
-    steps.pump(set())
+    steps.pump()
     assert steps.take_result(ModelError(call=published[-1].call, rank=0, code=ErrorCode.INTERNAL, message="x"), [])
     for w in wanted:
         with pytest.raises(ServingError, match="rank 0: x"):
@@ -147,3 +149,18 @@ def test_a_call_that_does_not_fit_the_subgraph_is_refused_before_it_leaves() -> 
     with pytest.raises(ServingError, match="2 subgraphs"):
         steps.want(CallWanted(run, 2, bad))
     assert published == []
+
+
+def test_sequences_handed_a_result_are_waited_for_in_the_next_step() -> None:
+    steps, published = new_steps()
+    first, second = new_run(steps), new_run(steps)
+    want(steps, first, 1, [1], 3), want(steps, second, 1, [2], 3)
+    steps.pump()
+    answer(steps, published[-1], np.zeros((2, 5), np.float32))
+    assert steps.computing == {first, second}  # both threads now compute their next token
+    want(steps, first, 1, [3], 4)
+    steps.pump()
+    assert len(published) == 1
+    want(steps, second, 1, [4], 4)
+    steps.pump()
+    assert published[-1].sequences == [steps.slots[first], steps.slots[second]]
