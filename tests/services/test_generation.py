@@ -225,9 +225,15 @@ def test_gpt_servable_streams_seeded_samples_like_the_reference(gpt_cluster: Loc
     assert final["token_ids"].tolist() == expected
 
 
-def test_gpt_servable_refuses_a_prompt_that_does_not_fit(gpt_cluster: LocalCluster) -> None:
-    with gpt_cluster.client("predict") as client, pytest.raises(ClientError) as refused:
-        client.infer({"prompt": words([1] * 20), "max_tokens": np.array(10, np.int32)}, timeout=30)
+def test_gpt_servable_stops_at_a_full_context_and_refuses_a_prompt_that_does_not_fit(
+        gpt_cluster: LocalCluster) -> None:
+    prompt = [1, 5] * 10  # 20 of the model's 24 positions: room for 4 tokens
+    with gpt_cluster.client("predict") as client:
+        (result,) = client.infer({"prompt": words(prompt), "max_tokens": np.array(10, np.int32)}, timeout=30)
+        assert result["token_ids"].tolist() == stateful_model.reference_generate(prompt, 4)
+        assert result["finish_reason"] == "length"
+        with pytest.raises(ClientError) as refused:
+            client.infer({"prompt": words([1] * 25)}, timeout=30)
     assert refused.value.code == ErrorCode.INVALID_ARGUMENT
-    assert "do not fit" in refused.value.message
+    assert "the model takes 1 to 24" in refused.value.message
     wait_for(lambda: sequences(gpt_cluster) == 0, 5, what="the refused request's slot free")

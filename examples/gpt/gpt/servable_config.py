@@ -60,38 +60,36 @@ def sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_
                           presence_penalty=float(presence_penalty), seed=None if seed < 0 else seed)
 
 
-def encode_prompt(prompt, params):
+def encode_prompt(prompt):
     if isinstance(prompt, bytes):
         prompt = prompt.decode("utf-8")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt).ids
-    if not ids:
-        raise ValueError("the prompt has no tokens")
-    if len(ids) + params.max_tokens - 1 > MAX_LEN:
-        raise ValueError(f"the prompt's {len(ids)} tokens and max_tokens {params.max_tokens} do not fit the "
-                         f"model's {MAX_LEN} positions")
+    if not 0 < len(ids) <= MAX_LEN:
+        raise ValueError(f"the prompt has {len(ids)} tokens: the model takes 1 to {MAX_LEN}")
     return ids
 
 
 def tokens(ids, params):
     """Each next token of the sequence: prefill (subgraph 0, in chunks), then one decode call (subgraph 1) per token.
-    Stops after max_tokens or at the end-of-text token (which is not returned)."""
+    Returns why it stopped: "stop" at the end-of-text token (not yielded), "length" after max_tokens or when the
+    context (max_len positions) is full, as examples/gpt/reference.py does."""
     sampler = Sampler(params)
     for start in range(0, len(ids), PREFILL_CHUNK):
         chunk = ids[start:start + PREFILL_CHUNK]
         logits = model.call(np.array([chunk], np.int32), np.array([start], np.int32), subgraph=0)
     generated = []
-    while True:
+    while len(generated) < params.max_tokens and len(ids) + len(generated) < MAX_LEN:
+        if generated:
+            position = len(ids) + len(generated) - 1
+            logits = model.call(np.array([[generated[-1]]], np.int32), np.array([position], np.int32), subgraph=1)
         token = sampler.next_token(logits[0], generated)
         if token == EOS:
-            return
+            return "stop"
         generated.append(token)
         yield token
-        if len(generated) == params.max_tokens:
-            return
-        position = len(ids) + len(generated) - 1
-        logits = model.call(np.array([[token]], np.int32), np.array([position], np.int32), subgraph=1)
+    return "length"
 
 
 class TextSoFar:
@@ -110,26 +108,32 @@ class TextSoFar:
         return piece
 
 
-def answer(prompt_ids, generated, text, max_tokens):
-    finish = "length" if len(generated) == max_tokens else "stop"
-    return (np.array(generated, np.int32), text, finish, np.array(len(prompt_ids), np.int32),
+def answer(prompt_ids, generated, finish):
+    return (np.array(generated, np.int32), tokenizer.decode(generated), finish, np.array(len(prompt_ids), np.int32),
             np.array(len(generated), np.int32))
 
 
 def generate_whole(prompt, max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed):
     params = sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed)
-    ids = encode_prompt(prompt, params)
-    generated = list(tokens(ids, params))
-    return answer(ids, generated, tokenizer.decode(generated), params.max_tokens)
+    ids = encode_prompt(prompt)
+    steps, generated = tokens(ids, params), []
+    while True:
+        try:
+            generated.append(next(steps))
+        except StopIteration as stop:
+            return answer(ids, generated, stop.value)
 
 
 def generate_stream(prompt, max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed):
     params = sampling(max_tokens, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed)
-    ids = encode_prompt(prompt, params)
-    text = TextSoFar()
-    for token in tokens(ids, params):
+    ids = encode_prompt(prompt)
+    steps, text = tokens(ids, params), TextSoFar()
+    while True:
+        try:
+            token = next(steps)
+        except StopIteration as stop:
+            return answer(ids, text.ids, stop.value)
         yield {"token_ids": np.array([token], np.int32), "text": text.add(token)}
-    return answer(ids, text.ids, tokenizer.decode(text.ids), params.max_tokens)
 
 
 OUTPUTS = ["token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
