@@ -237,3 +237,49 @@ def test_gpt_servable_stops_at_a_full_context_and_refuses_a_prompt_that_does_not
     assert refused.value.code == ErrorCode.INVALID_ARGUMENT
     assert "the model takes 1 to 24" in refused.value.message
     wait_for(lambda: sequences(gpt_cluster) == 0, 5, what="the refused request's slot free")
+
+
+GPT = Path(__file__).resolve().parents[2] / "examples" / "gpt"
+
+
+def test_the_gpt_example_over_two_pipeline_stages_gives_the_references_tokens(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The real GPT example (examples/gpt, 4 layers), exported over two pipeline stages and served by its own
+    servable_config.py: three concurrent requests (two greedy, one seeded sample, one prompt longer than a prefill
+    chunk) give examples/gpt/reference.py's tokens (float64 numpy, no cache, no shared code)."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(GPT))
+    from reference import Reference
+
+    workdir = tmp_path_factory.mktemp("gpt_pp2")
+    subprocess.run([sys.executable, str(GPT / "export_model.py"), "--rank-size", "2", "--stage-size", "2",
+                    "--output-dir", str(workdir)], check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    servables = workdir / "servables"
+    shutil.copytree(GPT / "gpt", servables / "gpt")
+    (servables / "gpt" / "layout.json").write_text(json.dumps({"rank_size": 2, "stage_size": 2}))
+    reference = Reference()
+    prompts = ["ROMEO.\nWhat light", "The", " ".join(["And so the king said unto them"] * 6)]
+    params = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=8),
+              SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=7)]
+    assert len(reference.encode(prompts[2])) > 32  # prefilled in two chunks
+    (workdir / "cluster").mkdir()
+    cluster = LocalCluster(workdir / "cluster", servables, "gpt",
+                           [workdir / "model" / "device0", workdir / "model" / "device1"])
+    try:
+        cluster.wait_ready({"prompt": "hi", "max_tokens": np.array(1, np.int32)})
+        with cluster.client("predict") as client:
+            futures = [client.infer_async({"prompt": prompt, "max_tokens": np.array(p.max_tokens, np.int32),
+                                           "temperature": np.array(p.temperature, np.float32),
+                                           "top_p": np.array(p.top_p, np.float32),
+                                           "seed": np.array(-1 if p.seed is None else p.seed, np.int64)}, timeout=120)
+                       for prompt, p in zip(prompts, params, strict=True)]
+            for prompt, p, future in zip(prompts, params, futures, strict=True):
+                (result,) = future.result()
+                expected = reference.generate(reference.encode(prompt), p)
+                assert result["token_ids"].tolist() == expected.token_ids, prompt
+                assert result["finish_reason"] == expected.finish_reason
+                assert result["text"] == reference.decode(expected.token_ids)
+    finally:
+        cluster.stop()

@@ -15,7 +15,8 @@ mindspore_serving.server import distributed, register`; examples/gpt/gpt/README.
 one). `generate` (a generator stage) and optional inputs are zmserve's own.
 
 Files: the export copies this folder next to the model (DIR/gpt/) and writes layout.json (rank_size, stage_size)
-beside it; config.json and tokenizer.json are read from beside this file, else from examples/gpt/weights/.
+beside it; config.json and tokenizer.json are read from beside this file, else from examples/gpt/weights/ (of this
+checkout, or of the zmserve checkout this worker runs from).
 """
 
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+import zmserve
 from zmserve.sampling import Sampler, SamplingParams
 from zmserve.server import distributed, register
 
@@ -31,10 +33,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def find(name):
-    for folder in (HERE, HERE.parent / "weights"):
+    """Beside this file (a deployed copy), else the example's weights folder (this folder in the repository, or
+    a copy made from a checkout, e.g. by the export)."""
+    folders = [HERE, HERE.parent / "weights", Path(zmserve.__file__).resolve().parents[1] / "examples" / "gpt" /
+               "weights"]
+    for folder in folders:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{name} is neither beside {HERE} nor in {HERE.parent / 'weights'}")
+    raise FileNotFoundError(f"{name} is in none of {', '.join(map(str, folders))}")
 
 
 LAYOUT = json.loads((HERE / "layout.json").read_text()) if (HERE / "layout.json").is_file() \
