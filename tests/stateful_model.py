@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -37,28 +36,15 @@ def reference_logits(history: list[int]) -> np.ndarray:
     return 2 * embedding[history].sum(axis=0) @ out + len(history) * w_pos
 
 
-def reference_generate(prompt: list[int], max_tokens: int, sampler: Any = None) -> list[int]:
-    """The tokens after `prompt`: greedy, or chosen by `sampler` (a zmserve.sampling.Sampler)."""
+def reference_generate(prompt: list[int], max_tokens: int) -> list[int]:
+    """The greedy tokens after `prompt`."""
     history = list(prompt)
     generated: list[int] = []
     for _ in range(max_tokens):
-        logits = reference_logits(history)
-        token = int(np.argmax(logits)) if sampler is None else sampler.next_token(logits, generated)
+        token = int(np.argmax(reference_logits(history)))
         generated.append(token)
         history.append(token)
     return generated
-
-
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-
-
-def write_tokenizer(path: Path) -> None:
-    """A word-level tokenizer over this model's 11 tokens (for the GPT example's servable_config)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="zero"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(path))
 
 
 SERVABLE_CONFIG = """

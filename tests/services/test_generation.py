@@ -4,8 +4,8 @@ stateful model, the state kept per sequence in the agent, continuous batching, s
 One real cluster (broker, worker with --max-sequences 3, one agent) serves tests/stateful_model.py's tiny model,
 whose every token depends on the whole history kept in the agent's state: a token computed from a wrong, stale or
 foreign state differs from the numpy reference. Nothing is killed in this cluster; the agent-loss test has its own.
-A third cluster serves the same model through examples/gpt/gpt/servable_config.py (a word-level tokenizer over its
-11 tokens), so the GPT example's servable is tested end to end before any GPT export exists.
+A third cluster serves the real GPT example (examples/gpt) over two pipeline stages through its own
+servable_config.py, checked against examples/gpt/reference.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +32,7 @@ from stateful_model import SERVABLE_CONFIG
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 from zmserve.protocol import ErrorCode
-from zmserve.sampling import Sampler, SamplingParams
+from zmserve.sampling import SamplingParams
 from zmserve.status import query_status
 
 pytestmark = pytest.mark.slow
@@ -173,83 +176,14 @@ def test_two_pipeline_stages_keep_their_own_state_and_an_agent_lost_ends_every_r
         cluster.stop()
 
 
-GPT_SERVABLE = Path(__file__).resolve().parents[2] / "examples" / "gpt" / "gpt" / "servable_config.py"
-
-
-@pytest.fixture(scope="module")
-def gpt_cluster(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    servables = tmp_path_factory.mktemp("gpt_servables")
-    folder = servables / "gpt"
-    folder.mkdir()
-    shutil.copy(GPT_SERVABLE, folder / "servable_config.py")
-    (folder / "config.json").write_text(json.dumps({"max_len": stateful_model.MAX_LEN,
-                                                    "vocab_size": stateful_model.VOCAB}))
-    (folder / "layout.json").write_text(json.dumps({"rank_size": 1, "stage_size": 1}))
-    stateful_model.write_tokenizer(folder / "tokenizer.json")
-    cluster = LocalCluster(tmp_path_factory.mktemp("gpt"), servables, "gpt", [model_folder / "model" / "device0"])
-    try:
-        cluster.wait_ready({"prompt": "one two"})
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def words(ids: list[int]) -> str:
-    return " ".join(stateful_model.WORDS[i] for i in ids)
-
-
-def test_gpt_servable_predicts_the_whole_answer_with_default_inputs(gpt_cluster: LocalCluster) -> None:
-    prompt = [3, 1, 4]
-    expected = stateful_model.reference_generate(prompt, SamplingParams().max_tokens)
-    with gpt_cluster.client("predict") as client:
-        (result,) = client.infer({"prompt": words(prompt)}, timeout=30)
-    assert result["token_ids"].tolist() == expected
-    assert result["text"] == words(expected)
-    assert result["finish_reason"] == "length"
-    assert int(result["prompt_tokens"]) == 3 and int(result["completion_tokens"]) == len(expected)
-
-
-def test_gpt_servable_streams_seeded_samples_like_the_reference(gpt_cluster: LocalCluster) -> None:
-    prompt = [2, 7]
-    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=6, top_p=0.9, frequency_penalty=0.3, seed=11)
-    expected = stateful_model.reference_generate(prompt, params.max_tokens, Sampler(params))
-    inputs = {"prompt": words(prompt), "max_tokens": np.array(12, np.int32),
-              "temperature": np.array(0.8, np.float32), "top_k": np.array(6, np.int32),
-              "top_p": np.array(0.9, np.float32), "frequency_penalty": np.array(0.3, np.float32),
-              "seed": np.array(11, np.int64)}
-    with gpt_cluster.client("generate") as client, client.infer_stream(inputs, timeout=30) as stream:
-        partials = list(stream)
-        final = stream.result()
-    assert [p["token_ids"].tolist() for p in partials] == [[token] for token in expected]
-    assert "".join(p["text"] for p in partials) == words(expected) == final["text"]
-    assert final["token_ids"].tolist() == expected
-
-
-def test_gpt_servable_stops_at_a_full_context_and_refuses_a_prompt_that_does_not_fit(
-        gpt_cluster: LocalCluster) -> None:
-    prompt = [1, 5] * 10  # 20 of the model's 24 positions: room for 4 tokens
-    with gpt_cluster.client("predict") as client:
-        (result,) = client.infer({"prompt": words(prompt), "max_tokens": np.array(10, np.int32)}, timeout=30)
-        assert result["token_ids"].tolist() == stateful_model.reference_generate(prompt, 4)
-        assert result["finish_reason"] == "length"
-        with pytest.raises(ClientError) as refused:
-            client.infer({"prompt": words([1] * 25)}, timeout=30)
-    assert refused.value.code == ErrorCode.INVALID_ARGUMENT
-    assert "the model takes 1 to 24" in refused.value.message
-    wait_for(lambda: sequences(gpt_cluster) == 0, 5, what="the refused request's slot free")
-
-
 GPT = Path(__file__).resolve().parents[2] / "examples" / "gpt"
 
 
-def test_the_gpt_example_over_two_pipeline_stages_gives_the_references_tokens(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The real GPT example (examples/gpt, 4 layers), exported over two pipeline stages and served by its own
-    servable_config.py: three concurrent requests (two greedy, one seeded sample, one prompt longer than a prefill
-    chunk) give examples/gpt/reference.py's tokens (float64 numpy, no cache, no shared code)."""
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, Any]]:
+    """The real GPT example (examples/gpt, 4 layers) exported over two pipeline stages and served by its own
+    servable_config.py (copied beside the model with its layout.json, as a deployment does), with
+    examples/gpt/reference.py (float64 numpy, no cache, no shared code) to check its tokens against."""
     sys.path.insert(0, str(GPT))
     from reference import Reference
 
@@ -259,27 +193,75 @@ def test_the_gpt_example_over_two_pipeline_stages_gives_the_references_tokens(
     servables = workdir / "servables"
     shutil.copytree(GPT / "gpt", servables / "gpt")
     (servables / "gpt" / "layout.json").write_text(json.dumps({"rank_size": 2, "stage_size": 2}))
-    reference = Reference()
-    prompts = ["ROMEO.\nWhat light", "The", " ".join(["And so the king said unto them"] * 6)]
-    params = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=8),
-              SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=7)]
-    assert len(reference.encode(prompts[2])) > 32  # prefilled in two chunks
     (workdir / "cluster").mkdir()
+    # Every new input shape (a prompt length, a decode batch size) compiles the graph once, holding the agent's GIL:
+    # on a loaded 2-core machine that can outlast the default 3 s of heartbeat silence: every link here allows 9 s.
+    slow_heartbeat = ["--heartbeat-interval", "3"]
     cluster = LocalCluster(workdir / "cluster", servables, "gpt",
-                           [workdir / "model" / "device0", workdir / "model" / "device1"])
+                           [workdir / "model" / "device0", workdir / "model" / "device1"], slow_heartbeat,
+                           slow_heartbeat, slow_heartbeat)
     try:
         cluster.wait_ready({"prompt": "hi", "max_tokens": np.array(1, np.int32)})
-        with cluster.client("predict") as client:
-            futures = [client.infer_async({"prompt": prompt, "max_tokens": np.array(p.max_tokens, np.int32),
-                                           "temperature": np.array(p.temperature, np.float32),
-                                           "top_p": np.array(p.top_p, np.float32),
-                                           "seed": np.array(-1 if p.seed is None else p.seed, np.int64)}, timeout=120)
-                       for prompt, p in zip(prompts, params, strict=True)]
-            for prompt, p, future in zip(prompts, params, futures, strict=True):
-                (result,) = future.result()
-                expected = reference.generate(reference.encode(prompt), p)
-                assert result["token_ids"].tolist() == expected.token_ids, prompt
-                assert result["finish_reason"] == expected.finish_reason
-                assert result["text"] == reference.decode(expected.token_ids)
+        yield cluster, Reference()
     finally:
         cluster.stop()
+
+
+def sampling_inputs(prompt: str, params: SamplingParams) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": np.array(params.max_tokens, np.int32),
+            "temperature": np.array(params.temperature, np.float32), "top_k": np.array(params.top_k, np.int32),
+            "top_p": np.array(params.top_p, np.float32),
+            "frequency_penalty": np.array(params.frequency_penalty, np.float32),
+            "presence_penalty": np.array(params.presence_penalty, np.float32),
+            "seed": np.array(-1 if params.seed is None else params.seed, np.int64)}
+
+
+def test_gpt_over_two_stages_gives_the_references_tokens_to_concurrent_requests(gpt: tuple[LocalCluster, Any]
+                                                                                ) -> None:
+    cluster, reference = gpt
+    prompts = ["ROMEO.\nWhat light", "The", " ".join(["And so the king said unto them"] * 6)]
+    params = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=8),
+              SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, frequency_penalty=0.5, seed=7)]
+    assert len(reference.encode(prompts[2])) > 32  # prefilled in two chunks
+    with cluster.client("predict") as client:
+        futures = [client.infer_async(sampling_inputs(prompt, p), timeout=120)
+                   for prompt, p in zip(prompts, params, strict=True)]
+        for prompt, p, future in zip(prompts, params, futures, strict=True):
+            (result,) = future.result()
+            expected = reference.generate(reference.encode(prompt), p)
+            assert result["token_ids"].tolist() == expected.token_ids, prompt
+            assert result["finish_reason"] == expected.finish_reason
+            assert result["text"] == reference.decode(expected.token_ids)
+            assert int(result["prompt_tokens"]) == len(reference.encode(prompt))
+            assert int(result["completion_tokens"]) == len(expected.token_ids)
+
+
+def test_gpt_generate_streams_each_token_and_its_text(gpt: tuple[LocalCluster, Any]) -> None:
+    cluster, reference = gpt
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=3)
+    expected = reference.generate(reference.encode("JULIET."), params)
+    with cluster.client("generate") as client, client.infer_stream(sampling_inputs("JULIET.", params),
+                                                                   timeout=60) as stream:
+        partials = list(stream)
+        final = stream.result()
+    assert [p["token_ids"].tolist() for p in partials] == [[token] for token in expected.token_ids]
+    assert "".join(p["text"] for p in partials) == final["text"] == reference.decode(expected.token_ids)
+    assert final["token_ids"].tolist() == expected.token_ids
+
+
+def test_gpt_defaults_a_full_context_and_a_prompt_too_long(gpt: tuple[LocalCluster, Any]) -> None:
+    cluster, reference = gpt
+    max_len = reference.config["max_len"]
+    with cluster.client("predict") as client:
+        (result,) = client.infer({"prompt": "KING."}, timeout=60)  # every sampling input left out: the defaults
+        assert result["token_ids"].tolist() == reference.generate(reference.encode("KING."),
+                                                                  SamplingParams()).token_ids
+        long = " ".join(["the"] * (max_len - 3))
+        room = max_len - len(reference.encode(long))
+        (result,) = client.infer({"prompt": long, "max_tokens": np.array(room + 5, np.int32)}, timeout=60)
+        assert (len(result["token_ids"]), result["finish_reason"]) == (room, "length")
+        with pytest.raises(ClientError) as refused:
+            client.infer({"prompt": " ".join(["the"] * (max_len + 10))}, timeout=60)
+    assert refused.value.code == ErrorCode.INVALID_ARGUMENT
+    assert f"the model takes 1 to {max_len}" in refused.value.message
+    wait_for(lambda: sequences(cluster) == 0, 5, what="every slot free")
