@@ -507,16 +507,27 @@ class _Stream:
         self._future: Future | None = None
         self._expected = 0
         self._ended = False
+        self.arrivals: list[float] = []
+        """perf_counter() when each PARTIAL reached the client (its IO thread): what a benchmark's time to first
+        token and inter-token latency are made of."""
 
     def attach(self, future: Future) -> None:
         self._future = future
         future.add_done_callback(lambda _: self._put(_END))
+
+    @property
+    def future(self) -> Future:
+        """The request's future: done once it is answered (its result the final outputs, one dict per instance);
+        a callback on it runs on the IO thread after every partial was taken."""
+        assert self._future is not None
+        return self._future
 
     def _put(self, item: Any) -> None:
         raise NotImplementedError
 
     def take_partial(self, partial: Partial, frames: list[zmq.Frame]) -> None:
         """On the IO thread: queue one PARTIAL's values (or the error of reading them)."""
+        self.arrivals.append(time.perf_counter())
         try:
             values: Instance | ClientError = decode_instances(partial.instances, frames)[0] if partial.instances \
                 else {}
@@ -611,9 +622,13 @@ class AsyncInferStream(_Stream):
             self.close()
 
     async def result(self) -> Instance:
+        """The final outputs, once the request is answered; a task cancelled while it waits cancels the request."""
         assert self._future is not None
-        with contextlib.suppress(asyncio.CancelledError, CancelledError):
-            await asyncio.wait([asyncio.wrap_future(self._future)])
+        try:
+            await asyncio.wait([asyncio.wrap_future(self._future)])  # returns, never raises, when it is answered
+        except asyncio.CancelledError:
+            self.close()
+            raise
         return self._final()
 
     async def __aenter__(self) -> AsyncInferStream:

@@ -182,6 +182,9 @@ class ServableInfo(msgspec.Struct, frozen=True):
     ready: bool
     reason: str = ""
     signatures: dict[str, MethodSignature] = {}
+    chat_template: str = ""
+    """The servable folder's `chat_template.jinja` ("" when it has none): how the gateway's OpenAI chat endpoint
+    turns messages into a prompt."""
 
 
 class AgentStatus(msgspec.Struct, frozen=True):
@@ -317,7 +320,8 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     servable's `retry_on_replica_loss`, for the requests that do not choose. The rest is what `zmserve status`
     shows: the worker's state, its distributed address, host and pid, one entry per rank, the requests it holds,
     the instances waiting to go to the model (`queued`: in a batch being filled, or in a call waiting for room in
-    the pipeline) and the model calls in the pipeline."""
+    the pipeline) and the model calls in the pipeline. `chat_template`: the servable folder's chat template (for
+    the gateway's OpenAI chat endpoint), "" when it has none."""
 
     servable: str
     version: int
@@ -340,6 +344,7 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     max_sequences: int = 0
     """Generation (continuous batching): sequences holding a slot, those of them whose model call waits for its step,
     and the slots (`--max-sequences`; 0 when the model has no stateful subgraph)."""
+    chat_template: str = ""
 
 
 class WorkerDisconnect(Message, tag=MessageType.WORKER_DISCONNECT.value):

@@ -25,6 +25,7 @@ from typing import Any
 
 from zmserve.protocol import MethodSignature, ModelSignature, Retry, TensorSpec, ValueSpec
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 METHOD_INPUT = -1
 """`ValueRef.stage` of a method parameter."""
 
@@ -166,6 +167,10 @@ class ServableSpec:
     retry_on_replica_loss: Retry = Retry.BEFORE_MODEL
     """When the broker may send a request to another replica if its worker is lost (PROTOCOL.md §4.10); a request
     can choose otherwise (`Request.retry`)."""
+    chat_template: str = ""
+    """`chat_template.jinja` beside servable_config.py ("" without one): a Jinja chat template, as Hugging Face's
+    tokenizer configs hold, that the gateway's OpenAI chat endpoint renders with `messages` and
+    `add_generation_prompt` (docs/HTTP.md)."""
 
 
 @dataclass
@@ -327,6 +332,9 @@ def load_servable(servable_directory: str | Path, servable_name: str) -> Servabl
         raise ServableConfigError(f"{config_path}: no distributed model declared (call declare_servable)")
     if not spec.methods:
         raise ServableConfigError(f"{config_path}: no method registered (use register_method)")
+    template = config_path.parent / CHAT_TEMPLATE_FILE
+    if template.is_file():
+        spec.chat_template = template.read_text()
     return spec
 
 

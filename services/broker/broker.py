@@ -100,6 +100,8 @@ class WorkerRecord:
     """The worker finishes what it holds and stops: routed nothing more (its status says ready=false too)."""
     retry: Retry = Retry.BEFORE_MODEL
     """The servable's `retry_on_replica_loss`, for the requests that do not choose."""
+    chat_template: str = ""
+    """The servable folder's chat template, for METADATA (the gateway's OpenAI chat endpoint)."""
 
 
 @dataclass
@@ -375,7 +377,7 @@ class Broker:
             if known is None or (worker.ready and not known.ready):
                 entries[(worker.servable, worker.version)] = ServableInfo(
                     worker.servable, worker.version, list(worker.declared_methods or sorted(worker.methods)),
-                    worker.ready, "" if worker.ready else worker.reason, worker.signatures)
+                    worker.ready, "" if worker.ready else worker.reason, worker.signatures, worker.chat_template)
         served = {name for name, _ in entries}
         lost = sorted(name for name in self.seen_servables if name not in served and servable in (None, name))
         return Metadata(id=query_id, servables=[entries[key] for key in sorted(entries)], lost=lost)
@@ -511,7 +513,7 @@ class Broker:
         record.ready, record.reason, record.methods = status.ready, status.reason, frozenset(status.methods)
         record.declared_methods, record.signatures = tuple(status.methods), status.signatures
         record.status = status
-        record.draining, record.retry = status.draining, status.retry
+        record.draining, record.retry, record.chat_template = status.draining, status.retry, status.chat_template
         record.ready = record.ready and not record.draining
         if record.draining:  # every status of a draining worker: the answer may be what it waits for
             self.send_to_worker(identity, [BrokerCommand.CONTROL, encode(DrainAck())])

@@ -7,6 +7,8 @@
     GET  /v2/models/{name}[/versions/{v}]                OIP model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready          OIP model ready
     POST /v2/models/{name}[/versions/{v}]/infer          OIP infer (JSON or binary tensors)
+    POST /v1/completions, /v1/chat/completions           OpenAI's text generation, SSE streams (openai_api)
+    GET  /v1/models                                      OpenAI's model list
     GET  /, /api/status                                  the live status page and its data   (status_page)
 
 Why a bare ASGI app on uvicorn: measured with `benchmarks/gateway_frameworks.py`, it answers a 65 KB b64 body
@@ -33,7 +35,7 @@ from urllib.parse import parse_qs
 import uvicorn
 import uvloop
 
-from services.gateway import ms_rest, oip, status_page
+from services.gateway import ms_rest, oip, openai_api, status_page
 from services.gateway.auth import BearerToken, client_address
 from services.gateway.broker_link import BrokerLink, Served
 from services.gateway.config import GRACEFUL_SHUTDOWN_S, METADATA_TTL_S, GatewayConfig
@@ -113,6 +115,7 @@ class GatewayApp:
         self.default_methods: dict[tuple[str, int], tuple[float, str]] = {}
         """(servable, version) -> (when the broker said so, its first method); only answers that exist."""
         self.token = BearerToken(config.auth_token) if config.auth_token is not None else None
+        self.openai_api = openai_api.OpenAIApi(link, config.request_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,10 +137,18 @@ class GatewayApp:
                     response = await self.oip(scope, caller.receive)
                 elif route == "status":
                     response = await self.status(scope)
+                elif route == "openai":
+                    answer = await self.openai_api.handle(scope, lambda: self.read_body(scope, caller.receive),
+                                                          send)
+                    if answer is None:  # streamed: sent as it came
+                        self.metrics.http_request(route, 200, started, 0)
+                        return
+                    response = Response(*answer)
                 else:
                     response = Response(404, oip.error_body(
                         f"no route for {path}: this gateway answers /model/{{servable}}[/version/{{n}}]:{{method}} "
-                        "(MindSpore Serving), /v2/... (Open Inference Protocol) and / (the status page)"))
+                        "(MindSpore Serving), /v2/... (Open Inference Protocol), /v1/... (OpenAI's completions) "
+                        "and / (the status page)"))
             finally:
                 caller.stop()
         except ClientGone:
@@ -301,6 +312,8 @@ def route_of(path: str) -> str:
         return "oip"
     if path in status_page.PATHS:
         return "status"
+    if path.startswith(openai_api.PREFIX):
+        return "openai"
     return "other"
 
 

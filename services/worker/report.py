@@ -78,7 +78,7 @@ def worker_status(worker: Worker, now: float) -> WorkerStatus:
         address=worker.config.distributed_address,
         host=HOST, pid=os.getpid(), agents=worker.history.agents(worker.membership, now), requests=len(table),
         queued=queued(worker), calls_in_flight=len(table.in_pipeline) + worker.pipeline.steps.in_flight,
-        **sequence_counts(worker))
+        chat_template=worker.spec.chat_template, **sequence_counts(worker))
 
 
 def sequence_counts(worker: Worker) -> dict[str, int]:

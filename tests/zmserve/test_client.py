@@ -385,6 +385,22 @@ def test_the_async_stream_yields_the_same_and_cancels_when_left(broker: FakeBrok
     assert texts == ["a", "b"] and result == {"text": "ab"}
 
 
+def test_a_task_cancelled_while_it_awaits_a_streams_result_cancels_the_request(broker: FakeBroker) -> None:
+    async def scenario(client: Client) -> None:
+        stream = client.infer_stream_async({"x": "abc"}, timeout=5)
+        _, request = await asyncio.to_thread(broker.receive)
+        waiting = asyncio.get_running_loop().create_task(stream.result())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        _, cancel = await asyncio.to_thread(broker.receive_message)
+        assert isinstance(cancel, Cancel) and cancel.id == request.id
+
+    with Client(broker.address, "s", "m") as client:
+        asyncio.run(scenario(client))
+
+
 def test_generate_sends_the_prompt_and_every_sampling_value_and_reads_chunks(broker: FakeBroker) -> None:
     with Client(broker.address, "gpt", "generate") as client:
         stream = client.generate("Hello", max_tokens=2, temperature=0.5, seed=None, timeout=5)

@@ -14,12 +14,14 @@ import stat
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from zmserve.bench.direct import run_direct_group, run_direct_in_process, whole_rank_set
 from zmserve.bench.errors import BenchError
+from zmserve.bench.generation import GENERATE_METHOD, GenerationLoad, prompt_lines, random_prompts, read_prompts
 from zmserve.bench.lines import STDIN, open_lines, source_name
 from zmserve.bench.load import LoadSpec, ServiceLoad, Target, request_targets, run_threads
 from zmserve.bench.processes import announce_ready_and_wait, parse_part, part_arguments, run_in_processes
@@ -75,7 +77,8 @@ def resolve_requests(input_path: str | None, input_name: str, shape: str | None,
               help="the broker's client address (HOST:PORT, tcp://HOST:PORT or ipc://PATH)")
 @click.option("--servable", default=None,
               help="servable to call (a request line's \"servable\" wins; needed unless every line names one)")
-@click.option("--method", default="predict", show_default=True, help="method to call (a line's \"method\" wins)")
+@click.option("--method", default=None,
+              help="method to call (a line's \"method\" wins); default predict, or generate with --prompts")
 @click.option("--version", "version_number", default=0, show_default=True, type=click.IntRange(min=0),
               help="servable version; 0 = newest")
 @click.option("--input", "input_path", default=None,
@@ -114,18 +117,37 @@ def resolve_requests(input_path: str | None, input_name: str, shape: str | None,
               help="CURVE: the broker's public key (.key); needs --secret-key")
 @click.option("--secret-key", type=click.Path(exists=True, dir_okay=False),
               help="CURVE: this client's key pair (.key_secret); needs --broker-key")
+@click.option("--prompts", "prompts_path", default=None,
+              help="generation mode: a JSON-lines file of prompts ({\"prompt\": ..., \"max_tokens\": N, ...}), "
+                   "'-' for stdin; each request streams, its record adds tokens, TTFT and inter-token gaps")
+@click.option("--random-prompts", is_flag=True, help="generation mode with random prompts (--prompt-words, "
+                                                      "--max-tokens; seeded by --seed)")
+@click.option("--prompt-words", default=8, show_default=True, type=click.IntRange(min=1),
+              help="with --random-prompts: words per prompt")
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="with --random-prompts: tokens to generate per request")
 @click.option("--part", default=None, hidden=True, help="internal: this process is part I/N of a --processes run")
-def run(address: str, servable: str | None, method: str, version_number: int, input_path: str | None,
+def run(address: str, servable: str | None, method: str | None, version_number: int, input_path: str | None,
         input_name: str, shape: str | None, dtype: str, fill: str, count: int, concurrency: int | None,
         rate: float | None, processes: int | None, request_count: int | None, duration: float | None,
         timeout: float, warmup: int, seed: int | None, allow_errors: bool, direct: bool,
         model_files: tuple[str, ...], startup_timeout: float, broker_key: str | None, secret_key: str | None,
+        prompts_path: str | None, random_prompts: bool, prompt_words: int, max_tokens: int,
         part: str | None) -> None:
     """Send requests and write one JSON line per request to stdout; the summary goes to stderr (one line
     instead when stdout is a pipe and stderr a terminal: `zmserve bench report` at the other end shows it).
     Exits 1 when any request failed, unless --allow-errors."""
     if concurrency is not None and rate is not None:
         raise BenchError("give either -c/--concurrency (closed loop) or --rate (open loop), not both")
+    if prompts_path is not None or random_prompts:
+        run_generation(GenerationRun(prompts_path, random_prompts, prompt_words, max_tokens),
+                       Target(address, servable, method or GENERATE_METHOD, version_number, broker_key, secret_key),
+                       LoadSpec(concurrency, rate, request_count, duration, timeout, warmup, seed),
+                       Parts(processes, part, startup_timeout),
+                       conflicts={"--input": input_path, "--shape": shape, "--direct": direct or None},
+                       allow_errors=allow_errors)
+        return
+    method = method or "predict"
     requests, lines = resolve_requests(input_path, input_name, shape, dtype, fill, count, seed)
     if request_count is None and duration is None:
         request_count = len(requests) if lines is not None else DEFAULT_REQUESTS
@@ -146,6 +168,57 @@ def run(address: str, servable: str | None, method: str, version_number: int, in
     else:
         offset, stride = part_of or (0, 1)
         load = ServiceLoad(target, requests, timeout, writer, offset, stride)
+        records = run_threads(load, spec, writer, announce_ready_and_wait if part_of is not None else None)
+    if part_of is None:  # a part's records are judged by the process that merges them
+        summary = summarize(records)
+        show_run_summary(summary)
+        check_failures(summary, allow_errors)
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    prompts_path: str | None
+    random_prompts: bool
+    prompt_words: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Parts:
+    """--processes (this process starts the parts), or --part (this process is one)."""
+
+    processes: int | None
+    part: str | None
+    startup_timeout: float
+
+
+def run_generation(run: GenerationRun, target: Target, spec: LoadSpec, parts: Parts, conflicts: dict[str, object],
+                   allow_errors: bool) -> None:
+    """Generation mode: streamed requests from prompt lines (or random prompts), closed or open loop, from threads
+    of this process or spread over --processes (each part gets the prompts as a --prompts file)."""
+    given = [option for option, value in conflicts.items() if value is not None]
+    if given:
+        raise BenchError(f"{', '.join(given)} do not apply to generation mode (--prompts, --random-prompts)")
+    if run.prompts_path is not None and run.random_prompts:
+        raise BenchError("give either --prompts or --random-prompts, not both")
+    count = spec.requests or DEFAULT_REQUESTS
+    if run.prompts_path is not None:
+        requests = read_prompts(open_lines(run.prompts_path), source_name(run.prompts_path))
+    else:
+        requests = random_prompts(count, run.prompt_words, run.max_tokens, spec.seed)
+    if spec.requests is None and spec.duration is None:
+        spec = replace(spec, requests=len(requests))
+    part_of = parse_part(parts.part) if parts.part is not None else None
+    writer = ResultWriter(sys.stdout, sys.stderr, progress=sys.stderr.isatty() and part_of is None)
+    if parts.processes is not None and part_of is None:
+        request_targets(requests, target.servable, target.method)
+        with tempfile.TemporaryDirectory(prefix="zmserve-bench-") as workdir:
+            arguments = part_arguments(target, spec, prompt_lines(requests), parts.processes, Path(workdir),
+                                       input_option="--prompts")
+            records = run_processes(arguments, writer, parts.startup_timeout)
+    else:
+        offset, stride = part_of or (0, 1)
+        load = GenerationLoad(target, requests, spec.timeout, writer, offset, stride)
         records = run_threads(load, spec, writer, announce_ready_and_wait if part_of is not None else None)
     if part_of is None:  # a part's records are judged by the process that merges them
         summary = summarize(records)

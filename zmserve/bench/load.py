@@ -182,15 +182,17 @@ class ServiceLoad:
         tickets = callers.ready_and_wait()
         while (ticket := tickets.take()) is not None:
             self.writer.sent = tickets.issued
-            number, client, spec = self.request(ticket)
-            send_time, started = time.time(), time.perf_counter()
-            try:
-                answer = client.infer(spec.instances, self.timeout)
-            except Exception as exc:
-                self.writer.put(failure(number, send_time, time.perf_counter() - started, spec, exc))
-            else:
-                self.writer.put(Record.measured(number, send_time, time.perf_counter() - started, OK,
-                                                spec.bytes_out, payload_bytes(answer)))
+            self.writer.put(self.call(*self.request(ticket)))
+
+    def call(self, number: int, client: Any, spec: RequestSpec) -> Record:
+        """One closed-loop request, sent and waited for on this caller's socket: its record."""
+        send_time, started = time.time(), time.perf_counter()
+        try:
+            answer = client.infer(spec.instances, self.timeout)
+        except Exception as exc:
+            return failure(number, send_time, time.perf_counter() - started, spec, exc)
+        return Record.measured(number, send_time, time.perf_counter() - started, OK, spec.bytes_out,
+                               payload_bytes(answer))
 
     def open_loop(self, tickets: Tickets, rate: float, seed: int | None) -> None:
         """Poisson arrivals at `rate`: each request goes out at its scheduled time, answered or not; the schedule

@@ -149,9 +149,9 @@ def _read_records(part: Part, writer: ResultWriter) -> None:
 
 
 def part_arguments(target: Target, spec: LoadSpec, request_lines: list[str], parts: int,
-                   workdir: Path) -> list[list[str]]:
+                   workdir: Path, input_option: str = "--input") -> list[list[str]]:
     """The `zmserve bench run` arguments of each part: its share of the load, the requests as a file of request
-    lines in `workdir`."""
+    lines in `workdir` (given as `input_option`: `--input`, or `--prompts` in generation mode)."""
     if spec.rate is None and (spec.concurrency or parts) < parts:
         raise BenchError(f"-c {spec.concurrency} is fewer callers than --processes {parts}: each process needs at "
                          f"least one")
@@ -160,7 +160,7 @@ def part_arguments(target: Target, spec: LoadSpec, request_lines: list[str], par
     requests_file = workdir / "requests.jsonl"
     requests_file.write_text("".join(line.rstrip("\n") + "\n" for line in request_lines))
     common = ["--address", target.address, "--method", target.method, "--version", str(target.version),
-              "--input", str(requests_file), "--timeout", repr(spec.timeout), "--warmup", str(spec.warmup)]
+              input_option, str(requests_file), "--timeout", repr(spec.timeout), "--warmup", str(spec.warmup)]
     if target.servable is not None:
         common += ["--servable", target.servable]
     if target.broker_key is not None and target.secret_key is not None:

@@ -4,6 +4,10 @@ for scripts.
 Duration runs from the first send to the last answer; throughput counts every answered request over it; send
 rate is (n - 1) / (last send - first send), the offered load actually achieved. Latency percentiles cover the
 requests that succeeded, with numpy's default "linear" method (Hyndman-Fan type 7).
+
+A generation run (records with `tokens`) adds: time to first token and inter-token latency percentiles (over the
+requests that succeeded, ITL over every gap of them), their completion tokens, and tokens/s = those tokens over
+the run's duration.
 """
 
 from __future__ import annotations
@@ -36,10 +40,20 @@ class Summary:
     bytes_in: int = 0
     first_messages: dict[str, str] = field(default_factory=dict)
     """The first failed record's message for each error code."""
+    generation: GenerationSummary | None = None
+    """Token figures, when the records are a generation run's."""
 
     @property
     def failed(self) -> int:
         return self.requests - self.ok
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    tokens: int
+    tokens_per_s: float
+    ttft_ms: dict[str, float] = field(default_factory=dict)
+    itl_ms: dict[str, float] = field(default_factory=dict)
 
 
 def percentiles(values: Sequence[float], points: Sequence[float] = PERCENTILES) -> dict[str, float]:
@@ -80,6 +94,22 @@ def summarize(records: Sequence[Record]) -> Summary:
         bytes_out=sum(r.bytes_out for r in records),
         bytes_in=sum(r.bytes_in for r in records),
         first_messages=dict(sorted(first_messages.items())),
+        generation=summarize_generation(records, duration),
+    )
+
+
+def summarize_generation(records: Sequence[Record], duration: float) -> GenerationSummary | None:
+    """Token figures of the records that are generations (None when none is)."""
+    generations = [r for r in records if r.tokens is not None]
+    if not generations:
+        return None
+    ok = [r for r in generations if r.ok]
+    tokens = sum(r.tokens or 0 for r in ok)
+    return GenerationSummary(
+        tokens=tokens,
+        tokens_per_s=tokens / duration if duration > 0 else 0.0,
+        ttft_ms=percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        itl_ms=percentiles([gap for r in ok for gap in (r.itl_ms or ())]),
     )
 
 
@@ -101,7 +131,20 @@ def format_summary(summary: Summary, title: str) -> str:
         ("latency ms", latency),
         ("payload", f"{summary.bytes_out / 1e6:.2f} MB out, {summary.bytes_in / 1e6:.2f} MB in"),
     ]
+    if summary.generation is not None:
+        generation = summary.generation
+        rows += [
+            ("tokens", f"{generation.tokens} ({generation.tokens_per_s:.1f} tokens/s)"),
+            ("TTFT ms", _percentile_row(generation.ttft_ms)),
+            ("ITL ms", _percentile_row(generation.itl_ms)),
+        ]
     return "\n".join([f"== {title} ==", *(f"{name:<11} {value}" for name, value in rows)])
+
+
+def _percentile_row(values: dict[str, float]) -> str:
+    if not values:
+        return "-"
+    return "  ".join(f"{key} {values[key]:.3f}" for key in (*(f"p{p}" for p in PERCENTILES), "max"))
 
 
 def _shorten(message: str) -> str:
@@ -126,4 +169,16 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "bytes_out": summary.bytes_out,
         "bytes_in": summary.bytes_in,
         "first_messages": summary.first_messages,
+        **generation_json(summary.generation),
     }
+
+
+def generation_json(generation: GenerationSummary | None) -> dict[str, Any]:
+    """The token figures as flat keys (`tokens`, `tokens_per_s`, `ttft_p50_ms`, ..., `itl_p99_ms`, ...); none for
+    a run that is not a generation."""
+    if generation is None:
+        return {}
+    keys = (*(f"p{p}" for p in PERCENTILES), "max", "mean")
+    return {"tokens": generation.tokens, "tokens_per_s": generation.tokens_per_s,
+            **{f"ttft_{key}_ms": generation.ttft_ms.get(key) for key in keys},
+            **{f"itl_{key}_ms": generation.itl_ms.get(key) for key in keys}}

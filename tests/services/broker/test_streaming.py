@@ -186,3 +186,24 @@ def test_a_cancel_mid_stream_reaches_the_worker_and_later_partials_are_dropped(b
     assert frames[0].bytes == BrokerCommand.CANCEL and decode(frames[2], Cancel).id == 1
     worker.partial(client, request, 1, "b")
     assert caller.quiet()
+
+
+def test_a_client_gone_mid_stream_cancels_its_request_at_the_worker(broker) -> None:
+    caller, (worker,) = peers(broker, 1)
+    caller.send(1)
+    client, request = worker.request()
+    worker.partial(client, request, 0, "a")
+    assert isinstance(caller.answer()[0], Partial)
+    caller.socket.close(linger=0)  # the client process is gone: its connection closes
+    deadline, cancelled = time.monotonic() + 5, None
+    for seq in range(1, 10_000):  # the broker notices when a partial cannot be delivered (EHOSTUNREACH)
+        worker.partial(client, request, seq, "b")
+        while cancelled is None and worker.socket.poll(20):
+            frames = recv_frames(worker.socket)
+            if frames[0].bytes == BrokerCommand.CANCEL:
+                cancelled = decode(frames[2], Cancel)
+        if cancelled is not None:
+            break
+        assert time.monotonic() < deadline, "the broker never cancelled the stream of a client that is gone"
+    assert cancelled is not None and cancelled.id == 1
+    assert broker[0].requests.get((client, 1)) is None
