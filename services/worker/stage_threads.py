@@ -45,6 +45,8 @@ class CallWanted:
     run: MethodRun
     subgraph: int
     inputs: list[Any]
+    instance: int = 0
+    """Which of the request's instances calls (each instance is a sequence of its own, one after the other)."""
     future: Future = field(default_factory=Future)
 
 
@@ -117,7 +119,7 @@ class StageThreads:
     def call(self, run: MethodRun, inputs: list[Any], subgraph: int) -> list[Any]:
         if run.finished:
             raise RunEnded
-        wanted = CallWanted(run, subgraph, inputs)
+        wanted = CallWanted(run, subgraph, inputs, getattr(self.local, "instance", 0))
         self.post(wanted)
         return wanted.future.result()
 
@@ -142,6 +144,7 @@ class StageThreads:
         its outputs are what it returns or, if nothing, what it yielded (streaming.py's rules, shared with the
         generator stages the loop runs)."""
         assert stage.function is not None
+        self.local.instance = index
         try:
             returned = stage.function(*run.stage_inputs(stage, index))
             if inspect.isgenerator(returned):

@@ -73,7 +73,9 @@ class Steps:
         self.with_batch_dim = with_batch_dim
         self.subgraphs: list[ModelSignature] = []
         self.slots: dict[MethodRun, int] = {}
-        """The sequence id of every request that holds a slot."""
+        """The sequence id of every request that holds a slot (of its current instance: a request of several
+        instances generates them one after the other, each as a new sequence)."""
+        self.instance_of: dict[MethodRun, int] = {}
         self.on_agents: set[MethodRun] = set()
         """Requests whose sequence has state on the agents (a stateful call of theirs was published)."""
         self.waiting: list[Waiting] = []
@@ -110,6 +112,7 @@ class Steps:
             self.waiting.remove(waiting)
             waiting.wanted.future.set_exception(RunEnded())
         self.computing.discard(run)
+        self.instance_of.pop(run, None)
         sequence = self.slots.pop(run, None)
         if sequence is not None and run in self.on_agents:
             self.on_agents.discard(run)
@@ -148,6 +151,12 @@ class Steps:
             if not inputs or len(inputs[0]) != 1:
                 raise ServingError(ErrorCode.INTERNAL, "a stateful model call takes one row (the request's "
                                                        f"sequence), got {len(inputs[0]) if inputs else 0}")
+            if self.instance_of.get(wanted.run, 0) != wanted.instance:  # the next instance: a fresh sequence
+                self.instance_of[wanted.run] = wanted.instance
+                if wanted.run in self.on_agents:
+                    self.on_agents.discard(wanted.run)
+                    self.releases.append(self.slots[wanted.run])
+                self.slots[wanted.run] = next(self._sequence_ids)
         self.waiting.append(Waiting(wanted, inputs, signature.stateful))
 
     # ---- steps out ------------------------------------------------------------------------------------------

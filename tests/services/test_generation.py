@@ -100,6 +100,14 @@ def test_concurrent_generations_match_the_reference_and_share_decode_steps(clust
     wait_for(lambda: sequences(cluster) == 0, 5, what="slots free")
 
 
+def test_each_instance_of_a_request_generates_from_a_fresh_state(cluster: LocalCluster) -> None:
+    """The tiny model sums its whole cache: a second instance that inherited the first one's state would differ."""
+    with cluster.client("predict") as client:
+        results = client.infer([instance([6, 2, 9, 9, 1], 8), instance([4], 6)], timeout=30)
+    assert [r["tokens"].tolist() for r in results] == [stateful_model.reference_generate([6, 2, 9, 9, 1], 8),
+                                                       stateful_model.reference_generate([4], 6)]
+
+
 def test_a_generator_stage_that_calls_the_model_streams_each_token(cluster: LocalCluster) -> None:
     expected = stateful_model.reference_generate([4, 4, 1], 9)
     with cluster.client("generate") as client:

@@ -164,3 +164,17 @@ def test_sequences_handed_a_result_are_waited_for_in_the_next_step() -> None:
     want(steps, second, 1, [4], 4)
     steps.pump()
     assert published[-1].sequences == [steps.slots[first], steps.slots[second]]
+
+
+def test_each_instance_of_a_request_is_a_sequence_of_its_own() -> None:
+    steps, published = new_steps()
+    run = new_run(steps)
+    want(steps, run, 0, [1, 2])
+    steps.pump()
+    first = published[-1].sequences
+    answer(steps, published[-1], np.zeros((1, 5), np.float32))
+    steps.computing.discard(run)
+    steps.want(CallWanted(run, 0, [np.array([[3]], np.int32), np.array([0], np.int32)], instance=1))
+    steps.pump()
+    assert published[-1].release == first and published[-1].sequences != first
+    assert len(steps.slots) == 1
