@@ -239,9 +239,7 @@ class GroupPipeline:
                 rank.process.wait(5.0)
             reap(rank.process, timeout=2.0)
             rank.connection.close()
-        for scheduler in self.schedulers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                scheduler.wait(5.0)
+        for scheduler in self.schedulers:  # its members are gone: nothing left for it to do
             reap(scheduler, timeout=2.0)
         self.ranks, self.schedulers = [], []
 
