@@ -74,6 +74,13 @@ def expected(prompt: str, max_tokens: int) -> tuple[str, str]:
     return text, "length"
 
 
+def worker_cancels(cluster: LocalCluster) -> int:
+    """How many requests the worker dropped because they were cancelled (its `request_cancelled` lines; in
+    `zmserve serve` the broker's share the file)."""
+    return sum(1 for line in cluster.logs["worker"].read_text().splitlines()
+               if '"event": "request_cancelled"' in line and '"component": "worker"' in line)
+
+
 def start(workdir: Path, **options: object) -> LocalCluster:
     """Broker, worker and the one MatMul agent serving the `echo` servable, ready."""
     model_files = export_matmul(workdir, 1)

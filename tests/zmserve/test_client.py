@@ -434,20 +434,9 @@ def test_generate_refuses_bad_sampling_values_before_sending(broker: FakeBroker,
 
 
 # ---- against a real worker (slow) ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """Broker, worker and one agent serving tests/generator_servable.py's `echo` (a generator `generate`)."""
-    cluster = generator_servable.start(tmp_path_factory.mktemp("echo"))
-    try:
-        yield cluster
-    finally:
-        codes = cluster.stop()
-    assert set(codes.values()) == {0}, codes
-
-
 @pytest.mark.slow
-def test_a_real_worker_streams_a_generator_stage_token_by_token(echo: LocalCluster) -> None:
-    with echo.client("generate") as client:
+def test_a_real_worker_streams_a_generator_stage_token_by_token(echo_cluster: LocalCluster) -> None:
+    with echo_cluster.client("generate") as client:
         stream = client.generate("abc", max_tokens=7, timeout=30)
         chunks = list(stream)
         text, finish = generator_servable.expected("abc", 7)
@@ -469,15 +458,16 @@ def test_a_real_worker_streams_a_generator_stage_token_by_token(echo: LocalClust
 
 
 @pytest.mark.slow
-def test_leaving_a_real_stream_early_stops_the_generator_in_the_worker(echo: LocalCluster) -> None:
-    with echo.client("generate") as client:
+def test_leaving_a_real_stream_early_stops_the_generator_in_the_worker(echo_cluster: LocalCluster) -> None:
+    cancels = generator_servable.worker_cancels(echo_cluster)
+    with echo_cluster.client("generate") as client:
         stream = client.generate("ab", max_tokens=2**30, timeout=60)
         for index, chunk in enumerate(stream):
             assert chunk.text == "ba"[index % 2]
             if index == 2:
                 break
-        wait_for(lambda: '"request_cancelled"' in echo.logs["worker"].read_text(), timeout=10,
-                 what="the worker to drop the cancelled stream")
+        wait_for(lambda: generator_servable.worker_cancels(echo_cluster) > cancels, timeout=20,
+                 what="the worker to drop the cancelled stream", details=echo_cluster.log_tails)
         started = time.monotonic()
         assert client.generate("ok", max_tokens=2, timeout=30).result().text == "ko"
         assert time.monotonic() - started < 5, "the worker is not busy with the abandoned stream"

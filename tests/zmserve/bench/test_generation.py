@@ -1,7 +1,8 @@
 """Generation mode's math (zmserve/bench/generation.py, the token part of summary.py and records.py): TTFT, ITL
 and tokens/s from hand-made records, a record's round trip through its JSON line, the prompt lines and their
 errors, and the records of a stream from its partials' arrival times. The slow test runs `zmserve bench
---prompts` against a real `zmserve serve` serving tests/generator_servable.py's generator method."""
+--prompts` against a real `zmserve serve` serving tests/generator_servable.py's generator method (the shared
+echo_cluster)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from zmserve.bench.records import Record
 from zmserve.bench.requests import RequestSpec
 from zmserve.bench.summary import format_summary, summarize, summary_json
 from zmserve.client import InferStream
+from zmserve.local import LocalCluster
 
 
 def generation(send_time: float, latency_ms: float, tokens: int, ttft: float | None, gaps: tuple[float, ...],
@@ -99,43 +101,40 @@ def test_a_streams_record_takes_ttft_and_gaps_from_the_partials_arrivals() -> No
 
 
 @pytest.mark.slow
-def test_bench_streams_generations_from_a_prompt_file(tmp_path: Path) -> None:
-    cluster = generator_servable.start(tmp_path, colocated=True)  # zmserve serve: partials through the in-process
-    try:                                                           # broker
-        prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text('{"prompt": "abc", "max_tokens": 5}\n{"prompt": "x|yz", "max_tokens": 9}\n')
-        result = subprocess.run(
-            [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
-             generator_servable.SERVABLE, "--prompts", str(prompts), "-c", "2", "--requests", "6", "--timeout",
-             "30"], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        records = [Record.from_json(line) for line in result.stdout.splitlines()]
-        assert len(records) == 6 and all(r.ok for r in records)
-        by_prompt = {r.id % 2: r for r in records}
-        assert by_prompt[0].tokens == 5 and len(by_prompt[0].itl_ms or ()) == 4, "one partial per token"
-        assert by_prompt[1].tokens == 2 and by_prompt[1].ttft_ms is not None
-        assert all(0 < (r.ttft_ms or 0) <= r.latency_ms for r in records)
-        report = subprocess.run([sys.executable, "-m", "zmserve.cli", "bench", "report", "--json"],
-                                input=result.stdout, capture_output=True, text=True, timeout=60)
-        summary = json.loads(report.stdout)
-        assert summary["tokens"] == 3 * (5 + 2) and summary["tokens_per_s"] > 0 and summary["ttft_p50_ms"] > 0
+def test_bench_streams_generations_from_a_prompt_file(echo_cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster = echo_cluster  # zmserve serve: partials through the in-process broker
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "abc", "max_tokens": 5}\n{"prompt": "x|yz", "max_tokens": 9}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
+         generator_servable.SERVABLE, "--prompts", str(prompts), "-c", "2", "--requests", "6", "--timeout",
+         "30"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = [Record.from_json(line) for line in result.stdout.splitlines()]
+    assert len(records) == 6 and all(r.ok for r in records)
+    by_prompt = {r.id % 2: r for r in records}
+    assert by_prompt[0].tokens == 5 and len(by_prompt[0].itl_ms or ()) == 4, "one partial per token"
+    assert by_prompt[1].tokens == 2 and by_prompt[1].ttft_ms is not None
+    assert all(0 < (r.ttft_ms or 0) <= r.latency_ms for r in records)
+    report = subprocess.run([sys.executable, "-m", "zmserve.cli", "bench", "report", "--json"],
+                            input=result.stdout, capture_output=True, text=True, timeout=60)
+    summary = json.loads(report.stdout)
+    assert summary["tokens"] == 3 * (5 + 2) and summary["tokens_per_s"] > 0 and summary["ttft_p50_ms"] > 0
 
-        open_loop = subprocess.run(
-            [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
-             generator_servable.SERVABLE, "--random-prompts", "--max-tokens", "3", "--rate", "20", "--requests",
-             "4", "--seed", "1", "--timeout", "30"], capture_output=True, text=True, timeout=120)
-        assert open_loop.returncode == 0, open_loop.stderr
-        records = [Record.from_json(line) for line in open_loop.stdout.splitlines()]
-        assert len(records) == 4 and {r.tokens for r in records} == {3} and all(len(r.itl_ms or ()) == 2
-                                                                                for r in records)
-        assert "TTFT ms" in open_loop.stderr and "tokens/s" in open_loop.stderr
+    open_loop = subprocess.run(
+        [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
+         generator_servable.SERVABLE, "--random-prompts", "--max-tokens", "3", "--rate", "20", "--requests",
+         "4", "--seed", "1", "--timeout", "30"], capture_output=True, text=True, timeout=120)
+    assert open_loop.returncode == 0, open_loop.stderr
+    records = [Record.from_json(line) for line in open_loop.stdout.splitlines()]
+    assert len(records) == 4 and {r.tokens for r in records} == {3} and all(len(r.itl_ms or ()) == 2
+                                                                            for r in records)
+    assert "TTFT ms" in open_loop.stderr and "tokens/s" in open_loop.stderr
 
-        spread = subprocess.run(
-            [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
-             generator_servable.SERVABLE, "--random-prompts", "--max-tokens", "4", "--processes", "2", "-c", "2",
-             "--requests", "6", "--seed", "3", "--timeout", "30"], capture_output=True, text=True, timeout=180)
-        assert spread.returncode == 0, spread.stderr
-        records = [Record.from_json(line) for line in spread.stdout.splitlines()]
-        assert sorted(r.id for r in records) == list(range(6)) and {r.tokens for r in records} == {4}
-    finally:
-        cluster.stop()
+    spread = subprocess.run(
+        [sys.executable, "-m", "zmserve.cli", "bench", "--address", cluster.client_address, "--servable",
+         generator_servable.SERVABLE, "--random-prompts", "--max-tokens", "4", "--processes", "2", "-c", "2",
+         "--requests", "6", "--seed", "3", "--timeout", "30"], capture_output=True, text=True, timeout=180)
+    assert spread.returncode == 0, spread.stderr
+    records = [Record.from_json(line) for line in spread.stdout.splitlines()]
+    assert sorted(r.id for r in records) == list(range(6)) and {r.tokens for r in records} == {4}
