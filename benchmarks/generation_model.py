@@ -84,30 +84,39 @@ def incremental(args: argparse.Namespace, root: Path) -> None:
     outputs = {name: run() for name, run in variants.items()}  # warm-up: compiles every shape once
     assert len(set(map(tuple, outputs.values()))) == 1, "the two ways gave different tokens"
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in variants}
     for round_number in range(args.rounds):
         for name, run in variants.items():
-            load, started = load1(), time.perf_counter()
+            load, started, cpu_started = load1(), time.perf_counter(), time.process_time()
             run()
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             rates[name].append(args.tokens / seconds)
+            cpu_rates[name].append(args.tokens / cpu)
             emit({"bench": "generation_incremental", "variant": name, "round": round_number + 1,
                   "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "seconds": round(seconds, 3),
-                  "tokens_per_s": round(args.tokens / seconds, 1), "load": load})
+                  "cpu_seconds": round(cpu, 3), "tokens_per_s": round(args.tokens / seconds, 1),
+                  "tokens_per_cpu_s": round(args.tokens / cpu, 1), "load": load})
     names = list(variants)
-    emit({"bench": "generation_incremental", "ratio_incremental_over_full": [
-        round(a / b, 2) for a, b in zip(rates[names[0]], rates[names[1]], strict=True)]})
+    emit({"bench": "generation_incremental", "prompt_tokens": args.prompt_tokens, "ratio_incremental_over_full": [
+        round(a / b, 2) for a, b in zip(rates[names[0]], rates[names[1]], strict=True)],
+        "cpu_ratio_incremental_over_full": [
+        round(a / b, 2) for a, b in zip(cpu_rates[names[0]], cpu_rates[names[1]], strict=True)]})
     pipeline.close()
 
 
 # ---- one decode step for a layout --------------------------------------------------------------------------------
-def decode_steps(call, batch: int, steps: int, first_position: int, tokens: np.ndarray) -> list[float]:
-    """`steps` timed calls of one token per row; returns seconds per call."""
+def decode_steps(call, batch: int, steps: int, first_position: int, tokens: np.ndarray,
+                 cpu: list[float] | None = None) -> list[float]:
+    """`steps` timed calls of one token per row; returns seconds per call (and this process's CPU seconds per
+    call in `cpu`: on a shared machine the CPU time of an in-process call is far steadier than its wall time)."""
     times = []
     positions = np.full(batch, first_position, np.int32)
     for _ in range(steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         logits = call(tokens, positions)
         times.append(time.perf_counter() - started)
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu_started)
         tokens = np.argmax(logits, -1).astype(np.int32).reshape(batch, 1)
         positions = positions + 1
     return times
@@ -132,14 +141,17 @@ def step(args: argparse.Namespace, root: Path) -> None:
                     return pipeline.call(1, rows, [tokens, positions])[0]
 
                 decode_steps(call, batch, 3, len(prompt), last)  # warm-up (first call at a shape compiles)
-                load = load1()
-                times = decode_steps(call, batch, args.steps, len(prompt) + 3, last)
+                load, cpu = load1(), []
+                times = decode_steps(call, batch, args.steps, len(prompt) + 3, last, cpu)
                 pipeline.release(rows)
                 p50 = statistics.median(times)
-                emit({"bench": "generation_decode_step", "rank_size": args.rank_size, "stage_size": args.stage_size,
-                      "batch": batch, "round": round_number + 1, "steps": args.steps,
-                      "p50_ms": round(p50 * 1e3, 3), "p90_ms": round(np.percentile(times, 90) * 1e3, 3),
-                      "tokens_per_s": round(batch / p50, 1), "load": load})
+                row = {"bench": "generation_decode_step", "rank_size": args.rank_size,
+                       "stage_size": args.stage_size, "batch": batch, "round": round_number + 1, "steps": args.steps,
+                       "p50_ms": round(p50 * 1e3, 3), "p90_ms": round(np.percentile(times, 90) * 1e3, 3),
+                       "tokens_per_s": round(batch / p50, 1), "load": load}
+                if isinstance(pipeline, direct.LocalPipeline):  # the ranks' CPU is this process's
+                    row["cpu_p50_ms"] = round(statistics.median(cpu) * 1e3, 3)
+                emit(row)
     finally:
         pipeline.close()
 
@@ -182,6 +194,7 @@ def state(args: argparse.Namespace, root: Path) -> None:
 
     first = np.asarray([[prompt[-1]]], np.int32)
     results: dict[tuple[str, int], list[float]] = {}
+    cpu_results: dict[tuple[str, int], list[float]] = {}
     for round_number in range(args.rounds):
         for batch in batches:
             tokens = np.repeat(first, batch, 0)
@@ -189,18 +202,24 @@ def state(args: argparse.Namespace, root: Path) -> None:
                                         "in-graph Parameter + ScatterNdUpdate": graph_call(batch)}
             for name, call in variants.items():
                 decode_steps(call, batch, 3, len(prompt), tokens)
-                load = load1()
-                times = decode_steps(call, batch, args.steps, len(prompt) + 3, tokens)
-                p50 = statistics.median(times)
+                load, cpu = load1(), []
+                times = decode_steps(call, batch, args.steps, len(prompt) + 3, tokens, cpu)
+                p50, cpu_p50 = statistics.median(times), statistics.median(cpu)
                 results.setdefault((name, batch), []).append(p50)
+                cpu_results.setdefault((name, batch), []).append(cpu_p50)
                 emit({"bench": "generation_state", "variant": name, "batch": batch, "round": round_number + 1,
-                      "steps": args.steps, "p50_ms": round(p50 * 1e3, 3), "load": load})
+                      "steps": args.steps, "p50_ms": round(p50 * 1e3, 3), "cpu_p50_ms": round(cpu_p50 * 1e3, 3),
+                      "load": load})
             runner.release(list(range(batch)))
     for batch in batches:
         explicit = results[("explicit state (contract)", batch)]
         graph = results[("in-graph Parameter + ScatterNdUpdate", batch)]
+        cpu_explicit = cpu_results[("explicit state (contract)", batch)]
+        cpu_graph = cpu_results[("in-graph Parameter + ScatterNdUpdate", batch)]
         emit({"bench": "generation_state", "batch": batch, "ratio_explicit_over_in_graph": [
-            round(a / b, 2) for a, b in zip(explicit, graph, strict=True)], "max_logit_difference": difference})
+            round(a / b, 2) for a, b in zip(explicit, graph, strict=True)], "cpu_ratio_explicit_over_in_graph": [
+            round(a / b, 2) for a, b in zip(cpu_explicit, cpu_graph, strict=True)],
+            "max_logit_difference": difference})
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from zmserve.protocol import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
     MAX_REQUEST_BYTES,
+    MAX_SEQUENCES,
     endpoint_host_port,
     normalize_address,
 )
@@ -215,6 +216,9 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                      type=click.FloatRange(min=0),
                      help="Milliseconds a batch's first instance waits for more before the batch leaves anyway "
                           "(with_batch_dim=True only)."),
+        click.option("--max-sequences", default=MAX_SEQUENCES, show_default=True, type=click.IntRange(min=1),
+                     help="Sequences generated at once (requests of a method whose stage calls a stateful model: "
+                          "each holds a slot until it ends); one more is answered RESOURCE_EXHAUSTED at once."),
         click.option("--drain-timeout", default=DRAIN_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
                      help="On SIGTERM, seconds to finish the requests held (the broker routes this worker nothing "
                           "more at once) before stopping anyway; then exit 0. 0 stops at once, as SIGINT does. "
@@ -235,7 +239,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
                 max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
-                metrics: bool = False, security: Any = None) -> Any:
+                metrics: bool = False, security: Any = None, max_sequences: int = MAX_SEQUENCES) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
     from services.worker.worker import Worker
@@ -249,7 +253,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000, drain_timeout=drain_timeout, ready_file=ready_file,
-            metrics=metrics, security=security or PLAINTEXT))
+            metrics=metrics, security=security or PLAINTEXT, max_sequences=max_sequences))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 

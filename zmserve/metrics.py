@@ -87,6 +87,19 @@ worker_group_restarts = Counter("zmserve_worker_group_restarts", "Times every ag
 worker_group_formation_seconds = Histogram("zmserve_worker_group_formation_duration_seconds", "From every rank "
                                            "registered to serving: joining the groups, loading, warming up",
                                            ["servable", "version"], buckets=FORMATION_BUCKETS, registry=WORKER)
+worker_ttft_seconds = Histogram("zmserve_worker_time_to_first_token_seconds", "Generation: from a request's arrival "
+                                "at the worker to the result of its first stateful model call (its first token)",
+                                ["servable", "version"], registry=WORKER,
+                                buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+worker_inter_token_seconds = Histogram("zmserve_worker_inter_token_seconds", "Generation: between two tokens of one "
+                                       "sequence (its consecutive decode-step results)", ["servable", "version"],
+                                       registry=WORKER,
+                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+worker_generated_tokens = Counter("zmserve_worker_generated_tokens", "Generation: tokens made (one per sequence "
+                                  "per stateful step result)", ["servable", "version"], registry=WORKER)
+worker_step_rows = Histogram("zmserve_worker_step_sequences", "Generation: sequences in one decode step (the "
+                             "continuous batch)", ["servable", "version"], registry=WORKER,
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 GATEWAY = CollectorRegistry()
 gateway_http_requests = Counter("zmserve_gateway_http_requests", "HTTP requests answered, by route (ms_rest, oip, "
@@ -449,6 +462,20 @@ class WorkerMetrics:
     def groups_formed(self, seconds: float) -> None:
         if self.enabled:
             worker_group_formation_seconds.labels(self.servable, self.version).observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        if self.enabled:
+            worker_ttft_seconds.labels(self.servable, self.version).observe(seconds)
+            worker_generated_tokens.labels(self.servable, self.version).inc()
+
+    def inter_token(self, seconds: float) -> None:
+        if self.enabled:
+            worker_inter_token_seconds.labels(self.servable, self.version).observe(seconds)
+            worker_generated_tokens.labels(self.servable, self.version).inc()
+
+    def decode_step(self, sequences: int) -> None:
+        if self.enabled:
+            worker_step_rows.labels(self.servable, self.version).observe(sequences)
 
 
 class GatewayMetrics:

@@ -136,10 +136,13 @@ class TensorSpec(msgspec.Struct, frozen=True):
 
 
 class ModelSignature(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A shard's inputs and outputs, from the `group_config.json` its export wrote (None when unknown)."""
+    """A shard's inputs and outputs, from the `group_config.json` its export wrote (None when unknown). `stateful`:
+    the subgraph also takes and updates a state the agents keep per sequence (its "state" entry), so each row of a
+    call names its sequence (`ModelCall.sequences`)."""
 
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
+    stateful: bool = False
 
 
 class ShardInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -151,6 +154,8 @@ class ShardInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     stage: int | None = None
     stage_size: int | None = None
     signature: ModelSignature = ModelSignature()
+    subgraphs: list[ModelSignature] = []
+    """One signature per subgraph file, in subgraph order (empty: one graph, `signature`)."""
 
 
 class ValueSpec(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -217,6 +222,11 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     calls_in_flight: int
     in_flight: int
     status_age: float
+    sequences: int = 0
+    waiting_sequences: int = 0
+    max_sequences: int = 0
+    """Generation: sequences holding a slot, those of them waiting for their step, and the slots (0: the servable
+    does not generate)."""
 
 
 class TrafficPoint(msgspec.Struct, frozen=True, array_like=True):
@@ -329,6 +339,11 @@ class WorkerStatus(Message, tag=MessageType.WORKER_STATUS.value):
     calls_in_flight: int = 0
     draining: bool = False
     retry: Retry = Retry.BEFORE_MODEL
+    sequences: int = 0
+    waiting_sequences: int = 0
+    max_sequences: int = 0
+    """Generation (continuous batching): sequences holding a slot, those of them whose model call waits for its step,
+    and the slots (`--max-sequences`; 0 when the model has no stateful subgraph)."""
     chat_template: str = ""
 
 
@@ -382,6 +397,8 @@ class AgentConfigure(Message, tag=MessageType.AGENT_CONFIGURE.value):
     which the agent holds already, or plaintext)."""
     downstream_keys: list[str] = []
     """CURVE: for a "publish" leader, the public keys of the next stage's agents, the only ones its XPUB admits."""
+    max_sequences: int = 0
+    """Most sequences whose state the agent keeps at once (0: no bound); one more is refused RESOURCE_EXHAUSTED."""
 
 
 class AgentReady(Message, tag=MessageType.AGENT_READY.value):
@@ -493,12 +510,18 @@ class Status(Message, tag=MessageType.STATUS.value):
 
 
 class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
-    """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only."""
+    """worker -> stage 0, and stage k's leader -> stage k+1. `request_id` is for correlation in logs only.
+    `subgraph` selects the graph. For a stateful subgraph, `sequences` names the sequence of each batch row: the
+    agents feed that sequence's state in and keep its update. `release`: sequences whose state the agents free,
+    before the call; a call with no values only releases (and has no result)."""
 
     call: int
     values: list[TensorSpec]
     request_id: RequestId | None = None
     rank: int | None = None
+    subgraph: int = 0
+    sequences: list[int] | None = None
+    release: list[int] = []
 
 
 class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):
@@ -643,6 +666,8 @@ MAX_BATCH_SIZE = 32
 uses that size instead)."""
 MAX_BATCH_DELAY_S = 0.002
 """How long the first instance of a batch may wait for others."""
+MAX_SEQUENCES = 16
+"""Sequences a worker generates at once (requests whose stage calls a stateful model); more: RESOURCE_EXHAUSTED."""
 EXECUTION_TIMEOUT_S = 30.0
 """A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
 DRAIN_TIMEOUT_S = 30.0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import threading
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,65 @@ class DistributedModel:
     def ranks_of(self, stage: int) -> range:
         return range(stage * self.ranks_per_stage, (stage + 1) * self.ranks_per_stage)
 
+    def call(self, *args: Any, subgraph: int = 0) -> Any:
+        """Call the model from a Python stage, as MindSpore Serving's `Model.call`: `call(x1, x2)` for one instance
+        (returns its output, or a tuple of outputs), `call([[x1, x2], ...])` for several (returns a list of output
+        tuples). `subgraph` selects the graph of a multi-subgraph model. The worker runs a stage that calls the
+        model on a thread of its own; this blocks that thread until the agents answered."""
+        caller: ModelCaller | None = getattr(_stage_thread, "caller", None)
+        if caller is None:
+            raise RuntimeError("model.call may only be used inside a Python stage that the worker runs")
+        if not isinstance(subgraph, int) or isinstance(subgraph, bool) or subgraph < 0:
+            raise ServableConfigError(f"subgraph must be a non-negative integer, got {subgraph!r}")
+        if not args:
+            raise ValueError("model.call needs inputs: call(x1, x2) or call([[x1, x2], ...])")
+        if len(args) == 1 and isinstance(args[0], list | tuple):
+            return [tuple(caller(list(instance), subgraph)) for instance in args[0]]
+        outputs = caller(list(args), subgraph)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+ModelCaller = Callable[[list[Any], int], list[Any]]
+"""(inputs of one instance, subgraph) -> its outputs: how a stage thread reaches the worker's loop."""
+_stage_thread = threading.local()
+
+
+def set_model_caller(caller: ModelCaller | None) -> None:
+    """Called by the worker on a stage thread: `model.call` on this thread goes through `caller`."""
+    _stage_thread.caller = caller
+
+
+def calls_model(function: Callable[..., Any], model: DistributedModel) -> bool:
+    """Whether a Python stage may call `model` (`model.call`): its code, or the code of a function of its module it
+    names, refers to the model object. Such a stage runs on a thread of its own (it blocks while the agents work)."""
+    seen: set[int] = set()
+
+    def refers(code: types.CodeType, namespace: dict[str, Any], closure: tuple[Any, ...] | None) -> bool:
+        if id(code) in seen:
+            return False
+        seen.add(id(code))
+        values = [namespace.get(name) for name in code.co_names]
+        values += [cell.cell_contents for cell in closure or () if _cell_filled(cell)]
+        for value in values:
+            if value is model:
+                return True
+            if isinstance(value, types.FunctionType) and value.__globals__ is namespace \
+                    and refers(value.__code__, namespace, value.__closure__):
+                return True
+        return any(refers(const, namespace, None) for const in code.co_consts if isinstance(const, types.CodeType))
+
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    return code is not None and refers(code, getattr(function, "__globals__", {}), function.__closure__)
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -74,6 +135,8 @@ class Stage:
     inputs: tuple[ValueRef, ...]
     outputs_count: int
     batch_size: int | None = None
+    calls_model: bool = False
+    """A Python stage that calls the model (`model.call`): it runs on a thread per request."""
 
     @property
     def is_model(self) -> bool:
@@ -91,6 +154,8 @@ class MethodSpec:
     output_names: tuple[str, ...]
     stages: tuple[Stage, ...]
     outputs: tuple[ValueRef, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Optional inputs (a parameter with a default value): what a request that leaves one out gets."""
 
 
 @dataclass
@@ -187,7 +252,8 @@ def register_method(output_names: str | list[str] | tuple[str, ...]) -> Callable
             raise ServableConfigError(
                 f"method {name!r} returns {len(outputs)} values but output_names has {len(names)}: {list(names)}"
             )
-        spec.methods[name] = MethodSpec(name, input_names, names, tuple(stages), tuple(outputs))
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        spec.methods[name] = MethodSpec(name, input_names, names, tuple(stages), tuple(outputs), defaults)
         return function
 
     return decorate
@@ -228,7 +294,8 @@ def add_stage(
     if not isinstance(outputs_count, int) or outputs_count < 1:
         raise ServableConfigError(f"outputs_count must be a positive integer, got {outputs_count!r}")
     index = len(_tracing.stages)
-    _tracing.stages.append(Stage(function, tuple(args), outputs_count, batch_size))
+    threaded = function is not None and spec.model is not None and calls_model(function, spec.model)
+    _tracing.stages.append(Stage(function, tuple(args), outputs_count, batch_size, threaded))
     label = "model" if function is None else function.__name__
     outputs = tuple(ValueRef(index, i, f"{label}[{i}]") for i in range(outputs_count))
     return outputs[0] if outputs_count == 1 else outputs

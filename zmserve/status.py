@@ -116,6 +116,9 @@ def render_worker(worker: WorkerInfo) -> list[str]:
              f"{worker.pid}): {worker.state}, {readiness}",
              f"  {worker.in_flight} requests in flight from the broker, {worker.requests} held, {worker.queued} "
              f"queued, {worker.calls_in_flight} model calls in the pipeline (status {worker.status_age:.1f} s old)"]
+    if worker.max_sequences:
+        lines.append(f"  generation: {worker.sequences} of {worker.max_sequences} sequence slots used, "
+                     f"{worker.waiting_sequences} waiting for their step")
     rows = [["STAGE", "RANK", "STATE", "HOST", "PID", "HEARTBEAT", "RESTARTS"]]
     rows += [agent_row(agent, worker.status_age) for agent in worker.agents]
     return lines + ["  " + line for line in table(rows)]

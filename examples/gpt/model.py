@@ -16,7 +16,7 @@ input, and the K/V of this call's tokens an explicit output (`kv_new`) that the 
 generation-contract.md and examples/gpt/README.md). The same Cell serves both subgraphs: `incremental=True` (one new
 token per row) leaves out the causal mask among the new tokens and the pick of the last token, which T = 1 makes
 unnecessary. Nothing here runs an op the math does not need: the 1/sqrt(head_dim) scale is folded into the Q
-weights, Q/K/V are one MatMul, LayerNorm is MindSpore's fused kernel.
+weights and GELU's constants into the MLP weights, Q/K/V are one MatMul, LayerNorm is MindSpore's fused kernel.
 
 Layout of one rank's call (B rows, T new tokens per row, M = max_len, L = this stage's layers, Hr = this rank's
 heads, D = head dim): attention of row b's new token t sees cache slots j < positions[b] (what earlier calls
@@ -96,9 +96,11 @@ def shard_weights(weights: Mapping[str, np.ndarray], config: Mapping[str, Any], 
         shard[target + "o.bias"] = weights[source + "attn.o.bias"]
         shard[target + "ln_2.gamma"] = weights[source + "ln_2.weight"]
         shard[target + "ln_2.beta"] = weights[source + "ln_2.bias"]
-        shard[target + "up.weight"] = weights[source + "mlp.up.weight"][units].T
-        shard[target + "up.bias"] = weights[source + "mlp.up.bias"][units]
-        shard[target + "down.weight"] = weights[source + "mlp.down.weight"][:, units].T
+        # GELU(u) = 0.5 u (1 + erf(u / sqrt 2)) = (u' (1 + erf(u'))) / sqrt 2 with u' = u / sqrt 2: both scales
+        # go into the weights, so the graph computes u' * (1 + erf(u')) (3 kernels instead of 5)
+        shard[target + "up.weight"] = weights[source + "mlp.up.weight"][units].T / math.sqrt(2.0)
+        shard[target + "up.bias"] = weights[source + "mlp.up.bias"][units] / math.sqrt(2.0)
+        shard[target + "down.weight"] = weights[source + "mlp.down.weight"][:, units].T / math.sqrt(2.0)
         shard[target + "down.bias"] = weights[source + "mlp.down.bias"]
     if stage == stage_size - 1:
         shard["ln_f.gamma"] = weights["ln_f.weight"]
@@ -180,8 +182,8 @@ def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
             context = self.context(probs[..., :max_len], v_cache) + self.context(probs[..., max_len:], v)
             context = ops.reshape(ops.transpose(context, (0, 2, 1, 3)), (-1, heads * head_dim))
             x = x + self.o(context)
-            up = self.up(self.ln_2(x))
-            x = x + self.down(0.5 * up * (1.0 + ops.erf(up * (1.0 / math.sqrt(2.0)))))
+            up = self.up(self.ln_2(x))  # already scaled by 1/sqrt 2 (shard_weights)
+            x = x + self.down(up * (1.0 + ops.erf(up)))
             return x, k, v
 
     class Stage(nn.Cell):

@@ -31,11 +31,12 @@ import numpy as np
 import structlog
 import zmq
 
+from services.agent.state import SequenceStates, StateSpec
 from services.agent.status_pipe import report_loaded
+from services.agent.subgraphs import Subgraph, read_subgraphs, subgraph_files
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.collective_tls import CollectiveTls
-from zmserve.export import read_group_config
 from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -55,9 +56,7 @@ from zmserve.protocol import (
     ModelCall,
     ModelError,
     ModelResult,
-    ModelSignature,
     ServingError,
-    ShardInfo,
     decode,
     encode,
     normalize_address,
@@ -300,14 +299,16 @@ class DataPlane:
 
 
 class ShardRunner:
-    """The MindSpore side: join the stage's group, load this rank's MindIR, run calls."""
+    """The MindSpore side: join the stage's group, load this rank's MindIR files (one per subgraph), run calls,
+    keep the state of stateful subgraphs' sequences (state.py)."""
 
-    def __init__(self, model_file: Path, signature: ModelSignature, tls: CollectiveTls | None = None) -> None:
+    def __init__(self, subgraphs: list[Subgraph], tls: CollectiveTls | None = None) -> None:
         import_mindspore()
-        self.model_file = model_file
-        self.signature = signature
+        self.subgraphs = subgraphs
         self.tls = tls
-        self.shard: ShardModel | None = None
+        self.shards: list[ShardModel] = []
+        self.states: dict[StateSpec, SequenceStates] = {}
+        """One store per state layout: subgraphs that name the same state share their sequences' arrays."""
 
     def join_group_and_load(self, config: AgentConfigure) -> None:
         # init() holds the GIL while it waits for its group, so the control thread cannot act on a shutdown
@@ -318,18 +319,60 @@ class ShardRunner:
             join_group(config.scheduler_host, config.scheduler_port, config.group_size, config.node_id, self.tls)
             log.debug("group_joined", seconds=round(time.monotonic() - started, 3))
             started = time.monotonic()
-            self.shard = ShardModel.load(self.model_file)
-            log.debug("shard_loaded", seconds=round(time.monotonic() - started, 3))
-            if self.signature.inputs:
-                started = time.monotonic()
-                self.shard.warm_up(self.signature.inputs)
-                log.debug("warmed_up", seconds=round(time.monotonic() - started, 3))
+            self.shards = [ShardModel.load(subgraph.file) for subgraph in self.subgraphs]
+            for subgraph in self.subgraphs:
+                if subgraph.state is not None and subgraph.state not in self.states:
+                    self.states[subgraph.state] = SequenceStates(subgraph.state, config.max_sequences)
+            log.debug("shard_loaded", seconds=round(time.monotonic() - started, 3), subgraphs=len(self.shards))
+            started = time.monotonic()
+            for index, subgraph in enumerate(self.subgraphs):
+                if subgraph.signature.inputs:
+                    self.warm_up(index)
+            log.debug("warmed_up", seconds=round(time.monotonic() - started, 3))
         finally:
             faulthandler.cancel_dump_traceback_later()
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        assert self.shard is not None, "run before join_group_and_load"
-        return self.shard.run(inputs)
+    def warm_up(self, index: int) -> None:
+        """One call on zeros of the subgraph's shapes (-1 as 1; one sequence of zero state), so the first real
+        call does not pay for compiling the graph."""
+        subgraph = self.subgraphs[index]
+        assert subgraph.signature.inputs is not None
+        inputs = [np.zeros([d if d >= 0 else 1 for d in spec.shape], dtype=spec.dtype)
+                  for spec in subgraph.signature.inputs]
+        if subgraph.state is not None:
+            inputs.append(np.expand_dims(np.zeros(subgraph.state.shape, subgraph.state.dtype),
+                                         subgraph.state.batch_axis))
+        self.shards[index].run(inputs)
+
+    def run(self, inputs: list[np.ndarray], subgraph: int = 0, sequences: list[int] | None = None,
+            release: list[int] | tuple[int, ...] = ()) -> list[np.ndarray]:
+        """Free `release`, then run `subgraph` on `inputs` (rows of a stateful one belong to `sequences`)."""
+        assert self.shards, "run before join_group_and_load"
+        for states in self.states.values():
+            states.release(list(release))
+        if not inputs:
+            return []
+        if not 0 <= subgraph < len(self.shards):
+            raise ServingError(ErrorCode.INVALID_ARGUMENT, f"the model has no subgraph {subgraph}; it has "
+                                                           f"{len(self.shards)}")
+        spec = self.subgraphs[subgraph].state
+        if spec is None:
+            return self.shards[subgraph].run(inputs)
+        if sequences is None or not inputs or len(sequences) != len(inputs[0]):
+            raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                               f"subgraph {subgraph} is stateful: each batch row needs its sequence id")
+        states = self.states[spec]
+        names = [tensor.name for tensor in self.subgraphs[subgraph].signature.inputs or []]
+        positions = inputs[names.index(spec.positions)] if spec.positions in names else None
+        if positions is None:
+            raise ServingError(ErrorCode.INTERNAL, f"subgraph {subgraph}: no input named {spec.positions!r}")
+        outputs = self.shards[subgraph].run([*inputs, states.batch(sequences)])
+        states.update(sequences, np.asarray(positions).reshape(-1), outputs[-1])
+        return outputs[:-1]
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(states.bytes for states in self.states.values())
 
 
 def report_reason(reason_fd: int | None, reason: str) -> None:
@@ -340,34 +383,31 @@ def report_reason(reason_fd: int | None, reason: str) -> None:
         os.write(reason_fd, reason.encode()[:4000])
 
 
-def read_shard_info(model_file: Path, group_config_file: Path | None) -> ShardInfo:
-    """What the shard's export says it is (its group_config.json), if it says anything."""
-    document = read_group_config(model_file, group_config_file) or {}
-    signature = msgspec.convert({"inputs": document.get("inputs"), "outputs": document.get("outputs")},
-                                ModelSignature)
-    known = {key: document.get(key) for key in ("rank", "rank_size", "stage", "stage_size")}
-    return ShardInfo(signature=signature, **{k: v for k, v in known.items() if isinstance(v, int)})
-
-
 def serve(settings: AgentSettings) -> int:
-    model_file = Path(settings.model_file)
-    if not model_file.is_file():
-        log.error("model_file_missing", path=str(model_file))
-        report_reason(settings.reason_fd, f"its model file {model_file} does not exist")
+    files = subgraph_files(settings.model_file)
+    if not files or (missing := [str(f) for f in files if not f.is_file()]):
+        log.error("model_file_missing", path=settings.model_file)
+        report_reason(settings.reason_fd, f"its model file {','.join(missing) or settings.model_file} does not exist")
         return EXIT_REJECTED
-    shard = read_shard_info(model_file, Path(settings.group_config_file) if settings.group_config_file else None)
+    try:
+        shard, subgraphs = read_subgraphs(files, Path(settings.group_config_file) if settings.group_config_file
+                                          else None)
+    except ValueError as exc:
+        log.error("group_config_invalid", why=str(exc))
+        report_reason(settings.reason_fd, str(exc))
+        return EXIT_REJECTED
     security = settings.security()
     context = zmq.Context()
     link = ControlLink(context, normalize_address(settings.worker), settings.rank, settings.heartbeat_interval,
                        settings.heartbeat_liveness, settings.reason_fd, security.client(Peer.WORKER))
     link.start()
-    link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=str(model_file),
+    link.send(AgentRegister(rank=settings.rank, host=settings.host, pid=os.getpid(), model_file=settings.model_file,
                             publish_address=settings.publish_address, replaces_pid=settings.replaces_pid,
                             previous_exit=settings.previous_exit, shard=shard))
-    log.debug("agent_registering", worker=settings.worker, model_file=str(model_file))
+    log.debug("agent_registering", worker=settings.worker, model_file=settings.model_file)
     tls = CollectiveTls.load(settings.collective_tls) if settings.collective_tls else None
     started = time.monotonic()
-    runner = ShardRunner(model_file, shard.signature, tls)
+    runner = ShardRunner(subgraphs, tls)
     log.debug("mindspore_imported", seconds=round(time.monotonic() - started, 3))
     config = link.inbox.get()
     log.debug("agent_configured", scheduler=f"{config.scheduler_host}:{config.scheduler_port}")
@@ -394,22 +434,26 @@ def serve(settings: AgentSettings) -> int:
 
 
 def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank: int) -> None:
-    call_id = None
+    call_id, call = None, None
     try:
         call = decode(frames[0], ModelCall)
         call_id = call.call
         inputs = list(decode_values(call.values, frames[1:]).values())
-        outputs = runner.run(inputs)
+        outputs = runner.run(inputs, call.subgraph, call.sequences, call.release)
     except Exception as exc:
         code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
         bursts.warning("model_call_failed", call=call_id, error=str(exc))
         data.send_error(ModelError(call=call_id, rank=rank, code=code, message=f"{type(exc).__name__}: {exc}"))
+        if call is not None and call.release and data.forward == Forward.PUBLISH:
+            # the next stages free these sequences too, though this call goes no further
+            data.send_output([encode(ModelCall(call=call.call, rank=rank, values=[], release=call.release))])
         return
-    if data.forward == Forward.NONE:
-        return
+    if data.forward == Forward.NONE or (not call.values and data.forward == Forward.RESULT):
+        return  # a call that only releases has no result
     specs, out_frames = encode_values({f"input{i}": v for i, v in enumerate(outputs)})
     if data.forward == Forward.PUBLISH:
-        header = encode(ModelCall(call=call.call, rank=rank, request_id=call.request_id, values=specs))
+        header = encode(ModelCall(call=call.call, rank=rank, request_id=call.request_id, values=specs,
+                                  subgraph=call.subgraph, sequences=call.sequences, release=call.release))
     else:
         header = encode(ModelResult(call=call.call, rank=rank, request_id=call.request_id, values=specs))
     data.send_output([header, *out_frames])

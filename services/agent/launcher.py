@@ -39,6 +39,7 @@ from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, Agen
 from services.agent.launcher_link import LauncherLink
 from services.agent.memory_limit import CGROUP_PREFIX, AgentCgroup, MemoryLimitError, find_hierarchy, format_size
 from services.agent.status_pipe import StatusPipe
+from services.agent.subgraphs import FILE_SEPARATOR, subgraph_files
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
@@ -86,6 +87,11 @@ def publish_address(host: str, port: int) -> str:
 
 class LauncherError(RuntimeError):
     pass
+
+
+def model_bytes(model_file: Path | str) -> int:
+    """Bytes on disk of every subgraph file of one rank's model entry."""
+    return sum(shard_bytes(path) for path in subgraph_files(model_file))
 
 
 @dataclass
@@ -152,7 +158,7 @@ class AgentLauncher:
     def __init__(
         self,
         distributed_address: str = DEFAULT_DISTRIBUTED_ADDRESS,
-        model_files: list[str] | tuple[str, ...] = (),
+        model_files: list[str] | list[list[str]] | tuple[str, ...] = (),
         group_config_files: list[str] | tuple[str, ...] | None = None,
         agent_start_port: int = DEFAULT_AGENT_START_PORT,
         agent_ip: str | None = None,
@@ -167,9 +173,13 @@ class AgentLauncher:
             raise LauncherError("no model files given: one agent runs per model file")
         if group_config_files and len(group_config_files) != len(model_files):
             raise LauncherError(f"{len(model_files)} model files but {len(group_config_files)} group config files")
-        for path in model_files:
-            if not Path(path).is_file():
-                raise LauncherError(f"model file {path} does not exist")
+        # a rank's subgraph files come as a list, or joined with ";" (MindSpore Serving's multi-subgraph models)
+        model_files = [FILE_SEPARATOR.join(map(str, f)) if isinstance(f, list | tuple) else str(f)
+                       for f in model_files]
+        for entry in model_files:
+            for path in subgraph_files(entry) or [Path(entry)]:
+                if not path.is_file():
+                    raise LauncherError(f"model file {path} does not exist")
         self.worker_address = normalize_address(distributed_address)
         self.model_files = list(model_files)
         self.group_config_files = list(group_config_files) if group_config_files else None
@@ -443,9 +453,9 @@ class AgentLauncher:
                 for path in self.cgroups.remove_stale():
                     log.info("stale_cgroup_removed", path=str(path))
                 for agent in self.agents:
-                    if shard_bytes(agent.model_file) > self.memory_limit:
+                    if model_bytes(agent.model_file) > self.memory_limit:
                         log.warning("shard_larger_than_memory_limit", agent_rank=agent.rank,
-                                    shard=format_size(shard_bytes(agent.model_file)),
+                                    shard=format_size(model_bytes(agent.model_file)),
                                     memory_limit=format_size(self.memory_limit))
             for agent in self.agents:
                 self.start(agent)
@@ -554,7 +564,7 @@ class AgentLauncher:
         """The one-line reason the launcher gives up on a rank whose shard cannot load under the limit."""
         assert self.memory_limit is not None
         return (f"rank {agent.rank} was killed by the OOM killer {agent.oom_kills_loading} times while loading its "
-                f"shard ({format_size(shard_bytes(agent.model_file))}, {agent.model_file}): it does not fit the "
+                f"shard ({format_size(model_bytes(agent.model_file))}, {agent.model_file}): it does not fit the "
                 f"memory limit of {format_size(self.memory_limit)} per agent; shard the model over more ranks or "
                 f"raise --memory-limit")
 

@@ -44,7 +44,9 @@ def worker_info(record: WorkerRecord, now: float) -> WorkerInfo:
         methods=list(record.declared_methods or sorted(record.methods)), agents=status.agents if status else [],
         requests=status.requests if status else 0, queued=status.queued if status else 0,
         calls_in_flight=status.calls_in_flight if status else 0, in_flight=len(record.inflight),
-        status_age=round(now - record.liveness.last_heard, 3))
+        status_age=round(now - record.liveness.last_heard, 3), sequences=status.sequences if status else 0,
+        waiting_sequences=status.waiting_sequences if status else 0,
+        max_sequences=status.max_sequences if status else 0)
 
 
 def servable_traffic(servable: str, window: TrafficWindow, now: float) -> Traffic:

@@ -16,6 +16,7 @@ from zmserve.protocol import (
     MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
+    MAX_SEQUENCES,
 )
 from zmserve.security import PLAINTEXT, Security
 
@@ -41,6 +42,9 @@ class WorkerConfig:
     execution_timeout: float = EXECUTION_TIMEOUT_S
     max_batch_size: int = MAX_BATCH_SIZE
     max_batch_delay: float = MAX_BATCH_DELAY_S
+    """Also how long a decode step waits for sequences still computing their next input (steps.py)."""
+    max_sequences: int = MAX_SEQUENCES
+    """Sequences (requests of a method whose stage calls a stateful model) held at once; more: RESOURCE_EXHAUSTED."""
     metrics: bool = False
     """Record Prometheus metrics (`zmserve worker` does unless `--metrics-bind off`; the Python API does not)."""
     drain_timeout: float = DRAIN_TIMEOUT_S

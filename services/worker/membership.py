@@ -61,6 +61,8 @@ class AgentRecord:
     publish_address: str
     liveness: Liveness
     signature: ModelSignature = field(default_factory=ModelSignature)
+    subgraphs: list[ModelSignature] = field(default_factory=list)
+    """One signature per subgraph (empty: a single graph, `signature`)."""
     state: AgentState = AgentState.REGISTERED
     model_file: str = ""
     public_key: str | None = None
@@ -113,9 +115,11 @@ class RestartGroups:
 
 @dataclass(frozen=True)
 class StartServing:
-    """Every agent is ready: the model's inputs are the first stage's, its outputs the last stage's."""
+    """Every agent is ready: the model's inputs are the first stage's, its outputs the last stage's (for each
+    subgraph in `subgraphs`; `signature` is subgraph 0's)."""
 
     signature: ModelSignature
+    subgraphs: tuple[ModelSignature, ...] = ()
 
 
 Action = SendToAgent | RestartGroups | StartServing
@@ -124,8 +128,10 @@ Action = SendToAgent | RestartGroups | StartServing
 class Membership:
     def __init__(self, model: DistributedModel, heartbeat_interval: float, heartbeat_liveness: int,
                  stage_input_address: str, results_address: str, forming_timeout: float = FORMING_TIMEOUT_S,
-                 servable: str = "", uses: Sequence[ModelUse] = ()) -> None:
+                 servable: str = "", uses: Sequence[ModelUse] = (), max_sequences: int = 0) -> None:
         self.model = model
+        self.max_sequences = max_sequences
+        """Told to every agent (AgentConfigure.max_sequences): its bound on the sequences whose state it keeps."""
         self.servable = f"servable {servable!r}" if servable else "this servable"
         self.uses = list(uses)
         """What the servable's methods expect of the model: a shard whose export says otherwise is refused."""
@@ -198,7 +204,8 @@ class Membership:
             return [*actions, SendToAgent(identity, AgentRejected(message=problem, retry=retry))]
         self.agents[rank] = AgentRecord(rank, identity, message.host, message.pid, message.publish_address,
                                         Liveness(self.heartbeat_interval, self.heartbeat_liveness, now),
-                                        message.shard.signature, model_file=message.model_file, public_key=public_key)
+                                        message.shard.signature, list(message.shard.subgraphs),
+                                        model_file=message.model_file, public_key=public_key)
         missing = self.missing()
         log.debug("agent_registered", agent_rank=rank, host=message.host, pid=message.pid,
                   registered=self.model.rank_size - len(missing), missing=missing, previous_exit=message.previous_exit)
@@ -237,14 +244,21 @@ class Membership:
             return "its export says " + ", ".join(wrong)
         if not 0 <= rank < model.rank_size:
             return None  # refused below as out of range
-        return self.signature_mismatch(model.stage_of(rank), shard.signature)
+        for other in self.agents.values():
+            if len(other.subgraphs) != len(shard.subgraphs):
+                return (f"it has {max(1, len(shard.subgraphs))} subgraphs, rank {other.rank} ({other.model_file}) "
+                        f"has {max(1, len(other.subgraphs))}")
+        for index, signature in enumerate(shard.subgraphs or [shard.signature]):
+            if (problem := self.signature_mismatch(model.stage_of(rank), signature, index)) is not None:
+                return problem if not shard.subgraphs else f"subgraph {index}: {problem}"
+        return None
 
-    def signature_mismatch(self, stage: int, signature: ModelSignature) -> str | None:
-        """A shard's inputs and outputs against the methods (stage 0 takes what the methods pass, the last stage
-        gives what they take), the other ranks of its stage (all the same) and the neighbouring stages (stage k's
-        outputs are stage k+1's inputs). Only what both sides state is compared."""
+    def signature_mismatch(self, stage: int, signature: ModelSignature, subgraph: int = 0) -> str | None:
+        """A shard's inputs and outputs (of one subgraph) against the methods (stage 0 takes what the methods
+        pass, the last stage gives what they take), the other ranks of its stage (all the same) and the
+        neighbouring stages (stage k's outputs are stage k+1's inputs). Only what both sides state is compared."""
         inputs, outputs, last = signature.inputs, signature.outputs, self.model.stage_size - 1
-        for use in self.uses:
+        for use in self.uses if subgraph == 0 else ():
             if stage == 0 and inputs is not None and len(inputs) != use.inputs:
                 return (f"its export takes {len(inputs)} inputs {describe_specs(inputs)}, but method "
                         f"{use.method!r} passes {use.inputs} to the model")
@@ -252,7 +266,11 @@ class Membership:
                 return (f"its export gives {len(outputs)} outputs {describe_specs(outputs)}, but method "
                         f"{use.method!r} takes {use.outputs} from the model")
         for other in self.agents.values():
-            other_stage, theirs = self.model.stage_of(other.rank), other.signature
+            other_stage = self.model.stage_of(other.rank)
+            theirs = other.subgraphs[subgraph] if subgraph < len(other.subgraphs) else other.signature
+            if other_stage == stage and signature.stateful != theirs.stateful:
+                return (f"it is {'' if signature.stateful else 'not '}stateful, unlike rank {other.rank} of the "
+                        f"same stage ({other.model_file})")
             if other_stage == stage and not same_specs(inputs, theirs.inputs):
                 return (f"its inputs {describe_specs(inputs)} differ from those of rank {other.rank} of the same "
                         f"stage ({other.model_file}): {describe_specs(theirs.inputs)}")
@@ -288,6 +306,7 @@ class Membership:
                     result_address=self.results_address, forward=forward, downstream_ranks=downstream,
                     input_key=publisher.public_key if publisher is not None else None,
                     downstream_keys=sorted({key for r in downstream if (key := self.agents[r].public_key)}),
+                    max_sequences=self.max_sequences,
                 )))
         log.debug("forming_groups", stages=len(self.stages), schedulers=[f"{h}:{p}" for h, p in self.schedulers])
         return actions
@@ -312,9 +331,11 @@ class Membership:
         if not set(self.stages[0].ranks) <= self.subscribed:
             return []
         self.state, self.last_restart = WorkerState.SERVING, None
-        first = self.agents[self.stages[0].leader].signature
-        last = self.agents[self.stages[-1].leader].signature
-        return [StartServing(ModelSignature(inputs=first.inputs, outputs=last.outputs))]
+        first, last = self.agents[self.stages[0].leader], self.agents[self.stages[-1].leader]
+        subgraphs = tuple(ModelSignature(inputs=a.inputs, outputs=b.outputs, stateful=a.stateful)
+                          for a, b in zip(first.subgraphs, last.subgraphs, strict=True))
+        return [StartServing(ModelSignature(inputs=first.signature.inputs, outputs=last.signature.outputs,
+                                            stateful=first.signature.stateful), subgraphs)]
 
     def failed(self, agent: AgentRecord, message: str, now: float) -> list[Action]:
         return self.lose(agent, f"agent failed: {message}", now)

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from services.worker.batching import Batcher
-from services.worker.requests import MethodRun, ModelCall, RunTable
+from services.worker.requests import MethodRun, ModelCall, RunTable, check_model_input
+from services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
+from services.worker.steps import Steps
 from services.worker.streaming import GeneratorStage, is_generator_stage
-from zmserve.codec import Instance, decode_values, dtype_name, encode_instances, encode_values
+from zmserve.codec import Instance, decode_values, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import OK, WorkerMetrics
 from zmserve.protocol import (
@@ -35,7 +37,7 @@ from zmserve.protocol import (
     error_frame,
 )
 from zmserve.protocol import ModelCall as ModelCallMessage
-from zmserve.servable import DistributedModel
+from zmserve.servable import DistributedModel, Stage
 
 log = get_logger("worker")
 bursts = Bursts(log)
@@ -45,6 +47,8 @@ Publish = Callable[[list[Any]], None]
 """Send [header, *values] of a MODEL_CALL to every stage-0 agent."""
 Answer = Callable[[bytes, Any, str, list[Any]], None]
 """Send [header, *values] of a REPLY or ERROR for request id (2nd) to the client with this routing identity."""
+StartStage = Callable[[MethodRun, Stage], None]
+"""Run a Python stage that calls the model on a thread of its own (stage_threads.StageThreads.start)."""
 SendPartial = Callable[[bytes, list[Any]], None]
 """Send [header, *values] of a PARTIAL to the client with this routing identity (the request stays open)."""
 
@@ -52,12 +56,18 @@ SendPartial = Callable[[bytes, list[Any]], None]
 class Pipeline:
     def __init__(self, model: DistributedModel, max_inflight_calls: int, max_queued_requests: int,
                  publish: Publish, answer: Answer, metrics: WorkerMetrics | None = None,
+                 start_stage: StartStage | None = None, max_sequences: int = 0, step_wait: float = 0.002,
                  partial: SendPartial | None = None) -> None:
         self.model = model
         self.metrics = metrics or WorkerMetrics("", 0, enabled=False)
         self.max_queued_requests = max_queued_requests
         self.publish, self.answer, self.partial = publish, answer, partial
         self.table = RunTable(max_inflight_calls)
+        self.start_stage = start_stage
+        self.steps = Steps(publish, self.table.call_ids, self.metrics, max_sequences, step_wait,
+                           model.with_batch_dim)
+        """Calls of stages that call the model (`model.call`): continuous batching (steps.py)."""
+        self.table.on_remove = self.steps.end
         self.signature = ModelSignature()
         self.batcher: Batcher | None = None
         self.generators: dict[MethodRun, GeneratorStage] = {}
@@ -67,9 +77,11 @@ class Pipeline:
         """(client, request id) of the runs whose first model call was published since the worker last told the
         broker (it tells before the calls leave: `Worker.release_calls`)."""
 
-    def start(self, signature: ModelSignature, max_batch_size: int, max_batch_delay: float) -> None:
+    def start(self, signature: ModelSignature, max_batch_size: int, max_batch_delay: float,
+              subgraphs: list[ModelSignature] | None = None) -> None:
         """The agents serve: check inputs against their signature from now on, and batch if the model can."""
         self.signature = signature
+        self.steps.start(subgraphs or [signature])
         self.batcher = None
         if self.model.with_batch_dim:
             fixed = (signature.inputs or [TensorSpec("", "", [-1])])[0].shape[0]
@@ -83,8 +95,15 @@ class Pipeline:
                                f"{len(self.table)} requests are queued, the limit is {self.max_queued_requests}")
 
     def admit(self, run: MethodRun) -> None:
-        """Take a new request and walk it as far as it goes now."""
-        self.table.add_run(run)
+        """Take a new request and walk it as far as it goes now. One whose stage calls the model holds a sequence
+        slot from now until it ends (steps.py), or is refused RESOURCE_EXHAUSTED at once."""
+        if any(stage.calls_model for stage in run.method.stages):
+            self.steps.reserve(run)
+        try:
+            self.table.add_run(run)
+        except ServingError:
+            self.steps.end(run)
+            raise
         self.stats["requests"] += 1
         self.advance(run)
 
@@ -92,6 +111,10 @@ class Pipeline:
         """Walk a run through its stages until it waits on the model or is done."""
         try:
             while (stage := run.current_stage) is not None:
+                if stage.calls_model and self.start_stage is not None:
+                    self.steps.computing.add(run)
+                    self.start_stage(run, stage)
+                    return
                 if is_generator_stage(stage):
                     self.generators[run] = GeneratorStage(run, stage)
                     return
@@ -175,6 +198,47 @@ class Pipeline:
         self.metrics.request_done(run.method.name, ErrorCode.CANCELLED, run.started)
         log.info("request_cancelled", request_id=request_id, reached_agents=reached_agents)
 
+    # ---- stage threads --------------------------------------------------------------------------------------
+    def stage_events(self, events: list[StageEvent]) -> None:
+        """What stage threads posted: model calls they want, partial outputs, their end."""
+        for event in events:
+            run = event.run
+            if isinstance(event, CallWanted):
+                self.steps.computing.discard(run)
+                if run.finished:
+                    event.future.set_exception(RunEnded())
+                    continue
+                try:
+                    self.steps.want(event)
+                except ServingError as error:
+                    event.future.set_exception(error)
+            elif isinstance(event, StagePartial):
+                per_instance: list[Instance] = [{} for _ in run.values]
+                per_instance[event.instance] = event.values
+                try:
+                    self.send_partial(run, per_instance)
+                except ServingError as error:
+                    self.fail(run, error.code, error.message)
+            elif isinstance(event, StageDone):
+                self.steps.computing.discard(run)
+                self.stage_done(event)
+        self.steps.pump()
+
+    def stage_done(self, done: StageDone) -> None:
+        run = done.run
+        if run.finished:
+            return
+        if done.error is not None:
+            self.fail(run, done.error.code, done.error.message)
+            return
+        stage = run.current_stage
+        assert stage is not None and done.outputs is not None
+        for index, outputs in enumerate(done.outputs):
+            run.keep_outputs(index, outputs)
+        self.metrics.stage_ran(run.method.name, stage.label, run.started)
+        run.stage_index += 1
+        self.advance(run)
+
     # ---- generator stages and partial answers ---------------------------------------------------------------
     def step_generators(self) -> None:
         """Once per loop turn: every run at a generator stage advances by one yield, which a streaming request gets
@@ -221,6 +285,9 @@ class Pipeline:
     # ---- results in -----------------------------------------------------------------------------------------
     def take_result(self, message: ModelResult | ModelError, value_frames: list[Any]) -> None:
         """A result or an error from the agents: finish the call's runs, or fail them."""
+        if self.steps.take_result(message, value_frames):
+            self.steps.pump()
+            return
         call = self.table.take_result(message.call) if message.call is not None else None
         if call is None:
             bursts.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
@@ -260,13 +327,18 @@ class Pipeline:
     # ---- periodic chores and endings ------------------------------------------------------------------------
     def seconds_until_due(self) -> float | None:
         """When the pipeline next has work of its own: at once while a generator stage waits to be stepped, else
-        when the oldest waiting batch must leave (None: nothing waits)."""
+        when the oldest waiting batch or decode step must leave (None: nothing waits)."""
         if self.generators:
             return 0.0
-        return self.batcher.seconds_until_due() if self.batcher is not None else None
+        dues = [self.steps.seconds_until_due(), self.batcher.seconds_until_due() if self.batcher is not None
+                else None]
+        return min((due for due in dues if due is not None), default=None)
 
     def send_due_batches(self) -> None:
-        """Batches that waited long enough (or every batch, when the pipeline is empty) leave now."""
+        """Batches that waited long enough (or every batch, when the pipeline is empty) leave now, and so does a
+        decode step that waited long enough, or a release."""
+        if self.steps.waiting or self.steps.releases:
+            self.steps.pump()
         if self.batcher is not None and self.batcher.pending:
             self.flush_batches()
             self.publish_calls()
@@ -278,6 +350,8 @@ class Pipeline:
 
     def stuck_for(self, now: float) -> float:
         """Seconds the pipeline has held calls without a result coming back (0 when it holds none)."""
+        if self.steps.in_flight:
+            return now - min(self.steps.last_progress, self.table.last_progress if self.table.in_pipeline else now)
         return now - self.table.last_progress if self.table.in_pipeline else 0.0
 
     def fail(self, run: MethodRun, code: ErrorCode, message: str) -> None:
@@ -294,20 +368,5 @@ class Pipeline:
         for run in list(self.table.runs.values()):
             self.fail(run, code, message)
         self.table.forget_pipeline()
+        self.steps.forget()
         self.started.clear()  # their calls never leave (Worker.release_calls): the broker may send them elsewhere
-
-
-def check_model_input(instance: int, value: Any, expected: TensorSpec, batched: bool) -> None:
-    """Reject an input the model cannot take before it reaches any agent."""
-    name = expected.name or "?"
-    if not isinstance(value, np.ndarray):
-        raise ServingError(ErrorCode.INVALID_ARGUMENT,
-                           f"instance {instance}: model input {name!r} must be a tensor, got {type(value).__name__}")
-    if dtype_name(value.dtype) != expected.dtype:
-        raise ServingError(ErrorCode.INVALID_ARGUMENT,
-                           f"instance {instance}: model input {name!r} must be {expected.dtype}, got {value.dtype}")
-    shape = expected.shape[1:] if batched else expected.shape
-    if len(shape) != value.ndim or any(e >= 0 and e != d for e, d in zip(shape, value.shape, strict=True)):
-        raise ServingError(ErrorCode.INVALID_ARGUMENT,
-                           f"instance {instance}: model input {name!r} must have shape {tuple(shape)} "
-                           f"(-1 = any), got {value.shape}")

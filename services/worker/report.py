@@ -77,7 +77,14 @@ def worker_status(worker: Worker, now: float) -> WorkerStatus:
         draining=draining, retry=worker.spec.retry_on_replica_loss, state=worker.state.value,
         address=worker.config.distributed_address,
         host=HOST, pid=os.getpid(), agents=worker.history.agents(worker.membership, now), requests=len(table),
-        queued=queued(worker), calls_in_flight=len(table.in_pipeline), chat_template=worker.spec.chat_template)
+        queued=queued(worker), calls_in_flight=len(table.in_pipeline) + worker.pipeline.steps.in_flight,
+        chat_template=worker.spec.chat_template, **sequence_counts(worker))
+
+
+def sequence_counts(worker: Worker) -> dict[str, int]:
+    steps = worker.pipeline.steps
+    return {"sequences": len(steps.slots), "waiting_sequences": len(steps.waiting_runs()),
+            "max_sequences": steps.max_sequences if steps.stateful_model else 0}
 
 
 def queued(worker: Worker) -> int:
@@ -101,3 +108,11 @@ def worker_gauges(worker: Worker) -> Iterable[GaugeSample]:
         worker.model.rank_size
     yield ("zmserve_worker_serving", "1 while the servable serves, 0 while it waits for agents or forms groups",
            labels, 1 if worker.state == WorkerState.SERVING else 0)
+    counts = sequence_counts(worker)
+    if counts["max_sequences"]:
+        yield ("zmserve_worker_sequences_running", "Generation: sequences holding a slot (running)", labels,
+               counts["sequences"])
+        yield ("zmserve_worker_sequences_waiting", "Generation: sequences whose model call waits for its step",
+               labels, counts["waiting_sequences"])
+        yield "zmserve_worker_sequence_slots", "Generation: sequence slots (--max-sequences)", labels, \
+            counts["max_sequences"]

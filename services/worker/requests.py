@@ -12,14 +12,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from zmserve.codec import Instance, Value
+from zmserve.codec import Instance, Value, dtype_name
 from zmserve.logs import get_logger
-from zmserve.protocol import ErrorCode, ServingError
+from zmserve.protocol import ErrorCode, ServingError, TensorSpec
 from zmserve.servable import METHOD_INPUT, InvalidInput, MethodSpec, Stage, ValueRef
 
 log = get_logger("worker")
@@ -64,6 +65,9 @@ class MethodRun:
     """perf_counter() when it arrived and when it reached the model stage (metrics)."""
     reached_model: bool = False
     """A model call of it was published: the broker is told (REQUESTS_STARTED) and never sends it elsewhere."""
+    first_token: float | None = None
+    last_token: float | None = None
+    """perf_counter() of its first and latest stateful model result (generation metrics: TTFT, inter-token)."""
     stream: bool = False
     """The client asked for partial answers (`Request.stream`): what a generator stage yields is sent as PARTIAL."""
     partials_sent: int = 0
@@ -77,13 +81,15 @@ class MethodRun:
         values = []
         for index, instance in enumerate(instances):
             names = set(instance)
-            if names != set(method.input_names):
+            if not set(method.input_names) - set(method.defaults) <= names <= set(method.input_names):
+                optional = f" ({sorted(method.defaults)} optional)" if method.defaults else ""
                 raise ServingError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"instance {index}: method {method.name!r} takes inputs {list(method.input_names)}, "
+                    f"instance {index}: method {method.name!r} takes inputs {list(method.input_names)}{optional}, "
                     f"got {sorted(names)}",
                 )
-            values.append({ValueRef(METHOD_INPUT, i, n): instance[n] for i, n in enumerate(method.input_names)})
+            values.append({ValueRef(METHOD_INPUT, i, n): instance[n] if n in instance else method.defaults[n]
+                           for i, n in enumerate(method.input_names)})
         return cls(client, request_id, servable, method, values, deadline, stream=stream)
 
     @property
@@ -177,13 +183,16 @@ class RunTable:
         self.max_inflight_calls = max_inflight_calls
         self.last_progress = time.monotonic()
         """When the pipeline last moved: a call entered an empty pipeline or a result came back."""
-        self._call_ids = itertools.count(1)
+        self.call_ids = itertools.count(1)
+        """Every model call's id (the table's calls and stage threads' steps share it)."""
+        self.on_remove: Callable[[MethodRun], None] = lambda run: None
+        """Told of every run that ends, however (its sequence slot is freed: steps.Steps.end)."""
 
     def __len__(self) -> int:
         return len(self.runs)
 
     def new_call(self, inputs: list[np.ndarray], slots: list[tuple[MethodRun, int]], batched: bool) -> None:
-        call = ModelCall(next(self._call_ids), inputs, slots, batched)
+        call = ModelCall(next(self.call_ids), inputs, slots, batched)
         self.calls[call.call_id] = call
         self.queued_calls.append(call)
 
@@ -219,7 +228,8 @@ class RunTable:
 
     def remove_run(self, run: MethodRun) -> None:
         run.finished = True
-        self.runs.pop((run.client, run.request_id), None)
+        if self.runs.pop((run.client, run.request_id), None) is not None:
+            self.on_remove(run)
 
     def forget_pipeline(self) -> None:
         """The agents were lost: nothing published to them will come back."""
@@ -230,3 +240,19 @@ class RunTable:
     def expired(self, now: float | None = None) -> list[MethodRun]:
         now = now if now is not None else time.monotonic()
         return [run for run in self.runs.values() if run.deadline is not None and run.deadline <= now]
+
+
+def check_model_input(instance: int, value: Any, expected: TensorSpec, batched: bool) -> None:
+    """Reject an input the model cannot take before it reaches any agent."""
+    name = expected.name or "?"
+    if not isinstance(value, np.ndarray):
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must be a tensor, got {type(value).__name__}")
+    if dtype_name(value.dtype) != expected.dtype:
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must be {expected.dtype}, got {value.dtype}")
+    shape = expected.shape[1:] if batched else expected.shape
+    if len(shape) != value.ndim or any(e >= 0 and e != d for e, d in zip(shape, value.shape, strict=True)):
+        raise ServingError(ErrorCode.INVALID_ARGUMENT,
+                           f"instance {instance}: model input {name!r} must have shape {tuple(shape)} "
+                           f"(-1 = any), got {value.shape}")

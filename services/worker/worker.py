@@ -45,6 +45,7 @@ from services.worker.pipeline import Pipeline
 from services.worker.report import AgentHistory, worker_gauges, worker_status
 from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
+from services.worker.stage_threads import StageThreads
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
@@ -162,12 +163,16 @@ class Worker:
 
         self.membership = Membership(self.model, config.heartbeat_interval, config.heartbeat_liveness,
                                      stage_input_endpoint, results_endpoint, servable=self.spec.name,
-                                     uses=ModelUse.of(self.spec))
+                                     uses=ModelUse.of(self.spec), max_sequences=config.max_sequences)
         self.metrics = WorkerMetrics(self.spec.name, config.version_number, config.metrics,
                                      gauges=lambda: worker_gauges(self))
         self.history = AgentHistory(self.metrics)
+        self.stage_threads = StageThreads(self.context)
+        """Python stages that call the model run on threads of their own (stage_threads.py)."""
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer, metrics=self.metrics,
+                                 start_stage=self.stage_threads.start, max_sequences=config.max_sequences,
+                                 step_wait=config.max_batch_delay,
                                  partial=self.send_partial)
         self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
                            for stage in self.membership.stages]
@@ -213,7 +218,7 @@ class Worker:
 
     def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
         handlers = [(self.results, self.process_result), (self.agents, self.process_agent),
-                    (self.stage_input, self.process_subscription)]
+                    (self.stage_input, self.process_subscription), (self.stage_threads.wake, self.process_stages)]
         return handlers + ([(self.broker, self.process_broker)] if self.broker is not None else [])
 
     def poll_timeout(self) -> float:
@@ -268,6 +273,10 @@ class Worker:
         elif isinstance(message, AgentFailed):
             self.carry_out(self.membership.failed(agent, message.message, now))
 
+    def process_stages(self, frames: list[zmq.Frame]) -> None:
+        """Stage threads want model calls, yielded, or ended (stage_threads.py)."""
+        self.pipeline.stage_events(self.stage_threads.take_events(frames))
+
     def process_subscription(self, frames: list[zmq.Frame]) -> None:
         """The stage-0 XPUB reports each (un)subscription: a rank subscribed is a rank a publish reaches."""
         event = parse_subscription(frames[0].bytes)
@@ -291,7 +300,8 @@ class Worker:
                 self.send_status()
             elif isinstance(action, StartServing):
                 self.signatures = method_signatures(self.spec, action.signature, self.model.with_batch_dim)
-                self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay)
+                self.pipeline.start(action.signature, self.config.max_batch_size, self.config.max_batch_delay,
+                                    list(action.subgraphs))
                 self.metrics.groups_formed(time.monotonic() - self.membership.since)
                 for scheduler in self.schedulers:
                     scheduler.keep_standby()
@@ -522,3 +532,4 @@ class Worker:
         for sock in (self.broker, self.agents, self.stage_input, self.results):
             if sock is not None:
                 sock.close(linger=linger)
+        self.stage_threads.close()

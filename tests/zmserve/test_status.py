@@ -59,3 +59,14 @@ def test_text_lists_servables_workers_and_agents_by_stage() -> None:
 def test_units() -> None:
     assert [duration(s) for s in (5, 65, 3600, 90061)] == ["5s", "1m 5s", "1h 0m 0s", "1d 1h 1m 1s"]
     assert [milliseconds(v) for v in (None, 1.234, 12.34, 2500.0)] == ["-", "1.23 ms", "12.3 ms", "2.50 s"]
+
+
+def test_a_generating_worker_shows_its_sequence_slots() -> None:
+    from zmserve.status import render_worker
+
+    common = dict(servable="gpt", version=1, ready=True, reason="", state="serving", address="a:1", host="h", pid=1,
+                  methods=["generate"], agents=[], requests=5, queued=0, calls_in_flight=1, in_flight=5,
+                  status_age=0.1)
+    lines = render_worker(WorkerInfo(**common, sequences=5, waiting_sequences=2, max_sequences=16))
+    assert "  generation: 5 of 16 sequence slots used, 2 waiting for their step" in lines
+    assert not any("generation" in line for line in render_worker(WorkerInfo(**common)))
