@@ -12,6 +12,7 @@ variant is timed in turn, so ratios are taken within minutes of each other on th
 
     .venv/bin/python benchmarks/kernel_cost.py                     # everything, 2 rounds (~3 min on 2 cores)
     .venv/bin/python benchmarks/kernel_cost.py --only graphs --calls 2000
+    .venv/bin/python benchmarks/kernel_cost.py --only graphs --variants plain,dense_bias,matmul_bias
 
 One JSON line per (round, setting, variant): p50/p90 µs per call (numpy in -> numpy out unless the variant's
 `path` says otherwise) and the 1-minute load average when the child started.
@@ -139,6 +140,36 @@ def variants() -> dict[str, tuple[Callable[[], Any], tuple[int, ...]]]:
         def construct(self, x):
             return self.mm(x, self.w)
 
+    class Fused(nn.Cell):
+        """One op against the kernels it replaces: Dense vs MatMul + bias Add (16x384 @ 384x1536), the LayerNorm
+        kernel vs its 7-kernel explicit form (16x1024), the GeLU kernel vs the 8-kernel tanh form (16x4096)."""
+
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+            self.w = weight((384, 1536), "w")
+            self.wt = weight((1536, 384), "wt")
+            self.b = Parameter(Tensor(np.zeros(1536, np.float32)), name="b")
+            self.gamma = Parameter(Tensor(np.ones(1024, np.float32)), name="gamma")
+            self.beta = Parameter(Tensor(np.zeros(1024, np.float32)), name="beta")
+            self.mm = ops.MatMul()
+            self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=1e-5)
+
+        def construct(self, x):
+            if self.kind == "matmul_bias":
+                return self.mm(x, self.w) + self.b
+            if self.kind == "dense_bias":
+                return ops.dense(x, self.wt, self.b)
+            if self.kind == "layernorm_op":
+                return self.norm(x, self.gamma, self.beta)[0]
+            if self.kind == "layernorm_explicit":
+                centered = x - ops.mean(x, -1, keep_dims=True)
+                variance = ops.mean(centered * centered, -1, keep_dims=True)
+                return centered * ops.rsqrt(variance + 1e-5) * self.gamma + self.beta
+            if self.kind == "gelu_op":
+                return ops.gelu(x, approximate="tanh")
+            return 0.5 * x * (1.0 + ops.tanh(0.7978845608 * (x + 0.044715 * x * x * x)))
+
     class Flatten3d(nn.Cell):
         """[1, 128, 96] -> reshape (from the dynamic shape, as the MiniLM/big-model Linear does) -> MatMul -> Neg."""
 
@@ -161,6 +192,9 @@ def variants() -> dict[str, tuple[Callable[[], Any], tuple[int, ...]]]:
                  "transpose_pair", "cast_same", "cast_f16_roundtrip", "split_concat", "gather_rows",
                  "expand_squeeze", "add_zero"):
         table[kind] = (lambda kind=kind: MatMulNeg(kind), X_SHAPE)
+    for kind, shape in (("matmul_bias", (16, 384)), ("dense_bias", (16, 384)), ("layernorm_explicit", (16, 1024)),
+                        ("layernorm_op", (16, 1024)), ("gelu_tanh_explicit", (16, 4096)), ("gelu_op", (16, 4096))):
+        table[kind] = (lambda kind=kind: Fused(kind), shape)
     for count in (1, 4, 16, 32):
         table[f"sin_x{count}"] = (lambda count=count: Chain(count, matmul=False), (16, 16))
     for count in (1, 4, 16):
@@ -206,7 +240,7 @@ def child(out: Path, setting: str, names: list[str], calls: int, with_paths: boo
     cells = {name: ms.nn.GraphCell(ms.load(str(out / f"{name}.mindir"))) for name in names}
     inputs = {name: np.ones(shapes[name], np.float32) for name in names}
     load = float(Path("/proc/loadavg").read_text().split()[0])
-    paths = call_paths(ms, cells["plain"], inputs["plain"], ShardModel) if with_paths else {}
+    paths = call_paths(ms, cells["plain"], inputs["plain"], ShardModel) if with_paths and "plain" in cells else {}
     for inner in range(2):
         for name in names:
             row = {"setting": setting, "variant": name, "inner": inner, "load": load, "path": "Tensor->asnumpy"}
@@ -235,7 +269,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="timed calls per variant per inner round")
     parser.add_argument("--only", choices=["graphs", "settings"], default=None)
     parser.add_argument("--child", nargs=2, metavar=("DIR", "SETTING"), help=argparse.SUPPRESS)
-    parser.add_argument("--variants", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="", help="comma list: only these variants (default: all)")
     parser.add_argument("--paths", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -244,7 +278,7 @@ def main() -> None:
     env = {**os.environ, "GLOG_v": "3"}
     with tempfile.TemporaryDirectory(prefix="kernel_cost_") as tmp:
         out = Path(tmp)
-        names = list(variants())
+        names = args.variants.split(",") if args.variants else list(variants())
         export_all(out, names)
         settings = ["default"] if args.only == "graphs" else list(SETTINGS)
         if args.only == "settings":
@@ -252,7 +286,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = settings if round_ % 2 == 0 else settings[::-1]
             for setting in order:
-                subset = names if setting == "default" else SETTING_VARIANTS
+                subset = names if setting == "default" else [n for n in SETTING_VARIANTS if n in names]
                 command = [sys.executable, __file__, "--child", tmp, setting, "--variants", ",".join(subset),
                            "--calls", str(args.calls)] + (["--paths"] if setting == "default" else [])
                 done = subprocess.run(command, capture_output=True, text=True,
