@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from zmserve import trace as tracing
 from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.protocol import Cancel, Error, ErrorCode, Reply, Request, Retry, ServingError, decode, encode
 from zmserve.security import CurveClient, Handshake, KeyPair, Refusal, client_curve, send_unless_refused
@@ -102,9 +103,11 @@ class Client:
         self._closed = False
 
     # ---- the synchronous path: the calling thread's own socket ----------------------------------------------
-    def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> list[Instance]:
-        """Run the method on one instance (a dict) or a list of them; returns one dict per instance."""
-        request_id, frames, deadline = self._request(instances, timeout)
+    def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S,
+              trace: list | None = None) -> list[Instance]:
+        """Run the method on one instance (a dict) or a list of them; returns one dict per instance. With a
+        `trace` list, the request is traced and the list receives its (hop, ns) stamps (zmserve/trace.py)."""
+        request_id, frames, deadline = self._request(instances, timeout, trace is not None)
         link = self._thread_link()
         try:
             refusal = send_unless_refused(link.socket, frames, link.handshake, deadline)
@@ -119,6 +122,7 @@ class Client:
                     raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
                 outcome = read_answer(recv_frames(link.socket), request_id)
                 if outcome is not None:  # anything else answers an earlier request that this thread gave up on
+                    tracing.finish(trace, outcome.trace)
                     break
         except ClientError:
             raise
@@ -160,17 +164,18 @@ class Client:
         link.close()
 
     # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
-    def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
+    def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S,
+                    trace: list | None = None) -> Future:
         """Like `infer`, but returns a concurrent.futures.Future at once. `future.cancel()` before it resolves
         tells the broker and the worker (CANCEL): a request not yet handed to the agents is never computed."""
         future: Future = Future()
         try:
-            request_id, frames, deadline = self._request(instances, timeout)
+            request_id, frames, deadline = self._request(instances, timeout, trace is not None)
             with self._lock:
                 if self._io is None or self._io.refused:  # a refused connection is not retried: start afresh
                     self._io = self.io_thread_class(self._context, self.address, self._curve)
                 io = self._io
-            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout)), frames)
+            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout), trace), frames)
         except (ClientError, ValueError) as error:
             future.set_exception(error)
             return future
@@ -178,7 +183,8 @@ class Client:
         return future
 
     # ---- shared -----------------------------------------------------------------------------------------------
-    def _request(self, instances: Instance | list[Instance], timeout: float) -> tuple[int, list[Any], float]:
+    def _request(self, instances: Instance | list[Instance], timeout: float,
+                 traced: bool = False) -> tuple[int, list[Any], float]:
         if self._closed:
             raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
         if not timeout > 0:
@@ -190,7 +196,8 @@ class Client:
             raise ClientError(error.code, error.message) from None
         request_id = next(self._ids)
         header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry))
+                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry,
+                                trace=tracing.start(traced)))
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:
@@ -254,8 +261,9 @@ def refused(address: str, refusal: Refusal) -> str:
 class _Outcome:
     """A decoded answer: a result, or the ClientError to raise."""
 
-    def __init__(self, result: list[Instance] | None = None, error: ClientError | None = None) -> None:
-        self._result, self.error = result, error
+    def __init__(self, result: list[Instance] | None = None, error: ClientError | None = None,
+                 trace: list | None = None) -> None:
+        self._result, self.error, self.trace = result, error, trace
 
     def result(self) -> list[Instance]:
         if self.error is not None:
@@ -283,7 +291,7 @@ def _outcome(answer: Reply | Error, frames: list[zmq.Frame]) -> _Outcome:
     if isinstance(answer, Error):
         return _Outcome(error=ClientError(answer.code, answer.message))
     try:
-        return _Outcome(result=decode_instances(answer.instances, frames[1:]))
+        return _Outcome(result=decode_instances(answer.instances, frames[1:]), trace=answer.trace)
     except ServingError as error:
         return _Outcome(error=ClientError(error.code, error.message))
 
@@ -294,6 +302,8 @@ class _Pending:
     deadline: float
     no_reply: str
     """What DEADLINE_EXCEEDED says when no answer came."""
+    trace: list | None = None
+    """The caller's list for a traced request's stamps."""
 
 
 class IOThread(threading.Thread):
@@ -407,6 +417,7 @@ class IOThread(threading.Thread):
         if outcome.error is not None:
             pending.future.set_exception(outcome.error)
         else:
+            tracing.finish(pending.trace, outcome.trace)
             pending.future.set_result(outcome.result())
 
     def expire(self) -> None:

@@ -259,6 +259,8 @@ class Request(Message, tag=MessageType.REQUEST.value):
     timeout_ms: float | None = None
     instances: list[list[TensorSpec]] = []
     retry: Retry | None = None
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
@@ -266,6 +268,8 @@ class Reply(Message, tag=MessageType.REPLY.value):
 
     id: RequestId
     instances: list[list[TensorSpec]] = []
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class Error(Message, tag=MessageType.ERROR.value):
@@ -478,6 +482,8 @@ class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
     values: list[TensorSpec]
     request_id: RequestId | None = None
     rank: int | None = None
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):
@@ -485,6 +491,8 @@ class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):
     rank: int
     values: list[TensorSpec]
     request_id: RequestId | None = None
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class ModelError(Message, tag=MessageType.MODEL_ERROR.value):

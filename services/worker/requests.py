@@ -64,6 +64,8 @@ class MethodRun:
     """perf_counter() when it arrived and when it reached the model stage (metrics)."""
     reached_model: bool = False
     """A model call of it was published: the broker is told (REQUESTS_STARTED) and never sends it elsewhere."""
+    trace: list | None = None
+    """A traced request's (hop, ns) stamps so far (zmserve/trace.py); None when it is not traced."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,

@@ -11,6 +11,7 @@ the client's IO thread resolves the request, so a busy sending thread adds nothi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zmserve import trace as tracing
 from zmserve.bench.errors import BenchError
 from zmserve.bench.records import OK, Record
 from zmserve.bench.requests import RequestSpec, payload_bytes
@@ -127,6 +129,8 @@ class ServiceLoad:
         except ValueError as exc:  # an address the client refuses
             self.close()
             raise BenchError(f"--address {target.address!r}: {exc}") from None
+        self.trace_every = 0
+        """Trace one request in this many (closed loop; 0 = none): its record gets the hop spans."""
         self._outstanding: dict[int, tuple[Future, float, float, RequestSpec]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -183,14 +187,16 @@ class ServiceLoad:
         while (ticket := tickets.take()) is not None:
             self.writer.sent = tickets.issued
             number, client, spec = self.request(ticket)
+            stamps: list | None = [] if self.trace_every and number % self.trace_every == 0 else None
             send_time, started = time.time(), time.perf_counter()
             try:
-                answer = client.infer(spec.instances, self.timeout)
+                answer = client.infer(spec.instances, self.timeout, trace=stamps)
             except Exception as exc:
                 self.writer.put(failure(number, send_time, time.perf_counter() - started, spec, exc))
             else:
-                self.writer.put(Record.measured(number, send_time, time.perf_counter() - started, OK,
-                                                spec.bytes_out, payload_bytes(answer)))
+                record = Record.measured(number, send_time, time.perf_counter() - started, OK, spec.bytes_out,
+                                         payload_bytes(answer))
+                self.writer.put(dataclasses.replace(record, spans=tracing.spans(stamps)) if stamps else record)
 
     def open_loop(self, tickets: Tickets, rate: float, seed: int | None) -> None:
         """Poisson arrivals at `rate`: each request goes out at its scheduled time, answered or not; the schedule

@@ -29,6 +29,8 @@ class Record:
     bytes_out: int = 0
     bytes_in: int = 0
     message: str | None = None
+    spans: dict[str, float] | None = None
+    """A traced request's hop-to-hop µs (`zmserve bench run --trace N`, zmserve/trace.py); else None."""
 
     @classmethod
     def measured(cls, request_id: int, send_time: float, latency_s: float, status: str, bytes_out: int,
@@ -50,6 +52,8 @@ class Record:
                   "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
         if self.message is not None:
             fields["message"] = self.message
+        if self.spans is not None:
+            fields["spans"] = self.spans
         return fields
 
     def to_json(self) -> str:
@@ -71,8 +75,10 @@ class Record:
         message = document.get("message")
         if message is not None and not isinstance(message, str):
             raise ValueError(f"'message' must be a string, got {message!r}")
+        spans = document.get("spans")
         return cls(document.get("id", -1), float(document["send_time"]), float(document["latency_ms"]),
-                   document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message)
+                   document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message,
+                   spans if isinstance(spans, dict) else None)
 
 
 def _is_number(value: Any) -> bool:
