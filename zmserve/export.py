@@ -9,10 +9,12 @@ worker uses to reject bad inputs before they reach any agent.
 Lean exports (issue 23, docs/BENCHMARKS.md "Per-kernel cost"): in MindSpore 2.10 on CPU every kernel of a graph
 costs ~2-25 µs per call whatever its size, and some cost far more: a slice that covers a whole axis
 (`x[:, 0:n]` on an n-wide axis, a full StridedSlice) ~350 µs. So a shard's Cell should emit no kernel its math does
-not need: `column_slice` gives the slice a rank takes, or None when it is the whole axis (rank_size 1); one
-`ops.dense` replaces reshape + MatMul + bias add + reshape on [batch, seq, in]; `ops.LayerNorm` the 7-kernel
-explicit form; a constant scale folds into the weights it follows; a dynamic shape is read once per graph, not per
-layer. `graph_kernels(path)` lists what an export runs, for tests (tests/examples/test_lean_exports.py).
+not need: `column_slice` gives the slice a rank takes, or None when it is the whole axis (rank_size 1); keep
+[batch, seq, hidden] states flat ([batch * seq, hidden]) through a stage so a Linear is MatMul + bias Add with no
+reshapes (not `ops.dense`, slower on CPU); `ops.LayerNorm` instead of its 7-kernel explicit form (but GELU written
+out: the GeLU kernel is slower); a constant scale folds into the weights it follows; a dynamic shape is read once
+per graph, not per layer. `graph_kernels(path)` lists what an export runs, for tests
+(tests/examples/test_lean_exports.py); examples/big_model/model.py and examples/minilm/model.py show the pattern.
 """
 
 from __future__ import annotations
