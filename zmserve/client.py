@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from zmserve import trace as tracing
 from zmserve.codec import Instance, decode_instances, encode_instances
 from zmserve.protocol import Cancel, Error, ErrorCode, Partial, Reply, Request, Retry, ServingError, decode, encode
 from zmserve.sampling import SamplingParams
@@ -110,9 +111,11 @@ class Client:
         self._closed = False
 
     # ---- the synchronous path: the calling thread's own socket ----------------------------------------------
-    def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> list[Instance]:
-        """Run the method on one instance (a dict) or a list of them; returns one dict per instance."""
-        request_id, frames, deadline = self._request(instances, timeout)
+    def infer(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S,
+              trace: list | None = None) -> list[Instance]:
+        """Run the method on one instance (a dict) or a list of them; returns one dict per instance. With a
+        `trace` list, the request is traced and the list receives its (hop, ns) stamps (zmserve/trace.py)."""
+        request_id, frames, deadline = self._request(instances, timeout, trace is not None)
         link = self._thread_link()
         try:
             refusal = send_unless_refused(link.socket, frames, link.handshake, deadline)
@@ -127,6 +130,7 @@ class Client:
                     raise ClientError(ErrorCode.DEADLINE_EXCEEDED, self._no_reply(timeout))
                 outcome = read_answer(recv_frames(link.socket), request_id)
                 if outcome is not None:  # anything else answers an earlier request that this thread gave up on
+                    tracing.finish(trace, outcome.trace)
                     break
         except ClientError:
             raise
@@ -168,23 +172,26 @@ class Client:
         link.close()
 
     # ---- the asynchronous path: one IO thread ---------------------------------------------------------------
-    def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S) -> Future:
+    def infer_async(self, instances: Instance | list[Instance], timeout: float = DEFAULT_TIMEOUT_S,
+                    trace: list | None = None) -> Future:
         """Like `infer`, but returns a concurrent.futures.Future at once. `future.cancel()` before it resolves
         tells the broker and the worker (CANCEL): a request not yet handed to the agents is never computed."""
-        return self._submit(instances, timeout)
+        return self._submit(instances, timeout, trace=trace)
 
     def _submit(self, instances: Instance | list[Instance], timeout: float,
-                on_partial: Callable[[Partial, list[zmq.Frame]], None] | None = None) -> Future:
+                on_partial: Callable[[Partial, list[zmq.Frame]], None] | None = None,
+                trace: list | None = None) -> Future:
         """Hand a request to the IO thread: its future, which a cancel turns into a CANCEL. `on_partial` (called on
         the IO thread) takes the request's PARTIALs, and makes it a streamed request."""
         future: Future = Future()
         try:
-            request_id, frames, deadline = self._request(instances, timeout, stream=on_partial is not None)
+            request_id, frames, deadline = self._request(instances, timeout, trace is not None,
+                                                         stream=on_partial is not None)
             with self._lock:
                 if self._io is None or self._io.refused:  # a refused connection is not retried: start afresh
                     self._io = self.io_thread_class(self._context, self.address, self._curve)
                 io = self._io
-            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout), on_partial), frames)
+            io.submit(request_id, _Pending(future, deadline, self._no_reply(timeout), on_partial, trace), frames)
         except (ClientError, ValueError) as error:
             future.set_exception(error)
             return future
@@ -222,7 +229,7 @@ class Client:
 
     # ---- shared -----------------------------------------------------------------------------------------------
     def _request(self, instances: Instance | list[Instance], timeout: float,
-                 stream: bool = False) -> tuple[int, list[Any], float]:
+                 traced: bool = False, stream: bool = False) -> tuple[int, list[Any], float]:
         if self._closed:
             raise ClientError(ErrorCode.UNAVAILABLE, "the client is closed")
         if not timeout > 0:
@@ -234,7 +241,8 @@ class Client:
             raise ClientError(error.code, error.message) from None
         request_id = next(self._ids)
         header = encode(Request(id=request_id, servable=self.servable, method=self.method, version=self.version,
-                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry, stream=stream))
+                                timeout_ms=timeout * 1000, instances=specs, retry=self.retry, stream=stream,
+                                trace=tracing.start(traced)))
         return request_id, [header, *value_frames], time.monotonic() + timeout
 
     def _no_reply(self, timeout: float) -> str:
@@ -298,8 +306,9 @@ def refused(address: str, refusal: Refusal) -> str:
 class _Outcome:
     """A decoded answer: a result, or the ClientError to raise."""
 
-    def __init__(self, result: list[Instance] | None = None, error: ClientError | None = None) -> None:
-        self._result, self.error = result, error
+    def __init__(self, result: list[Instance] | None = None, error: ClientError | None = None,
+                 trace: list | None = None) -> None:
+        self._result, self.error, self.trace = result, error, trace
 
     def result(self) -> list[Instance]:
         if self.error is not None:
@@ -328,7 +337,7 @@ def _outcome(answer: Reply | Error, frames: list[zmq.Frame]) -> _Outcome:
     if isinstance(answer, Error):
         return _Outcome(error=ClientError(answer.code, answer.message))
     try:
-        return _Outcome(result=decode_instances(answer.instances, frames[1:]))
+        return _Outcome(result=decode_instances(answer.instances, frames[1:]), trace=answer.trace)
     except ServingError as error:
         return _Outcome(error=ClientError(error.code, error.message))
 
@@ -341,6 +350,8 @@ class _Pending:
     """What DEADLINE_EXCEEDED says when no answer came."""
     on_partial: Callable[[Partial, list[zmq.Frame]], None] | None = field(default=None)
     """A streamed request's PARTIALs go here (on the IO thread)."""
+    trace: list | None = None
+    """The caller's list for a traced request's stamps."""
 
 
 class IOThread(threading.Thread):
@@ -460,6 +471,7 @@ class IOThread(threading.Thread):
         if outcome.error is not None:
             pending.future.set_exception(outcome.error)
         else:
+            tracing.finish(pending.trace, outcome.trace)
             pending.future.set_result(outcome.result())
 
     def expire(self) -> None:

@@ -277,6 +277,8 @@ class Request(Message, tag=MessageType.REQUEST.value):
     stream: bool = False
     """Send what a generator stage yields as PARTIAL messages before the one REPLY or ERROR (PROTOCOL.md §4.11);
     a request that has had a partial is never sent to another replica."""
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class Reply(Message, tag=MessageType.REPLY.value):
@@ -284,6 +286,8 @@ class Reply(Message, tag=MessageType.REPLY.value):
 
     id: RequestId
     instances: list[list[TensorSpec]] = []
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class Partial(Message, tag=MessageType.PARTIAL.value):
@@ -522,6 +526,8 @@ class ModelCall(Message, tag=MessageType.MODEL_CALL.value):
     subgraph: int = 0
     sequences: list[int] | None = None
     release: list[int] = []
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):
@@ -529,6 +535,8 @@ class ModelResult(Message, tag=MessageType.MODEL_RESULT.value):
     rank: int
     values: list[TensorSpec]
     request_id: RequestId | None = None
+    trace: list[tuple[str, int]] | None = None
+    """A sampled request's timeline, (hop, monotonic ns) stamps (zmserve/trace.py); None = not traced."""
 
 
 class ModelError(Message, tag=MessageType.MODEL_ERROR.value):

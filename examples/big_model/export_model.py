@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model import build_stage_cell
+from model import build_stage_cell, export_tensor
 from weights import PRESETS, Dims, check_layout, rank_nbytes, stage_layers, tensor
 
 from zmserve.export import WORLD_GROUP, tensor_spec
@@ -93,7 +93,7 @@ def export(output_dir: Path, preset: str, rank_size: int, stage_size: int, seed:
 
         def fill(name: str, _parameter: Any, sources: dict = sources, tp_rank: int = tp_rank) -> Any:
             layer, tensor_name = sources[name]
-            return tensor(seed, dims, layer, tensor_name, tp_rank, tp)
+            return export_tensor(tensor(seed, dims, layer, tensor_name, tp_rank, tp), dims, tensor_name)
 
         path = export_rank_streamed(graph, output_dir / "model", rank, MODEL_NAME, group_config, fill,
                                     progress.tensor_written)

@@ -15,16 +15,30 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from weights import LAYER_NORM_EPS, Dims, check_layout, shard_shape, stage_layers
 
 from zmserve.export import WORLD_GROUP
 
 GELU_TANH = math.sqrt(2.0 / math.pi)
+SCALED = ("q.weight", "q.bias")
+"""Written pre-multiplied by 1/sqrt(head_dim), the attention's score scale: (q s) k = s (q k), no Mul kernel."""
+
+
+def export_tensor(value: Any, dims: Dims, name: str) -> Any:
+    """A weight as weights.tensor generates it -> as this graph stores it."""
+    if name in SCALED:
+        value = value * np.float32(1.0 / math.sqrt(dims.head_dim))
+    return value
 
 
 def build_stage_cell(dims: Dims, stage: int, stage_size: int, tp: int) -> tuple[Any, dict[str, tuple[int, str]]]:
     """The Cell of the ranks of `stage` (its tp ranks differ only in their weights, which the export writes), and
-    {parameter name: (layer, tensor name)} for the export to fill it from."""
+    {parameter name: (layer, tensor name)} for the export to fill it from (through `export_tensor`).
+
+    Lean (issue 23): the states stay flat [batch * seq, hidden] through the stage (a Linear is MatMul + bias Add,
+    no reshapes; the dynamic shape is read once), one LayerNorm kernel each, the score scale folded into the
+    query weights."""
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
     from mindspore.common.initializer import Zero
@@ -45,30 +59,27 @@ def build_stage_cell(dims: Dims, stage: int, stage_size: int, tp: int) -> tuple[
             super().__init__()
             self.gamma = param(layer, f"{prefix}.gamma")
             self.beta = param(layer, f"{prefix}.beta")
+            self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=LAYER_NORM_EPS)
 
         def construct(self, x):
-            mean = ops.mean(x, -1, keep_dims=True)
-            centered = x - mean
-            variance = ops.mean(centered * centered, -1, keep_dims=True)
-            return centered * ops.rsqrt(variance + LAYER_NORM_EPS) * self.gamma + self.beta
+            return self.norm(x, self.gamma, self.beta)[0]
 
     class Linear(nn.Cell):
-        """x @ W + b on [batch, seq, in]; row-parallel (reduce) sums the partial products before the bias."""
+        """x @ W + b on the stage's flat [batch * seq, in] states: MatMul + bias Add, no reshapes (and not
+        `ops.dense`, 2-4x slower on CPU); row-parallel (reduce) sums the partial products before the bias."""
 
         def __init__(self, layer: int, prefix: str, reduce: bool) -> None:
             super().__init__()
             self.weight = param(layer, f"{prefix}.weight")
             self.bias = param(layer, f"{prefix}.bias")
-            self.out_features = self.weight.shape[1]
             self.all_reduce = ops.AllReduce(group=WORLD_GROUP) if reduce and tp > 1 else None
             self.matmul = ops.MatMul()
 
         def construct(self, x):
-            batch, length, features = ops.shape(x)
-            y = self.matmul(ops.reshape(x, (batch * length, features)), self.weight)
+            y = self.matmul(x, self.weight)
             if self.all_reduce is not None:
                 y = self.all_reduce(y)
-            return ops.reshape(y + self.bias, (batch, length, self.out_features))
+            return y + self.bias
 
     class Attention(nn.Cell):
         """This rank's heads; the output projection is row-parallel."""
@@ -82,22 +93,21 @@ def build_stage_cell(dims: Dims, stage: int, stage_size: int, tp: int) -> tuple[
             self.output = Linear(layer, "o", reduce=True)
             self.scores = ops.BatchMatMul(transpose_b=True)
             self.context = ops.BatchMatMul()
-            self.scale = 1.0 / math.sqrt(dims.head_dim)
 
         def split_heads(self, x, batch, length):
             return ops.transpose(ops.reshape(x, (batch, length, self.heads, dims.head_dim)), (0, 2, 1, 3))
 
-        def construct(self, x):
-            batch, length, _ = ops.shape(x)
+        def construct(self, x, batch, length):
             query = self.split_heads(self.query(x), batch, length)
             key = self.split_heads(self.key(x), batch, length)
             value = self.split_heads(self.value(x), batch, length)
-            probabilities = ops.softmax(self.scores(query, key) * self.scale, -1)
+            probabilities = ops.softmax(self.scores(query, key), -1)
             context = ops.transpose(self.context(probabilities, value), (0, 2, 1, 3))
-            return self.output(ops.reshape(context, (batch, length, self.heads * dims.head_dim)))
+            return self.output(ops.reshape(context, (batch * length, self.heads * dims.head_dim)))
 
     class Mlp(nn.Cell):
-        """This rank's ffn units; the down-projection is row-parallel. GELU in its tanh form, written out."""
+        """This rank's ffn units; the down-projection is row-parallel. GELU in its tanh form, written out: the
+        GeLU kernel is ~18x slower than these 8 kernels on CPU (docs/BENCHMARKS.md, per-kernel cost)."""
 
         def __init__(self, layer: int) -> None:
             super().__init__()
@@ -116,8 +126,8 @@ def build_stage_cell(dims: Dims, stage: int, stage_size: int, tp: int) -> tuple[
             self.ln2 = LayerNorm(layer, "ln2")
             self.mlp = Mlp(layer)
 
-        def construct(self, x):
-            x = x + self.attention(self.ln1(x))
+        def construct(self, x, batch, length):
+            x = x + self.attention(self.ln1(x), batch, length)
             return x + self.mlp(self.ln2(x))
 
     class Stage(nn.Cell):
@@ -127,11 +137,13 @@ def build_stage_cell(dims: Dims, stage: int, stage_size: int, tp: int) -> tuple[
             self.final_ln = LayerNorm(dims.layers, "final_ln") if stage == stage_size - 1 else None
 
         def construct(self, x):
+            batch, length, hidden = ops.shape(x)  # once per stage: each dynamic shape read is a kernel
+            x = ops.reshape(x, (batch * length, hidden))  # flat through the stage: no per-Linear reshapes
             for layer in self.layers:
-                x = layer(x)
+                x = layer(x, batch, length)
             if self.final_ln is not None:
                 x = self.final_ln(x)
-            return x
+            return ops.reshape(x, (batch, length, hidden))
 
     ms.set_context(mode=ms.GRAPH_MODE)
     cell = Stage()

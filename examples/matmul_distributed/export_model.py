@@ -4,6 +4,10 @@ Row-parallel (Megatron style): rank r holds only rows [r*k, (r+1)*k) of the 96x1
 columns of x by them, and an AllReduce(sum) inside the graph adds the partial products of all ranks. Every rank
 then holds the same full result, as the reference requires of the last stage.
 
+Lean (issue 23): each graph runs only the kernels its layout needs: rank_size 1 is MatMul + Neg (no slice of
+the whole axis, a ~350 µs kernel; no AllReduce); rank_size n > 1 is slice + MatMul + AllReduce + Neg. The 2-D
+input uses `ops.MatMul`; the batched one ([B, 128, 96], --batch-dim) one broadcasting `ops.matmul` (MatMulExt).
+
     python export_model.py --rank-size 8          # -> model/device{0..7}/matmul.mindir, rank_table_8pcs.json
     python export_model.py --rank-size 2 --weight-value 0.25 --output-dir matmul/2   # version 2: other weights
 """
@@ -15,31 +19,35 @@ from pathlib import Path
 
 import numpy as np
 
-from zmserve.export import WORLD_GROUP, export_rank, tensor_spec, write_rank_table
+from zmserve.export import WORLD_GROUP, column_slice, export_rank, tensor_spec, write_rank_table
 
 INPUT_SHAPE = (128, 96)
 WEIGHT_SHAPE = (96, 16)
 WEIGHT_VALUE = 0.5
 
 
-def build_rank_cell(rank: int, rank_size: int, weight_value: float = WEIGHT_VALUE):
+def build_rank_cell(rank: int, rank_size: int, weight_value: float = WEIGHT_VALUE, batch_dim: bool = False):
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn, ops
 
-    rows = WEIGHT_SHAPE[0] // rank_size
-    lo, hi = rank * rows, (rank + 1) * rows
+    columns = column_slice(rank, rank_size, WEIGHT_SHAPE[0])
+    lo, hi = columns or (0, WEIGHT_SHAPE[0])
     weight = np.full(WEIGHT_SHAPE, weight_value, dtype=np.float32)[lo:hi]
 
     class MatMulShard(nn.Cell):
         def __init__(self) -> None:
             super().__init__()
             self.weight = Parameter(Tensor(weight), name="weight")
-            self.matmul = ops.matmul  # 2-D, or batched [B, 128, 96] with the weight broadcast
+            self.sliced = columns is not None
+            # [B, 128, k] @ [k, 16] with the weight broadcast needs the functional (MatMulExt); 2-D takes MatMul
+            self.matmul = ops.matmul if batch_dim else ops.MatMul()
             self.all_reduce = ops.AllReduce(group=WORLD_GROUP) if rank_size > 1 else None
             self.neg = ops.Neg()
 
         def construct(self, x):
-            partial = self.matmul(x[..., lo:hi], self.weight)
+            if self.sliced:
+                x = x[..., lo:hi]
+            partial = self.matmul(x, self.weight)
             if self.all_reduce is not None:
                 partial = self.all_reduce(partial)
             return self.neg(partial)
@@ -69,8 +77,8 @@ def export(output_dir: Path, rank_size: int, rank_table: Path | None, batch_dim:
         "weight_rows": WEIGHT_SHAPE[0] // rank_size,
     }
     for rank in range(rank_size):
-        path = export_rank(build_rank_cell(rank, rank_size, weight_value), [example], output_dir, rank, "matmul",
-                           group_config)
+        cell = build_rank_cell(rank, rank_size, weight_value, batch_dim)
+        path = export_rank(cell, [example], output_dir, rank, "matmul", group_config)
         print(f"exported rank {rank}: {path}")
     if rank_table is not None:
         write_rank_table(rank_table, rank_size)

@@ -34,6 +34,7 @@ import zmq
 from services.agent.state import SequenceStates, StateSpec
 from services.agent.status_pipe import report_loaded
 from services.agent.subgraphs import Subgraph, read_subgraphs, subgraph_files
+from zmserve import trace as tracing
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.collective_tls import CollectiveTls
@@ -435,11 +436,15 @@ def serve(settings: AgentSettings) -> int:
 
 def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank: int) -> None:
     call_id, call = None, None
+    arrived = tracing.now()
     try:
         call = decode(frames[0], ModelCall)
         call_id = call.call
         inputs = list(decode_values(call.values, frames[1:]).values())
+        stamps = None if call.trace is None else [*call.trace, (tracing.AGENT_IN, arrived)]
+        tracing.stamp(stamps, tracing.MODEL_START)
         outputs = runner.run(inputs, call.subgraph, call.sequences, call.release)
+        tracing.stamp(stamps, tracing.MODEL_END)
     except Exception as exc:
         code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
         bursts.warning("model_call_failed", call=call_id, error=str(exc))
@@ -451,11 +456,14 @@ def run_call(runner: ShardRunner, data: DataPlane, frames: list[zmq.Frame], rank
     if data.forward == Forward.NONE or (not call.values and data.forward == Forward.RESULT):
         return  # a call that only releases has no result
     specs, out_frames = encode_values({f"input{i}": v for i, v in enumerate(outputs)})
+    tracing.stamp(stamps, tracing.AGENT_OUT)
     if data.forward == Forward.PUBLISH:
         header = encode(ModelCall(call=call.call, rank=rank, request_id=call.request_id, values=specs,
-                                  subgraph=call.subgraph, sequences=call.sequences, release=call.release))
+                                  subgraph=call.subgraph, sequences=call.sequences, release=call.release,
+                                  trace=stamps))
     else:
-        header = encode(ModelResult(call=call.call, rank=rank, request_id=call.request_id, values=specs))
+        header = encode(ModelResult(call=call.call, rank=rank, request_id=call.request_id, values=specs,
+                                    trace=stamps))
     data.send_output([header, *out_frames])
 
 

@@ -24,6 +24,7 @@ import zmq
 
 from services.broker.routing import LeastOutstanding, ready_of_version
 from services.broker.status import broker_gauges, compose_status
+from zmserve import trace as tracing
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
@@ -252,6 +253,7 @@ class Broker:
             if not isinstance(request, Request):
                 self.answer_query(client, request)
                 return
+            tracing.stamp(request.trace, tracing.BROKER_IN)
             key = (client, request_id)
             if key in self.requests:
                 raise ServingError(ErrorCode.INVALID_ARGUMENT, f"request id {request_id!r} is already in flight")
@@ -415,6 +417,9 @@ class Broker:
         if isinstance(reply, Partial):
             self.take_partial(identity, client, reply.id, frames)
             return
+        if isinstance(reply, Reply) and reply.trace is not None:
+            tracing.stamp(reply.trace, tracing.BROKER_IN)
+            frames = tracing.restamp(reply, frames, tracing.BROKER_OUT)
         self.take_reply(identity, client, reply.id, OK if isinstance(reply, Reply) else reply.code, frames)
 
     def take_reply(self, identity: bytes, client: bytes, request_id: RequestId | None, code: str,
@@ -584,8 +589,11 @@ class Broker:
         """A client's request ([header, *values]) for a worker; an in-process worker takes it decoded."""
         in_process = self.in_process_workers.get(identity)
         if in_process is not None:
+            tracing.stamp(request.trace, tracing.BROKER_OUT)
             in_process.take_request(client, request, frames[1:])
             return Delivery.SENT
+        if request.trace is not None:
+            frames = tracing.restamp(request, frames, tracing.BROKER_OUT)
         return self.deliver_to_worker(identity, [BrokerCommand.REQUEST, client, *frames])
 
     def attach_in_process_worker(self, identity: bytes, worker: InProcessWorker) -> None:

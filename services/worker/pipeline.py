@@ -21,6 +21,7 @@ from services.worker.requests import MethodRun, ModelCall, RunTable, check_model
 from services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
 from services.worker.steps import Steps
 from services.worker.streaming import GeneratorStage, is_generator_stage
+from zmserve import trace as tracing
 from zmserve.codec import Instance, decode_values, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import OK, WorkerMetrics
@@ -139,7 +140,9 @@ class Pipeline:
             return
         self.table.remove_run(run)
         self.metrics.request_done(run.method.name, OK, run.started)
-        self.answer(run.client, run.request_id, OK, [encode(Reply(id=run.request_id, instances=specs)), *frames])
+        tracing.stamp(run.trace, tracing.WORKER_REPLY)
+        self.answer(run.client, run.request_id, OK,
+                    [encode(Reply(id=run.request_id, instances=specs, trace=run.trace)), *frames])
 
     def queue_model_calls(self, run: MethodRun, per_instance: list[list[Any]]) -> None:
         """Check inputs against the model's signature, then queue one call per instance, or hand the instances
@@ -172,8 +175,11 @@ class Pipeline:
         """Send queued calls while the pipeline has room; PUB never drops because the room is bounded."""
         while (call := self.table.next_sendable()) is not None:
             specs, frames = encode_values({f"input{i}": v for i, v in enumerate(call.inputs)})
+            traced = [run.trace for run, _ in call.slots if run.trace is not None]
+            for stamps in traced:
+                tracing.stamp(stamps, tracing.WORKER_OUT)
             header = encode(ModelCallMessage(call=call.call_id, request_id=call.slots[0][0].request_id,
-                                             values=specs))
+                                             values=specs, trace=[] if traced else None))
             for run, _ in call.slots:
                 if not run.reached_model:
                     run.reached_model = True
@@ -293,6 +299,11 @@ class Pipeline:
             bursts.warning("model_result_unmatched", call=message.call, type=type(message).__name__)
             return
         self.metrics.call_returned(call.published, value_frames)
+        if isinstance(message, ModelResult) and message.trace is not None:
+            for run, _ in call.slots:
+                if run.trace is not None:
+                    run.trace.extend(tuple(each) for each in message.trace)
+                    tracing.stamp(run.trace, tracing.WORKER_RESULT)
         if isinstance(message, ModelError):
             self.fail_call(call, message.code, f"rank {message.rank}: {message.message}")
         else:

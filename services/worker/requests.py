@@ -72,6 +72,8 @@ class MethodRun:
     """The client asked for partial answers (`Request.stream`): what a generator stage yields is sent as PARTIAL."""
     partials_sent: int = 0
     """The `seq` of its next PARTIAL."""
+    trace: list | None = None
+    """A traced request's (hop, ns) stamps so far (zmserve/trace.py); None when it is not traced."""
 
     @classmethod
     def start(cls, client: bytes, request_id: Any, servable: str, method: MethodSpec,

@@ -46,6 +46,7 @@ from services.worker.report import AgentHistory, worker_gauges, worker_status
 from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from services.worker.stage_threads import StageThreads
+from zmserve import trace as tracing
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
@@ -365,6 +366,7 @@ class Worker:
     def take_request(self, client: bytes, request: Request, value_frames: list[Any]) -> None:
         """A decoded request (from the DEALER through `handle_request`, or from a broker in this process)."""
         method = None
+        tracing.stamp(request.trace, tracing.WORKER_IN)
         try:
             method = self.spec.methods.get(request.method)
             if method is None:
@@ -377,6 +379,7 @@ class Worker:
             instances = decode_instances(request.instances, value_frames)
             run = MethodRun.start(client, request.id, self.spec.name, method, instances,
                                   deadline_of(request.timeout_ms), stream=request.stream)
+            run.trace = request.trace
             self.pipeline.admit(run)
         except ServingError as error:
             bursts.info("request_rejected", key=error.code, request_id=request.id, code=error.code,

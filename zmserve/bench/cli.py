@@ -30,6 +30,7 @@ from zmserve.bench.requests import RequestSpec, generated_line, generated_reques
 from zmserve.bench.summary import Summary, format_summary, summarize, summary_json
 from zmserve.bench.writer import ResultWriter
 from zmserve.codec import ALLOWED_DTYPES
+from zmserve.trace import span_summary
 
 DEFAULT_ADDRESS = "127.0.0.1:5500"
 DEFAULT_REQUESTS = 100
@@ -126,6 +127,9 @@ def resolve_requests(input_path: str | None, input_name: str, shape: str | None,
               help="with --random-prompts: words per prompt")
 @click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(min=1),
               help="with --random-prompts: tokens to generate per request")
+@click.option("--trace", "trace_every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="trace one request in N (closed loop, threads): its record gets `spans`, the µs between hops "
+                   "(client, broker, worker, agent, model), and stderr a per-span summary line; 0 = off")
 @click.option("--part", default=None, hidden=True, help="internal: this process is part I/N of a --processes run")
 def run(address: str, servable: str | None, method: str | None, version_number: int, input_path: str | None,
         input_name: str, shape: str | None, dtype: str, fill: str, count: int, concurrency: int | None,
@@ -133,7 +137,7 @@ def run(address: str, servable: str | None, method: str | None, version_number: 
         timeout: float, warmup: int, seed: int | None, allow_errors: bool, direct: bool,
         model_files: tuple[str, ...], startup_timeout: float, broker_key: str | None, secret_key: str | None,
         prompts_path: str | None, random_prompts: bool, prompt_words: int, max_tokens: int,
-        part: str | None) -> None:
+        trace_every: int, part: str | None) -> None:
     """Send requests and write one JSON line per request to stdout; the summary goes to stderr (one line
     instead when stdout is a pipe and stderr a terminal: `zmserve bench report` at the other end shows it).
     Exits 1 when any request failed, unless --allow-errors."""
@@ -148,6 +152,8 @@ def run(address: str, servable: str | None, method: str | None, version_number: 
                        allow_errors=allow_errors)
         return
     method = method or "predict"
+    if trace_every and (rate is not None or processes is not None or direct):
+        raise BenchError("--trace traces the closed loop of one process: not with --rate, --processes or --direct")
     requests, lines = resolve_requests(input_path, input_name, shape, dtype, fill, count, seed)
     if request_count is None and duration is None:
         request_count = len(requests) if lines is not None else DEFAULT_REQUESTS
@@ -168,7 +174,11 @@ def run(address: str, servable: str | None, method: str | None, version_number: 
     else:
         offset, stride = part_of or (0, 1)
         load = ServiceLoad(target, requests, timeout, writer, offset, stride)
+        load.trace_every = trace_every
         records = run_threads(load, spec, writer, announce_ready_and_wait if part_of is not None else None)
+    if trace_every:
+        traced = [record.spans for record in records if record.spans]
+        print(json.dumps({"traced": len(traced), "spans": span_summary(traced)}), file=sys.stderr)
     if part_of is None:  # a part's records are judged by the process that merges them
         summary = summarize(records)
         show_run_summary(summary)

@@ -11,6 +11,7 @@ the client's IO thread resolves the request, so a busy sending thread adds nothi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zmserve import trace as tracing
 from zmserve.bench.errors import BenchError
 from zmserve.bench.records import OK, Record
 from zmserve.bench.requests import RequestSpec, payload_bytes
@@ -127,6 +129,8 @@ class ServiceLoad:
         except ValueError as exc:  # an address the client refuses
             self.close()
             raise BenchError(f"--address {target.address!r}: {exc}") from None
+        self.trace_every = 0
+        """Trace one request in this many (closed loop; 0 = none): its record gets the hop spans."""
         self._outstanding: dict[int, tuple[Future, float, float, RequestSpec]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -185,14 +189,17 @@ class ServiceLoad:
             self.writer.put(self.call(*self.request(ticket)))
 
     def call(self, number: int, client: Any, spec: RequestSpec) -> Record:
-        """One closed-loop request, sent and waited for on this caller's socket: its record."""
+        """One closed-loop request, sent and waited for on this caller's socket: its record (with its hops'
+        spans when it is one of the traced ones: `--trace N`)."""
+        stamps: list | None = [] if self.trace_every and number % self.trace_every == 0 else None
         send_time, started = time.time(), time.perf_counter()
         try:
-            answer = client.infer(spec.instances, self.timeout)
+            answer = client.infer(spec.instances, self.timeout, trace=stamps)
         except Exception as exc:
             return failure(number, send_time, time.perf_counter() - started, spec, exc)
-        return Record.measured(number, send_time, time.perf_counter() - started, OK, spec.bytes_out,
-                               payload_bytes(answer))
+        record = Record.measured(number, send_time, time.perf_counter() - started, OK, spec.bytes_out,
+                                 payload_bytes(answer))
+        return dataclasses.replace(record, spans=tracing.spans(stamps)) if stamps else record
 
     def open_loop(self, tickets: Tickets, rate: float, seed: int | None) -> None:
         """Poisson arrivals at `rate`: each request goes out at its scheduled time, answered or not; the schedule

@@ -31,6 +31,8 @@ class Record:
     bytes_out: int = 0
     bytes_in: int = 0
     message: str | None = None
+    spans: dict[str, float] | None = None
+    """A traced request's hop-to-hop µs (`zmserve bench run --trace N`, zmserve/trace.py); else None."""
     tokens: int | None = None
     """A generation's completion tokens (None: not a generation)."""
     ttft_ms: float | None = None
@@ -61,6 +63,8 @@ class Record:
                   "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
         if self.message is not None:
             fields["message"] = self.message
+        if self.spans is not None:
+            fields["spans"] = self.spans
         if self.tokens is not None:
             fields.update(tokens=self.tokens, ttft_ms=self.ttft_ms, itl_ms=list(self.itl_ms or ()))
         return fields
@@ -84,8 +88,10 @@ class Record:
         message = document.get("message")
         if message is not None and not isinstance(message, str):
             raise ValueError(f"'message' must be a string, got {message!r}")
+        spans = document.get("spans")
         record = cls(document.get("id", -1), float(document["send_time"]), float(document["latency_ms"]),
-                     document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message)
+                     document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message,
+                     spans if isinstance(spans, dict) else None)
         if "tokens" not in document:
             return record
         tokens, ttft, gaps = document["tokens"], document.get("ttft_ms"), document.get("itl_ms", [])
