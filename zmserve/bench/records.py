@@ -31,12 +31,12 @@ class Record:
     bytes_out: int = 0
     bytes_in: int = 0
     message: str | None = None
-    spans: dict[str, float] | None = None
-    """A traced request's hop-to-hop µs (`zmserve bench run --trace N`, zmserve/trace.py); else None."""
     tokens: int | None = None
     """A generation's completion tokens (None: not a generation)."""
     ttft_ms: float | None = None
     itl_ms: tuple[float, ...] | None = None
+    spans: dict[str, float] | None = None
+    """A traced request's hop-to-hop µs (`zmserve bench run --trace N`, zmserve/trace.py); else None."""
 
     @classmethod
     def measured(cls, request_id: int, send_time: float, latency_s: float, status: str, bytes_out: int,
@@ -91,7 +91,7 @@ class Record:
         spans = document.get("spans")
         record = cls(document.get("id", -1), float(document["send_time"]), float(document["latency_ms"]),
                      document["status"], document.get("bytes_out", 0), document.get("bytes_in", 0), message,
-                     spans if isinstance(spans, dict) else None)
+                     spans=spans if isinstance(spans, dict) else None)
         if "tokens" not in document:
             return record
         tokens, ttft, gaps = document["tokens"], document.get("ttft_ms"), document.get("itl_ms", [])
