@@ -241,7 +241,7 @@ def build_stage_cell(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
                 new.append(ops.expand_dims(k, 0))
                 new.append(ops.expand_dims(v, 0))
             if in_graph_slots:
-                # row b's new K/V go to (slot b, head h, position b) of every cache: indices [B*Hr, 3]
+                # row b's new K/V go to (slots[b], head h, positions[b]) of every cache: indices [B*Hr, 3]
                 zero = self.head_index * 0
                 index = ops.concat((ops.expand_dims(ops.expand_dims(kv, 1) + zero, -1),
                                     ops.expand_dims(ops.expand_dims(kv, 1) * 0 + self.head_index, -1),

