@@ -5,6 +5,8 @@ Rank r belongs to stage r // tp and is tensor-parallel rank r % tp of it (tp = r
     DIR/model/device{r}/gpt_0.mindir       subgraph 0: the full graph over a chunk of T prompt tokens per row
     DIR/model/device{r}/gpt_1.mindir       subgraph 1: the incremental graph, one new token per row
     DIR/model/device{r}/group_config.json  rank, layout, signature, and "subgraphs" (data values + state)
+    DIR/gpt/layout.json                    the servable's rank_size and stage_size (DIR/gpt/ is a copy of this
+                                           example's servable folder when DIR is elsewhere)
 
 B (rows) is dynamic in both graphs, T in subgraph 0. The attention cache is the state input `kv`
 [L, 2, B, Hr, max_len, D] and `kv_new` [L, 2, B, Hr, T, D] the state output (generation-contract.md, section 1).
@@ -15,6 +17,8 @@ B (rows) is dynamic in both graphs, T in subgraph 0. The attention cache is the 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ from model import (  # noqa: E402
 from zmserve.export import export_rank, tensor_spec, write_rank_table  # noqa: E402
 
 MODEL_NAME = "gpt"
+SERVABLE = HERE / MODEL_NAME
 SUBGRAPHS = (False, True)
 """Subgraph i is incremental or not: 0 = full graph over a chunk (prefill), 1 = one token per row (decode)."""
 
@@ -105,7 +110,19 @@ def export(output_dir: Path, rank_size: int, stage_size: int, weights_dir: Path 
     if rank_table is not None:
         write_rank_table(rank_table, rank_size)
         print(f"wrote {rank_table}")
+    print(f"servable: --servable-dir {output_dir} --servable {place_servable(output_dir, rank_size, stage_size).name}")
     return files
+
+
+def place_servable(output_dir: Path, rank_size: int, stage_size: int) -> Path:
+    """The servable folder beside the model, with layout.json: servable_config.py declares the export's
+    rank_size and stage_size from it (a copy of this example's folder when the export goes elsewhere)."""
+    servable = output_dir / MODEL_NAME
+    if servable.resolve() != SERVABLE.resolve():
+        shutil.copytree(SERVABLE, servable, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "layout.json"))
+    (servable / "layout.json").write_text(json.dumps({"rank_size": rank_size, "stage_size": stage_size}) + "\n")
+    return servable
 
 
 def main() -> None:
