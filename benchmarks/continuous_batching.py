@@ -1,6 +1,6 @@
 """Continuous batching (issue 21): tokens/s of one sequence at a time vs several at once, on one cluster.
 
-    .venv/bin/python benchmarks/continuous_batching.py [--duration 8] [--concurrency 4] [--rounds 2] [--tokens 20]
+    .venv/bin/python -m benchmarks.continuous_batching [--duration 8] [--concurrency 4] [--rounds 2] [--tokens 20]
 
 The model is the tests' tiny two-subgraph stateful model (tests/stateful_model.py), so the time is the serving
 path, not the maths: per token a stage thread samples, `model.call(subgraph=1)` goes through the worker loop, the
@@ -13,7 +13,6 @@ sequences per decode step from the worker's `zmserve_worker_step_sequences` (how
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -21,11 +20,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from benchlib import cluster, cmdline, emit, load1
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import stateful_model
-from cluster import write_servable
+from benchmarks.benchlib import cluster, cmdline, emit, load1
+from tests import stateful_model
+from tests.cluster import write_servable
 
 
 def step_rows(metrics_url: str) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 loaded as an agent loads a shard (`zmserve.collective.ShardModel`), alternating A and B for `--rounds` rounds in
 one process, so the ratio holds on a busy machine. Also checks both answer the same (max abs difference).
 
-    .venv/bin/python benchmarks/export_before_after.py --a old/minilm.mindir --b new/minilm.mindir \\
+    .venv/bin/python -m benchmarks.export_before_after --a old/minilm.mindir --b new/minilm.mindir \\
         --input int32:1x16:1 --input int32:1x16:1 --calls 200
 
 `--input DTYPE:SHAPE:FILL` (FILL a number, or `random`), once per model input. Prints one JSON line per
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from zmserve.collective import ShardModel, import_mindspore  # noqa: E402
 from zmserve.export import graph_kernels  # noqa: E402

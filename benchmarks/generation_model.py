@@ -12,26 +12,25 @@ JSON line per measured row with the load average beside it:
   kv_new written back, as an agent does) vs in-graph state (Parameters updated with ScatterNdUpdate inside the
   graph, model.build_stage_cell(in_graph_slots=...)). Checks first that both give the same logits.
 
-    .venv/bin/python benchmarks/generation_model.py incremental [--rounds 2]
-    .venv/bin/python benchmarks/generation_model.py step --rank-size 4 --stage-size 2 --batch 1,16
-    .venv/bin/python benchmarks/generation_model.py state --batch 1,16
+    .venv/bin/python -m benchmarks.generation_model incremental [--rounds 2]
+    .venv/bin/python -m benchmarks.generation_model step --rank-size 4 --stage-size 2 --batch 1,16
+    .venv/bin/python -m benchmarks.generation_model state --batch 1,16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import REPO, emit, load1
+
+from benchmarks.benchlib import REPO, emit, load1
 
 EXAMPLE = REPO / "examples" / "gpt"
-sys.path.insert(0, str(EXAMPLE))
 
 import direct  # noqa: E402
 from export_model import export  # noqa: E402

@@ -10,9 +10,9 @@ The parent exports the graphs once, then starts one child process per setting (g
 thread count, runtime environment variables) and alternates them for `--rounds` rounds; inside a child every
 variant is timed in turn, so ratios are taken within minutes of each other on this shared machine.
 
-    .venv/bin/python benchmarks/kernel_cost.py                     # everything, 2 rounds (~3 min on 2 cores)
-    .venv/bin/python benchmarks/kernel_cost.py --only graphs --calls 2000
-    .venv/bin/python benchmarks/kernel_cost.py --only graphs --variants plain,dense_bias,matmul_bias
+    .venv/bin/python -m benchmarks.kernel_cost                     # everything, 2 rounds (~3 min on 2 cores)
+    .venv/bin/python -m benchmarks.kernel_cost --only graphs --calls 2000
+    .venv/bin/python -m benchmarks.kernel_cost --only graphs --variants plain,dense_bias,matmul_bias
 
 One JSON line per (round, setting, variant): p50/p90 µs per call (numpy in -> numpy out unless the variant's
 `path` says otherwise) and the 1-minute load average when the child started.
@@ -287,7 +287,7 @@ def main() -> None:
             order = settings if round_ % 2 == 0 else settings[::-1]
             for setting in order:
                 subset = names if setting == "default" else [n for n in SETTING_VARIANTS if n in names]
-                command = [sys.executable, __file__, "--child", tmp, setting, "--variants", ",".join(subset),
+                command = [sys.executable, "-m", __spec__.name, "--child", tmp, setting, "--variants", ",".join(subset),
                            "--calls", str(args.calls)] + (["--paths"] if setting == "default" else [])
                 done = subprocess.run(command, capture_output=True, text=True,
                                       env={**env, **SETTINGS[setting].get("env", {})})

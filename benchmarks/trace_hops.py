@@ -2,7 +2,7 @@
 rank-1 MatMul (separate broker, worker and agent processes, or `--colocated`: broker + worker in `zmserve serve`),
 1 client, closed loop; per span the median over the traced requests, `--rounds` rounds.
 
-    .venv/bin/python benchmarks/trace_hops.py --requests 2000 --trace 5 --rounds 2
+    .venv/bin/python -m benchmarks.trace_hops --requests 2000 --trace 5 --rounds 2
 
 One JSON line per round: load, the run's p50, and per span {n, p50_us, p90_us} (zmserve/trace.py hop names).
 """
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from benchlib import GLOG_ENV, REPO, cluster, emit, export_matmul, load1, write_servable
+
+from benchmarks.benchlib import GLOG_ENV, REPO, cluster, emit, export_matmul, load1, write_servable
 
 
 def traced_run(address: str, requests: int, every: int) -> tuple[dict, float]:

@@ -1,14 +1,10 @@
 """Shared fixtures: the real MatMul clusters (rank_size 2 and 8), exported and started once per session."""
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cluster import Cluster, start_matmul_cluster
+from tests.cluster import Cluster, start_matmul_cluster
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +25,7 @@ def matmul_tp8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def echo_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """tests/generator_servable.py's `echo` (a pure-Python generator method) on `zmserve serve` and one agent,
     shared by the streaming tests of the client, the gateway and the bench."""
-    from generator_servable import start
+    from tests.generator_servable import start
 
     cluster = start(tmp_path_factory.mktemp("echo"), colocated=True)
     yield cluster

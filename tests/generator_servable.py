@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from cluster import export_matmul, write_servable
 
+from tests.cluster import export_matmul, write_servable
 from zmserve.local import LocalCluster
 
 SERVABLE = "echo"

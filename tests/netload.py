@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cluster import MLP_EXAMPLE, load_example_module
-
+from tests.cluster import MLP_EXAMPLE, load_example_module
 from zmserve.client import Client, ClientError
 
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export_for_netload")

@@ -13,13 +13,6 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from services.gateway.config import (
-    DEFAULT_BIND,
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_KEEP_ALIVE_S,
-    DEFAULT_MAX_BODY_MB,
-    DEFAULT_REQUEST_TIMEOUT_S,
-)
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
@@ -41,6 +34,13 @@ from zmserve.protocol import (
 from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
 from zmserve.supervision import act_on_sigint, handle_stop_signals
+from zmserve_services.gateway.config import (
+    DEFAULT_BIND,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
 
 log = get_logger("cli")
 
@@ -145,8 +145,8 @@ def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_re
 
     Ready when it logs `broker_started`; workers then register on --worker-bind.
     """
-    from services.broker.broker import Broker
     from zmserve.transport import BindError
+    from zmserve_services.broker.broker import Broker
 
     try:
         worker_bind = worker_bind or following_port(bind)
@@ -241,11 +241,11 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
                 max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
                 metrics: bool = False, security: Any = None, max_sequences: int = MAX_SEQUENCES) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
-    from services.worker.config import WorkerConfig
-    from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
     from zmserve.servable import ServableConfigError
     from zmserve.transport import BindError
+    from zmserve_services.worker.config import WorkerConfig
+    from zmserve_services.worker.worker import Worker
 
     try:
         return Worker(WorkerConfig(
@@ -306,9 +306,9 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind:
     hold this process's public key as the worker's). Ready when it logs `serving`. One metrics endpoint shows
     both the broker's and the worker's metrics.
     """
-    from services.broker.broker import Broker
-    from services.colocated import Colocated
     from zmserve.transport import BindError
+    from zmserve_services.broker.broker import Broker
+    from zmserve_services.colocated import Colocated
 
     binds = {Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]}
     security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds=binds,
@@ -331,7 +331,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 
 def _memory_size(_context: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from services.agent.memory_limit import parse_size
+    from zmserve_services.agent.memory_limit import parse_size
 
     try:
         return None if value is None else parse_size(value)
@@ -378,7 +378,7 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     An agent that exits is started again; when the worker refuses a shard for good (it does not fit the
     servable), the launcher stops its agents and exits with the worker's reason.
     """
-    from services.agent.launcher import AgentLauncher, LauncherError
+    from zmserve_services.agent.launcher import AgentLauncher, LauncherError
 
     # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
     group_host = next((a for a in (agent_ip, worker) if a and not is_loopback(a)), "127.0.0.1")
@@ -423,9 +423,9 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
     live status page (/); with --grpc-bind, gRPC too (MindSpore Serving's client, tritonclient.grpc)."""
     import ssl
 
-    from services.gateway.app import Gateway
-    from services.gateway.auth import http_security
-    from services.gateway.config import GatewayConfig
+    from zmserve_services.gateway.app import Gateway
+    from zmserve_services.gateway.auth import http_security
+    from zmserve_services.gateway.config import GatewayConfig
 
     security = load_security(curve, peers=[Peer.BROKER])
     try:

@@ -36,12 +36,12 @@ for path in (HERE, REPO):
 from reference import forward  # noqa: E402
 from weights import PRESETS, check_layout  # noqa: E402
 
-from services.agent.agent import rank_of_process_name  # noqa: E402
-from services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
 from zmserve.client import ClientError  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.streamed_export import shard_bytes  # noqa: E402
 from zmserve.supervision import process_name  # noqa: E402
+from zmserve_services.agent.agent import rank_of_process_name  # noqa: E402
+from zmserve_services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
 
 SEQ = 16
 """Tokens per input, fixed in the export (export_model.py says why)."""

@@ -31,9 +31,6 @@ import numpy as np
 import structlog
 import zmq
 
-from services.agent.state import SequenceStates, StateSpec
-from services.agent.status_pipe import report_loaded
-from services.agent.subgraphs import Subgraph, read_subgraphs, subgraph_files
 from zmserve import trace as tracing
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
@@ -78,6 +75,9 @@ from zmserve.security import (
 from zmserve.standby import STANDBY_FLAG, wait_for_activation
 from zmserve.supervision import die_with_parent, name_process
 from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket, recv_frames, send_frames
+from zmserve_services.agent.state import SequenceStates, StateSpec
+from zmserve_services.agent.status_pipe import report_loaded
+from zmserve_services.agent.subgraphs import Subgraph, read_subgraphs, subgraph_files
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1

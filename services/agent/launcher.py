@@ -35,11 +35,6 @@ from pathlib import Path
 
 import zmq
 
-from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, AgentSettings
-from services.agent.launcher_link import LauncherLink
-from services.agent.memory_limit import CGROUP_PREFIX, AgentCgroup, MemoryLimitError, find_hierarchy, format_size
-from services.agent.status_pipe import StatusPipe
-from services.agent.subgraphs import FILE_SEPARATOR, subgraph_files
 from zmserve.logs import get_logger
 from zmserve.protocol import (
     DEFAULT_AGENT_START_PORT,
@@ -63,6 +58,17 @@ from zmserve.standby import STANDBY_FLAG, activate, retire
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
 from zmserve.transport import HeartbeatClock, is_loopback, new_socket
+from zmserve_services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED, AgentSettings
+from zmserve_services.agent.launcher_link import LauncherLink
+from zmserve_services.agent.memory_limit import (
+    CGROUP_PREFIX,
+    AgentCgroup,
+    MemoryLimitError,
+    find_hierarchy,
+    format_size,
+)
+from zmserve_services.agent.status_pipe import StatusPipe
+from zmserve_services.agent.subgraphs import FILE_SEPARATOR, subgraph_files
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -333,7 +339,7 @@ class AgentLauncher:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         cpu = self.cpu_for(agent)
         try:
-            return subprocess.Popen([sys.executable, "-m", "services.agent.agent", *arguments], env=env,
+            return subprocess.Popen([sys.executable, "-m", "zmserve_services.agent.agent", *arguments], env=env,
                                     pass_fds=(status.child_fd, reason_fd), process_group=0,
                                     preexec_fn=lambda: self.prepare_child(cpu, cgroup),
                                     **popen)  # type: ignore[call-overload]

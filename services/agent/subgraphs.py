@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from services.agent.state import StateSpec
 from zmserve.export import read_group_config
 from zmserve.protocol import ModelSignature, ShardInfo
+from zmserve_services.agent.state import StateSpec
 
 FILE_SEPARATOR = ";"
 """Between one rank's subgraph files in a model-files entry (`a_0.mindir;a_1.mindir`)."""

@@ -22,8 +22,6 @@ import msgspec
 import structlog
 import zmq
 
-from services.broker.routing import LeastOutstanding, ready_of_version
-from services.broker.status import broker_gauges, compose_status
 from zmserve import trace as tracing
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import Handler, run_services
@@ -73,6 +71,8 @@ from zmserve.transport import (
     new_socket,
     send_nonblocking,
 )
+from zmserve_services.broker.routing import LeastOutstanding, ready_of_version
+from zmserve_services.broker.status import broker_gauges, compose_status
 
 log = get_logger("broker")
 bursts = Bursts(log)

@@ -15,14 +15,14 @@ from typing import Any
 
 import grpc
 
-from services.gateway.auth import BearerToken
-from services.gateway.broker_link import BrokerLink
-from services.gateway.config import GatewayConfig
-from services.gateway.ms_grpc import MsServingService
-from services.gateway.oip_grpc import OipService
 from zmserve.logs import get_logger
 from zmserve.protocol import endpoint_host_port
 from zmserve.security import is_loopback
+from zmserve_services.gateway.auth import BearerToken
+from zmserve_services.gateway.broker_link import BrokerLink
+from zmserve_services.gateway.config import GatewayConfig
+from zmserve_services.gateway.ms_grpc import MsServingService
+from zmserve_services.gateway.oip_grpc import OipService
 
 log = get_logger("gateway")
 

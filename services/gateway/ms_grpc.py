@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from services.gateway.broker_link import BrokerLink
-from services.gateway.values import invalid, raw_tensor
 from zmserve.codec import Instance, Value
 from zmserve.logs import get_logger
 from zmserve.proto import ms_service_pb2 as pb
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.broker_link import BrokerLink
+from zmserve_services.gateway.values import invalid, raw_tensor
 
 log = get_logger("gateway")
 

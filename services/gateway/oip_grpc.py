@@ -15,10 +15,14 @@ from typing import Any
 import grpc
 
 import zmserve
-from services.gateway import oip
-from services.gateway.broker_link import BrokerLink, TensorSpec
-from services.gateway.ms_grpc import call_timeout
-from services.gateway.values import (
+from zmserve.codec import Instance
+from zmserve.logs import get_logger
+from zmserve.proto import grpc_predict_v2_pb2 as pb
+from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway import oip
+from zmserve_services.gateway.broker_link import BrokerLink, TensorSpec
+from zmserve_services.gateway.ms_grpc import call_timeout
+from zmserve_services.gateway.values import (
     BYTES_LENGTH,
     OIP_NAME_OF_DTYPE,
     invalid,
@@ -27,10 +31,6 @@ from services.gateway.values import (
     oip_input,
     oip_shape,
 )
-from zmserve.codec import Instance
-from zmserve.logs import get_logger
-from zmserve.proto import grpc_predict_v2_pb2 as pb
-from zmserve.protocol import ErrorCode, ServingError
 
 log = get_logger("gateway")
 

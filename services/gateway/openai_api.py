@@ -32,12 +32,12 @@ import jinja2
 import orjson
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.gateway.broker_link import BrokerLink
-from services.gateway.errors import HttpError, http_status
 from zmserve.client import SAMPLING_DTYPES, Generation, generation_inputs, generation_of
 from zmserve.codec import Instance
 from zmserve.logs import get_logger
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.broker_link import BrokerLink
+from zmserve_services.gateway.errors import HttpError, http_status
 
 log = get_logger("gateway")
 

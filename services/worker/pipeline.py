@@ -16,11 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from services.worker.batching import Batcher
-from services.worker.requests import MethodRun, ModelCall, RunTable, check_model_input
-from services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
-from services.worker.steps import Steps
-from services.worker.streaming import GeneratorStage, is_generator_stage
 from zmserve import trace as tracing
 from zmserve.codec import Instance, decode_values, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
@@ -39,6 +34,11 @@ from zmserve.protocol import (
 )
 from zmserve.protocol import ModelCall as ModelCallMessage
 from zmserve.servable import DistributedModel, Stage
+from zmserve_services.worker.batching import Batcher
+from zmserve_services.worker.requests import MethodRun, ModelCall, RunTable, check_model_input
+from zmserve_services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
+from zmserve_services.worker.steps import Steps
+from zmserve_services.worker.streaming import GeneratorStage, is_generator_stage
 
 log = get_logger("worker")
 bursts = Bursts(log)

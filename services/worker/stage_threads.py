@@ -22,12 +22,12 @@ from typing import Any
 
 import zmq
 
-from services.worker.requests import MethodRun, stage_failure, stage_outputs
-from services.worker.streaming import concatenated, yielded_values
 from zmserve.codec import Instance
 from zmserve.logs import Bursts, get_logger
 from zmserve.protocol import ServingError
 from zmserve.servable import Stage, set_model_caller
+from zmserve_services.worker.requests import MethodRun, stage_failure, stage_outputs
+from zmserve_services.worker.streaming import concatenated, yielded_values
 
 log = get_logger("worker")
 bursts = Bursts(log)

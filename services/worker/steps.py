@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from services.worker.requests import MethodRun, check_model_input
-from services.worker.stage_threads import CallWanted, RunEnded
 from zmserve.codec import decode_values, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import ErrorCode, ModelError, ModelResult, ModelSignature, ServingError, encode
 from zmserve.protocol import ModelCall as ModelCallMessage
+from zmserve_services.worker.requests import MethodRun, check_model_input
+from zmserve_services.worker.stage_threads import CallWanted, RunEnded
 
 log = get_logger("worker")
 bursts = Bursts(log)

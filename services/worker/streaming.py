@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from services.worker.requests import MethodRun, stage_failure, stage_outputs
 from zmserve.codec import Instance, Value
 from zmserve.logs import get_logger
 from zmserve.protocol import ErrorCode, ServingError
 from zmserve.servable import MethodSpec, Stage
+from zmserve_services.worker.requests import MethodRun, stage_failure, stage_outputs
 
 log = get_logger("worker")
 

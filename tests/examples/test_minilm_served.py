@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import REPO
 
+from tests.cluster import REPO
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 

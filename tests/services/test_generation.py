@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import stateful_model
-from cluster import agent_pids, log_events, wait_for, write_servable
-from stateful_model import SERVABLE_CONFIG
 
+from tests import stateful_model
+from tests.cluster import agent_pids, log_events, wait_for, write_servable
+from tests.stateful_model import SERVABLE_CONFIG
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 from zmserve.protocol import ErrorCode

@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 import zmq
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, free_port, log_events, wait_for, write_servable
 
-from services.agent.launcher import publish_address
+from tests.cluster import (
+    MATMUL_CONFIG,
+    MLP_EXAMPLE,
+    Cluster,
+    export_mlp,
+    free_port,
+    log_events,
+    wait_for,
+    write_servable,
+)
 from zmserve.supervision import reap
+from zmserve_services.agent.launcher import publish_address
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-import generator_servable
 import numpy as np
 import pytest
 import zmq
-from cluster import wait_for
 
+from tests import generator_servable
+from tests.cluster import wait_for
 from zmserve.client import (
     Client,
     ClientError,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import Cluster, matmul_reference, start_matmul_cluster
 
+from tests.cluster import Cluster, matmul_reference, start_matmul_cluster
 from zmserve import trace as tracing
 from zmserve.client import Client
 from zmserve.protocol import Reply, decode, encode

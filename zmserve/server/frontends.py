@@ -61,7 +61,7 @@ def _broker() -> str:
     global _broker_address
     with _lock:
         if _broker_address is None:
-            from services.broker.broker import Broker
+            from zmserve_services.broker.broker import Broker
 
             address = f"tcp://127.0.0.1:{free_port()}"
             run_in_background("broker", Broker(address, _worker_broker))
@@ -82,9 +82,9 @@ def start_restful_server(address: str, max_msg_mb_size: int = 100, ssl_config: S
 
 def _start_gateway(name: str, bind: str | None, grpc_bind: str | None, max_msg_mb_size: int,
                    ssl_config: SSLConfig | None) -> None:
-    from services.gateway.app import Gateway
-    from services.gateway.auth import TlsFiles
-    from services.gateway.config import GatewayConfig
+    from zmserve_services.gateway.app import Gateway
+    from zmserve_services.gateway.auth import TlsFiles
+    from zmserve_services.gateway.config import GatewayConfig
 
     if not isinstance(max_msg_mb_size, int) or not 1 <= max_msg_mb_size <= 512:
         raise RuntimeError(f"max_msg_mb_size must be an int in [1, 512], got {max_msg_mb_size!r}")

@@ -5,7 +5,7 @@ the same run, alternating, each point measured `--rounds` times:
 - throughput with 16 clients (16 threads of one process, one `Client` each) for `--seconds`;
 - a 16 MiB tensor (2048x2048 float32) through `echo` (a Python stage on both): p50 and MiB/s each way.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/grpc_bench.py ../shared/peers/mindspore-serving
+    .venv/bin/python -m benchmarks.peers.mindspore_serving.grpc_bench ../shared/peers/mindspore-serving
 
 The client runs in the peer's Python 3.9 (grpc_client_driver.py), the same code against both servers; the load
 average is printed with each row because the machine may be shared.
@@ -20,14 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from grpc_peer import CASES_DIR, DEFAULT_PEER, mindspore_serving_grpc, run_driver, zmserve_grpc
-from rest_peer import peer_dir
-
-sys.path.insert(0, str(CASES_DIR))
-
-from ms_rest_cases import MINDSPORE_SERVING_CONFIG, SERVABLE, ZMSERVE_CONFIG
+from benchmarks.peers.mindspore_serving.grpc_peer import (
+    DEFAULT_PEER,
+    mindspore_serving_grpc,
+    run_driver,
+    zmserve_grpc,
+)
+from benchmarks.peers.mindspore_serving.rest_peer import peer_dir
+from tests.services.gateway.ms_rest_cases import MINDSPORE_SERVING_CONFIG, SERVABLE, ZMSERVE_CONFIG
 
 BIG = "2048x2048"
 BIG_MIB = 2048 * 2048 * 4 / 2**20

@@ -17,6 +17,7 @@ import threading
 import time
 
 import numpy as np
+
 from mindspore_serving.client import Client
 
 

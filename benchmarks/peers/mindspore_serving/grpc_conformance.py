@@ -1,7 +1,7 @@
 """zmserve's gateway against MindSpore Serving 2.0.2 over gRPC, through MindSpore Serving's own client: the same
 requests to both, every difference printed.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/grpc_conformance.py ../shared/peers/mindspore-serving
+    .venv/bin/python -m benchmarks.peers.mindspore_serving.grpc_conformance ../shared/peers/mindspore-serving
 
 The peer path is relative to the repository root. Both sides serve the servable `conform` (the MatMul plus
 echo/type_of/swap/fail, ms_rest_cases.py); the requests are `tests/services/gateway/ms_grpc_cases.py`, whose
@@ -18,15 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from grpc_peer import CASES_DIR, DEFAULT_PEER, mindspore_serving_grpc, run_driver, zmserve_grpc
-from rest_peer import peer_dir
-
-sys.path.insert(0, str(CASES_DIR))
-
 from ms_grpc_cases import CASES, SERVABLE, describe, same
-from ms_rest_cases import MINDSPORE_SERVING_CONFIG, ZMSERVE_CONFIG
+
+from benchmarks.peers.mindspore_serving.grpc_peer import (
+    CASES_DIR,
+    DEFAULT_PEER,
+    mindspore_serving_grpc,
+    run_driver,
+    zmserve_grpc,
+)
+from benchmarks.peers.mindspore_serving.rest_peer import peer_dir
+from tests.services.gateway.ms_rest_cases import MINDSPORE_SERVING_CONFIG, ZMSERVE_CONFIG
 
 SHOWN = 300
 """Characters of each answer printed with a difference."""

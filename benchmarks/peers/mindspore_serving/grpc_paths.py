@@ -4,7 +4,7 @@ Serving's REST scheme, b64 body, keep-alive) and zmserve's own zmq client straig
 front costs over the other two, on the same machine at the same time: p50, and the gateway process's CPU per call
 (user + system, which a busy machine distorts less than time).
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/grpc_paths.py [--calls 300] [--rounds 2]
+    .venv/bin/python -m benchmarks.peers.mindspore_serving.grpc_paths [--calls 300] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -22,15 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tests" / "services" / "gateway"))
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-from cluster import export_matmul, write_servable  # noqa: E402
 from ms_grpc_client import MsClient  # noqa: E402
-from ms_rest_cases import SERVABLE, ZMSERVE_CONFIG  # noqa: E402
 
+from tests.cluster import export_matmul, write_servable  # noqa: E402
+from tests.services.gateway.ms_rest_cases import SERVABLE, ZMSERVE_CONFIG  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.transport import free_port  # noqa: E402
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from rest_peer import (
+from benchmarks.peers.mindspore_serving.rest_peer import (
     DEFAULT_PEER,
     REPO,
     START_TIMEOUT_S,
@@ -27,7 +27,6 @@ from rest_peer import (
     wait_ready,
     write_peer_servable,
 )
-
 from zmserve.local import LocalCluster, free_port
 from zmserve.supervision import reap
 
@@ -67,7 +66,7 @@ def mindspore_serving_grpc(peer: Path, workdir: Path, name: str, config: str) ->
 def zmserve_grpc(workdir: Path, name: str, config: str, model_files: list[Path] | None = None,
                  gateway_args: tuple[str, ...] = ()) -> Iterator[RunningServer]:
     """zmserve (broker, worker, one agent) serving `name` with a gateway answering gRPC; `url` is its host:port."""
-    from cluster import export_matmul, write_servable
+    from tests.cluster import export_matmul, write_servable
 
     model_files = model_files or export_matmul(workdir, 1)
     servables = write_servable(workdir / "servables", name, config)

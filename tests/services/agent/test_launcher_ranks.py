@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, load_example_module, log_events, write_servable
+
+from tests.cluster import (
+    MATMUL_CONFIG,
+    MLP_EXAMPLE,
+    Cluster,
+    export_mlp,
+    load_example_module,
+    log_events,
+    write_servable,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.agent.state import SequenceStates, StateSpec
-from services.agent.subgraphs import read_subgraphs, subgraph_files
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.agent.state import SequenceStates, StateSpec
+from zmserve_services.agent.subgraphs import read_subgraphs, subgraph_files
 
 ENTRY = {"name": "kv", "dtype": "float32", "shape": [2, 2, 3, 6, 4], "batch_axis": 2, "time_axis": 4,
          "update": "kv_new", "positions": "positions"}

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from cluster import wait_for
 
-from services.broker.broker import Broker
+from tests.cluster import wait_for
 from zmserve.codec import decode_instances, encode_instances
 from zmserve.logs import flush_bursts
 from zmserve.protocol import (
@@ -34,6 +33,7 @@ from zmserve.protocol import (
     encode,
 )
 from zmserve.transport import free_port, new_socket, recv_frames, send_frames
+from zmserve_services.broker.broker import Broker
 
 
 class Peer:

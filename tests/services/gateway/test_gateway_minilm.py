@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from cluster import REPO
-from gateway_client import curl
 
+from tests.cluster import REPO
+from tests.services.gateway.gateway_client import curl
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow

@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from cluster import export_matmul, matmul_reference, write_servable
 from ms_grpc_cases import CASES, SERVABLE, Case, describe, same
 from ms_grpc_client import MsClient, parse, request
-from ms_rest_cases import ZMSERVE_CONFIG
 from tritonclient.utils import InferenceServerException
 
+from tests.cluster import export_matmul, matmul_reference, write_servable
+from tests.services.gateway.ms_rest_cases import ZMSERVE_CONFIG
 from zmserve.local import LocalCluster
 from zmserve.transport import free_port
 

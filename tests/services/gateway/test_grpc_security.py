@@ -9,12 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gateway_client import self_signed_certificate
 
-from services.gateway.app import Gateway
-from services.gateway.auth import http_security
-from services.gateway.config import GatewayConfig
+from tests.services.gateway.gateway_client import self_signed_certificate
 from zmserve.proto import grpc_predict_v2_pb2 as pb
+from zmserve_services.gateway.app import Gateway
+from zmserve_services.gateway.auth import http_security
+from zmserve_services.gateway.config import GatewayConfig
 
 TOKEN = b"grpc-token"
 

@@ -8,9 +8,9 @@ import pytest
 from ms_grpc_cases import DTYPES, arange, same
 from ms_grpc_client import parse, put
 
-from services.gateway.ms_grpc import input_value, output_tensor, reply
 from zmserve.proto import ms_service_pb2 as pb
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.ms_grpc import input_value, output_tensor, reply
 
 
 def tensor_of(value) -> pb.Tensor:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 
-import generator_servable
 import openai
 import pytest
-from cluster import wait_for
-from generator_servable import SERVABLE, expected
 
+from tests import generator_servable
+from tests.cluster import wait_for
+from tests.generator_servable import SERVABLE, expected
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from services.gateway.openai_api import Chunks, Job, OpenAIApi, OpenAIError, error_object, parse_model, whole_answer
 from zmserve.client import Generation
+from zmserve_services.gateway.openai_api import (
+    Chunks,
+    Job,
+    OpenAIApi,
+    OpenAIError,
+    error_object,
+    parse_model,
+    whole_answer,
+)
 
 
 def parse(body: bytes, chat: bool = False) -> Job:

@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.worker.requests import MethodRun
-from services.worker.stage_threads import CallWanted, RunEnded
-from services.worker.steps import Steps
 from zmserve.codec import encode_values
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import ErrorCode, ModelCall, ModelError, ModelResult, ModelSignature, ServingError, TensorSpec
 from zmserve.protocol import decode as decode_message
 from zmserve.servable import MethodSpec
+from zmserve_services.worker.requests import MethodRun
+from zmserve_services.worker.stage_threads import CallWanted, RunEnded
+from zmserve_services.worker.steps import Steps
 
 SUBGRAPHS = [ModelSignature(inputs=[TensorSpec("tokens", "int32", [-1, -1]), TensorSpec("positions", "int32", [-1])],
                             outputs=[TensorSpec("logits", "float32", [-1, 5])], stateful=True),

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.worker.pipeline import Pipeline
-from services.worker.requests import MethodRun
 from zmserve.codec import decode_instances
 from zmserve.protocol import Error, ErrorCode, Partial, Reply, decode
 from zmserve.servable import METHOD_INPUT, DistributedModel, MethodSpec, Stage, ValueRef
+from zmserve_services.worker.pipeline import Pipeline
+from zmserve_services.worker.requests import MethodRun
 
 
 def generator_method(function: Any, outputs: tuple[str, ...] = ("token_ids", "text"),

@@ -12,10 +12,10 @@ import sys
 from concurrent.futures import Future
 from pathlib import Path
 
-import generator_servable
 import numpy as np
 import pytest
 
+from tests import generator_servable
 from zmserve.bench.generation import (
     generation_record,
     prompt_lines,

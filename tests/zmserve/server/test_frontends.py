@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cluster import export_matmul, wait_for, write_servable
 
+from tests.cluster import export_matmul, wait_for, write_servable
 from zmserve.supervision import reap
 from zmserve.transport import free_port, free_port_range
 
