@@ -24,22 +24,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from prove import (
-    HERE,
-    SEQ,
-    agent_memory,
-    ensure_export,
-    export_complete,
-    export_dir,
-    log_events,
-    model_files,
-    start_and_time,
-)
-from weights import PRESETS, rank_nbytes
 
-from benchmarks.benchlib import bench, cmdline, emit, load1, service_args, wait_quiet
+from benchmarks.benchlib import REPO, bench, cmdline, emit, load1, service_args, wait_quiet
+from tests.cluster import load_example_module
 from zmserve.streamed_export import shard_bytes
 from zmserve_services.agent.memory_limit import parse_size
+
+_prove = load_example_module(REPO / "examples" / "big_model" / "prove.py", "big_model_prove")
+HERE, SEQ, agent_memory, ensure_export, export_complete, export_dir, log_events, model_files, start_and_time = (
+    _prove.HERE, _prove.SEQ, _prove.agent_memory, _prove.ensure_export, _prove.export_complete, _prove.export_dir,
+    _prove.log_events, _prove.model_files, _prove.start_and_time)
+_weights = load_example_module(REPO / "examples" / "big_model" / "weights.py", "big_model_weights")
+PRESETS, rank_nbytes = _weights.PRESETS, _weights.rank_nbytes
+
 
 PRESET = "full"
 

@@ -38,12 +38,7 @@ import numpy as np
 import orjson
 
 from benchmarks.benchlib import cmdline, emit, export_matmul, wait_quiet
-from benchmarks.peers.mindspore_serving.rest_peer import (
-    RunningServer,
-    mindspore_serving,
-    peer_dir,
-    zmserve_gateway,
-)
+from benchmarks.peers.mindspore_serving.rest_peer import RunningServer, mindspore_serving, peer_dir, zmserve_gateway
 from tests.services.gateway.ms_rest_cases import MINDSPORE_SERVING_CONFIG, SERVABLE, ZMSERVE_CONFIG
 
 WARMUP = 20

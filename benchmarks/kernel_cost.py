@@ -231,7 +231,6 @@ def child(out: Path, setting: str, names: list[str], calls: int, with_paths: boo
     """Load every variant under `setting` and time them in turn (twice, so a drift shows as disagreement)."""
     if "affinity" in SETTINGS[setting]:
         os.sched_setaffinity(0, SETTINGS[setting]["affinity"])
-    sys.path.insert(0, str(REPO))
     from zmserve.collective import ShardModel, import_mindspore
 
     ms = import_mindspore()  # as an agent does: graph mode, CPU

@@ -4,11 +4,15 @@ The processes themselves are started by zmserve.local.LocalCluster (re-exported 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -63,14 +67,39 @@ def export_mlp(output_dir: Path, rank_size: int, stage_size: int, *extra: str) -
     return [output_dir / "model" / f"device{r}" / "mlp.mindir" for r in range(rank_size)]
 
 
-def load_example_module(path: Path, name: str):
-    """Import an example script as a module (examples are not a package)."""
-    import importlib.util
+class _ExampleFolder(importlib.abc.MetaPathFinder):
+    """Finds an example's sibling modules by bare name while one of its scripts loads (see load_example_module)."""
 
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        candidate = self.folder / f"{fullname}.py"
+        return importlib.util.spec_from_file_location(fullname, candidate) if "." not in fullname \
+            and candidate.is_file() else None
+
+
+def load_example_module(path: Path, name: str) -> ModuleType:
+    """Import an example script as a module named `name`. Examples are scripts, not a package: they import their
+    siblings by bare name (`from weights import PRESETS`), which works when they run because a script's folder is
+    on sys.path. While this one loads, a finder resolves those names in its folder instead; the siblings are then
+    dropped from sys.modules (the loaded modules keep their references), so that two examples' modules of one
+    name (minilm's and big_model's reference.py) never meet and nothing is added to sys.path."""
+    finder = _ExampleFolder(path.parent)
+    before = set(sys.modules)
+    sys.meta_path.insert(0, finder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # under its own, unique name (dataclasses look their module up while defined)
+        spec.loader.exec_module(module)
+    finally:
+        sys.meta_path.remove(finder)
+        for added in set(sys.modules) - before:
+            origin = getattr(sys.modules[added], "__file__", None)
+            if origin is not None and Path(origin).parent == path.parent:
+                del sys.modules[added]
     return module
 
 

@@ -16,8 +16,8 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
+from cluster import MLP_EXAMPLE, load_example_module
 
-from tests.cluster import MLP_EXAMPLE, load_example_module
 from zmserve.client import Client, ClientError
 
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export_for_netload")

@@ -26,23 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reference import forward  # this example's folder is on sys.path when the script runs
+from weights import PRESETS, check_layout
+
+from zmserve.client import ClientError
+from zmserve.local import LocalCluster
+from zmserve.streamed_export import shard_bytes
+from zmserve.supervision import process_name
+from zmserve_services.agent.agent import rank_of_process_name
+from zmserve_services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-for path in (HERE, REPO):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from reference import forward  # noqa: E402
-from weights import PRESETS, check_layout  # noqa: E402
-
-from zmserve.client import ClientError  # noqa: E402
-from zmserve.local import LocalCluster  # noqa: E402
-from zmserve.streamed_export import shard_bytes  # noqa: E402
-from zmserve.supervision import process_name  # noqa: E402
-from zmserve_services.agent.agent import rank_of_process_name  # noqa: E402
-from zmserve_services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
-
 SEQ = 16
 """Tokens per input, fixed in the export (export_model.py says why)."""
 TOLERANCE = 1e-4

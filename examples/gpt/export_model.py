@@ -19,16 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from model import (  # noqa: E402
+from model import (  # this example's folder is on sys.path when the script runs
     WEIGHTS,
     WORLD_GROUP,
     build_stage_cell,
@@ -38,7 +33,9 @@ from model import (  # noqa: E402
     stage_layers,
 )
 
-from zmserve.export import export_rank, tensor_spec, write_rank_table  # noqa: E402
+from zmserve.export import export_rank, tensor_spec, write_rank_table
+
+HERE = Path(__file__).resolve().parent
 
 MODEL_NAME = "gpt"
 SERVABLE = HERE / MODEL_NAME

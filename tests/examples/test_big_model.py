@@ -27,10 +27,7 @@ from zmserve.streamed_export import shard_bytes
 from zmserve_services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy, format_size
 
 EXAMPLE = REPO / "examples" / "big_model"
-sys.path.append(str(EXAMPLE))  # appended: examples/minilm has modules of the same names (reference, model)
-
-from weights import PRESETS  # noqa: E402
-
+PRESETS = load_example_module(EXAMPLE / "weights.py", "big_model_weights").PRESETS
 forward = load_example_module(EXAMPLE / "reference.py", "big_model_reference").forward
 prove_export_dir = load_example_module(EXAMPLE / "prove.py", "big_model_prove").export_dir
 

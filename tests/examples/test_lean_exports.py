@@ -26,8 +26,8 @@ EXAMPLES = REPO / "examples"
 EXPORT = """
 import json, sys
 from pathlib import Path
-sys.path[:0] = [sys.argv[1], {repo!r}]
-from export_model import export
+from tests.cluster import load_example_module
+export = load_example_module(Path(sys.argv[1]) / "export_model.py", "export_model").export
 from zmserve.export import graph_kernels
 out = Path(sys.argv[2])
 layouts = json.loads(sys.argv[3])
@@ -51,7 +51,7 @@ def kernels_of(example: str, layouts: list[list], tmp_path: Path) -> dict[int, l
     """Export `example` at every layout in one process; per layout, each rank's kernel list."""
     script = EXPORT.format(repo=str(REPO), call=CALLS[example])
     done = subprocess.run([sys.executable, "-c", script, str(EXAMPLES / example), str(tmp_path), json.dumps(layouts)],
-                          capture_output=True, text=True, cwd=EXAMPLES / example, env={**os.environ, "GLOG_v": "3"},
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "GLOG_v": "3"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return {int(key): value for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items()}

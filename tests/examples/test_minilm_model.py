@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.cluster import load_example_module
+from tests.examples.minilm_runner import base_environment, inspect_mindirs, run_pipeline
+from zmserve.servable import MethodSpec, load_servable
+
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parents[1] / "examples" / "minilm"
-sys.path[:0] = [str(HERE), str(EXAMPLE)]
-
-from model import check_layout  # noqa: E402
-from reference import Reference, mean_pool, normalize  # noqa: E402
-
-from tests.examples.minilm_runner import base_environment, inspect_mindirs, run_pipeline  # noqa: E402
-from zmserve.servable import MethodSpec, load_servable  # noqa: E402
+check_layout = load_example_module(EXAMPLE / "model.py", "minilm_model").check_layout
+_reference = load_example_module(EXAMPLE / "reference.py", "minilm_reference")
+Reference, mean_pool, normalize = _reference.Reference, _reference.mean_pool, _reference.normalize
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import REPO
+from tests.cluster import REPO, load_example_module
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
 EXAMPLE = REPO / "examples" / "minilm"
-sys.path.insert(0, str(EXAMPLE))
-
-from reference import embed_texts  # noqa: E402
+embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference").embed_texts
 
 pytestmark = pytest.mark.slow
 

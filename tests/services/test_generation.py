@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from tests import stateful_model
-from tests.cluster import agent_pids, log_events, wait_for, write_servable
+from tests.cluster import agent_pids, load_example_module, log_events, wait_for, write_servable
 from tests.stateful_model import SERVABLE_CONFIG
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
@@ -192,8 +192,7 @@ def gpt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster
     """The real GPT example (examples/gpt, 4 layers) exported over two pipeline stages and served by its own
     servable_config.py (copied beside the model with its layout.json, as a deployment does), with
     examples/gpt/reference.py (float64 numpy, no cache, no shared code) to check its tokens against."""
-    sys.path.insert(0, str(GPT))
-    from reference import Reference
+    Reference = load_example_module(GPT / "reference.py", "gpt_reference_for_generation").Reference
 
     workdir = tmp_path_factory.mktemp("gpt_pp2")
     subprocess.run([sys.executable, str(GPT / "export_model.py"), "--rank-size", "2", "--stage-size", "2",

@@ -22,8 +22,13 @@ from mindspore_serving.client import Client
 
 
 def cases(address, cases_dir):
-    sys.path.insert(0, cases_dir)
-    from ms_grpc_cases import CASES
+    import importlib.util  # the case list is a plain module of zmserve's tests: loaded from its file, by path
+
+    spec = importlib.util.spec_from_file_location("ms_grpc_cases", f"{cases_dir}/ms_grpc_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ms_grpc_cases"] = module  # its dataclasses look their module up while they are defined
+    spec.loader.exec_module(module)
+    CASES = module.CASES
 
     results = []
     for case in CASES:

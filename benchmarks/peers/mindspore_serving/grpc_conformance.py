@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ms_grpc_cases import CASES, SERVABLE, describe, same
-
 from benchmarks.peers.mindspore_serving.grpc_peer import (
     CASES_DIR,
     DEFAULT_PEER,
@@ -28,6 +26,7 @@ from benchmarks.peers.mindspore_serving.grpc_peer import (
     zmserve_grpc,
 )
 from benchmarks.peers.mindspore_serving.rest_peer import peer_dir
+from tests.services.gateway.ms_grpc_cases import CASES, SERVABLE, describe, same
 from tests.services.gateway.ms_rest_cases import MINDSPORE_SERVING_CONFIG, ZMSERVE_CONFIG
 
 SHOWN = 300

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-from ms_grpc_client import MsClient  # noqa: E402
 
 from tests.cluster import export_matmul, write_servable  # noqa: E402
+from tests.services.gateway.ms_grpc_client import MsClient  # noqa: E402
 from tests.services.gateway.ms_rest_cases import SERVABLE, ZMSERVE_CONFIG  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.transport import free_port  # noqa: E402

@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.cluster import REPO
+from tests.cluster import REPO, load_example_module
 from tests.services.gateway.gateway_client import curl
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow
 
 EXAMPLE = REPO / "examples" / "minilm"
-sys.path.insert(0, str(EXAMPLE))
-
-from reference import embed_texts  # noqa: E402
+embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference").embed_texts
 
 TEXTS = ["A cat sits on the mat.", "Grüße aus Köln, 東京", "The quick brown fox jumps over the lazy dog."]
 RANK_SIZE, STAGE_SIZE = 2, 2

@@ -11,11 +11,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from ms_grpc_cases import CASES, SERVABLE, Case, describe, same
-from ms_grpc_client import MsClient, parse, request
 from tritonclient.utils import InferenceServerException
 
 from tests.cluster import export_matmul, matmul_reference, write_servable
+from tests.services.gateway.ms_grpc_cases import CASES, SERVABLE, Case, describe, same
+from tests.services.gateway.ms_grpc_client import MsClient, parse, request
 from tests.services.gateway.ms_rest_cases import ZMSERVE_CONFIG
 from zmserve.local import LocalCluster
 from zmserve.transport import free_port
@@ -114,11 +114,7 @@ def test_infer_async_style_futures_all_answered(served: Served) -> None:
 def test_mindspore_servings_own_client(served: Served) -> None:
     """MindSpore Serving 2.0.2's `Client` itself (the peer's Python 3.9), where the peer is installed: every case
     through `infer`, the first through `infer_async` too, each the answer the generated client gets."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks" / "peers" / "mindspore_serving"))
-    from grpc_peer import CASES_DIR, DEFAULT_PEER, REPO, installed, run_driver
+    from benchmarks.peers.mindspore_serving.grpc_peer import CASES_DIR, DEFAULT_PEER, REPO, installed, run_driver
 
     peer = (REPO / DEFAULT_PEER).resolve()
     if not installed(peer):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ms_grpc_cases import DTYPES, arange, same
-from ms_grpc_client import parse, put
 
+from tests.services.gateway.ms_grpc_cases import DTYPES, arange, same
+from tests.services.gateway.ms_grpc_client import parse, put
 from zmserve.proto import ms_service_pb2 as pb
 from zmserve.protocol import ErrorCode, ServingError
 from zmserve_services.gateway.ms_grpc import input_value, output_tensor, reply

@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 
 from tests.cluster import export_matmul, wait_for, write_servable
+from tests.services.gateway.ms_grpc_client import MsClient
 from zmserve.supervision import reap
 from zmserve.transport import free_port, free_port_range
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "services" / "gateway"))
-
-from ms_grpc_client import MsClient
 
 pytestmark = pytest.mark.slow
 
