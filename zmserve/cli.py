@@ -224,6 +224,9 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                           "restarting, draining, stopped): for readiness probes, e.g. Kubernetes' `test -f FILE`. "
                           "Under systemd (Type=notify) the worker also sends READY=1 when it first serves and "
                           "STOPPING=1 when it drains. Default: none."),
+        click.option("--standby/--no-standby", default=True, show_default=True,
+                     help="Once serving, keep one idle scheduler process per stage with MindSpore imported, so a "
+                          "restart of the agents skips the import."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -233,7 +236,7 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
 def make_worker(broker_address: str | None, servable_dir: str, servable: str, version: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-                max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
+                max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None, standby: bool = True,
                 metrics: bool = False, security: Any = None) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from services.worker.config import WorkerConfig
@@ -248,7 +251,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000, drain_timeout=drain_timeout, ready_file=ready_file,
-            metrics=metrics, security=security or PLAINTEXT))
+            standby_schedulers=standby, metrics=metrics, security=security or PLAINTEXT))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 

@@ -47,6 +47,8 @@ class WorkerConfig:
     """On SIGTERM: seconds to finish the requests held before stopping anyway (services/worker/drain.py)."""
     ready_file: str | Path | None = None
     """A file present while the worker serves (zmserve/readiness.py), for probes of process supervisors."""
+    standby_schedulers: bool = True
+    """Once serving, keep a standby scheduler per stage (services/worker/schedulers.py) for a fast restart."""
     security: Security = PLAINTEXT
     """CURVE on the link to the broker and on the agents' sockets, and MindSpore's TLS in the stage groups
     (zmserve/security.py)."""

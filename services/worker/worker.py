@@ -168,7 +168,8 @@ class Worker:
         self.history = AgentHistory(self.metrics)
         self.pipeline = Pipeline(self.model, config.max_inflight_calls, config.max_queued_requests,
                                  publish=self.publish, answer=self.answer, metrics=self.metrics)
-        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
+        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls,
+                                          keeps_standby=config.standby_schedulers)
                            for stage in self.membership.stages]
         self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
         self.signatures: dict[str, MethodSignature] = {}

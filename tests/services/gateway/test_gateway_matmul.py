@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from cluster import export_matmul, matmul_reference, wait_for, write_servable
+from cluster import Exports, matmul_reference, wait_for, write_servable
 from gateway_client import curl, raw_request, read_response
 from ms_rest_cases import CASES, SERVABLE, ZMSERVE_CONFIG, Case
 from tritonclient.utils import InferenceServerException
@@ -40,9 +40,9 @@ class Gateways:
 
 
 @pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
+def gateways(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Gateways]:
     workdir = tmp_path_factory.mktemp("gateway_matmul")
-    model_files = export_matmul(workdir, 1)
+    model_files = exports.matmul(1)
     servables = write_servable(workdir / "servables", SERVABLE, ZMSERVE_CONFIG)
     cluster = LocalCluster(workdir, servables, SERVABLE, model_files)
     try:
