@@ -37,7 +37,7 @@ from zmserve.protocol import (
     endpoint_host_port,
     normalize_address,
 )
-from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
+from zmserve.security import PLAINTEXT, Domain, Peer, is_local_address
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
 from zmserve.supervision import handle_stop_signals
 
@@ -379,7 +379,7 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     from services.agent.launcher import AgentLauncher, LauncherError
 
     # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
-    group_host = next((a for a in (agent_ip, worker) if a and not is_loopback(a)), "127.0.0.1")
+    group_host = next((a for a in (agent_ip, worker) if a and not is_local_address(a)), "127.0.0.1")
     security = load_security(curve, peers=[Peer.WORKER], group_host=group_host)
     warn_on_network(security, group_host=group_host)
     if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip

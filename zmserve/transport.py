@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 def new_socket(context: zmq.Context, kind: int, curve: Curve | None = None, **options: int | bytes) -> zmq.Socket:
     """A socket that closes promptly, reconnects to a lost peer with backoff (libzmq doubles the interval up to
-    the maximum), and sends big frames without copying. With `curve` (zmserve/security.py) its link is encrypted
+    the maximum), and sends big frames without copying. With `curve` (zmserve/security/) its link is encrypted
     and authenticated; None is plaintext."""
     socket = context.socket(kind)
     if curve is not None:
@@ -64,7 +64,7 @@ def bind(socket: zmq.Socket, address: str, what: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: whoever reaches this host runs on this machine, in its network namespace."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -76,7 +76,7 @@ def data_endpoint(host: str, what: str) -> str:
     """Where to bind a data socket that peers reach at `host`: a Unix socket in the abstract namespace when the
     host is loopback (every peer is on this machine; docs/BENCHMARKS.md measures what ipc saves over loopback
     TCP), else a free TCP port on `host`."""
-    if is_loopback(host):
+    if is_loopback_host(host):
         return f"ipc://@zmserve-{os.getpid()}-{uuid.uuid4().hex[:12]}-{what}"
     return f"tcp://{host}:0"
 

@@ -61,7 +61,7 @@ from zmserve.security import PLAINTEXT, Curve, Handshake, Peer, Security, send_u
 from zmserve.standby import STANDBY_FLAG, activate, retire
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import die_with_parent, reap
-from zmserve.transport import HeartbeatClock, is_loopback, new_socket
+from zmserve.transport import HeartbeatClock, is_loopback_host, new_socket
 
 log = get_logger("launcher")
 CRASH_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -79,7 +79,7 @@ def publish_address(host: str, port: int) -> str:
     """Where an agent publishes its stage's output to the next stage: TCP on `host`:`port`, or on loopback (every
     stage on this machine) a Unix socket named after the port, as fast as TCP for small calls and faster for big
     ones (docs/BENCHMARKS.md); two launchers on one machine need different start ports either way."""
-    if is_loopback(host):
+    if is_loopback_host(host):
         return f"ipc://@zmserve-agent-publish-{port}"
     return f"tcp://{host}:{port}"
 
