@@ -69,7 +69,7 @@ def matmul_model(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> 
 @pytest.fixture
 def deployment(tmp_path: Path, matmul_model: tuple[Path, list[Path]]) -> Iterator[Deployment]:
     servable_dir, model_files = matmul_model
-    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files)
+    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files, standby=True)  # restarts are timed
     try:
         cluster.wait_ready(ONES)
         yield Deployment(cluster, servable_dir, model_files)
@@ -380,7 +380,7 @@ def test_agent_lost_while_its_group_forms_is_recovered(tmp_path: Path, matmul_mo
     came back JOIN_TIMEOUT_S later. Now the worker names rank 0's process to its launcher (AGENTS_SHUT_DOWN), which
     ends it after the grace: serving again within 15 s of the restart."""
     servable_dir, model_files = matmul_model
-    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files)
+    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files, standby=True)  # restarts are timed
     launcher = cluster.processes["agents"].pid
 
     def agent_of_rank(rank: int) -> int | None:

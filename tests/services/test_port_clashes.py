@@ -15,7 +15,7 @@ import pytest
 import zmq
 from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, free_port, log_events, wait_for, write_servable
 
-from services.agent.launcher import publish_address
+from services.agent.processes import publish_address
 from zmserve.supervision import reap
 
 pytestmark = pytest.mark.slow

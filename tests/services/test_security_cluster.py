@@ -46,7 +46,7 @@ from cluster import (
     write_servable,
 )
 
-from services.agent.launcher import publish_address
+from services.agent.processes import publish_address
 from zmserve.bench.records import OK
 from zmserve.client import Client, ClientError
 from zmserve.collective_tls import generate as generate_collective_tls

@@ -29,7 +29,7 @@ ONES = {"x": np.ones((128, 96), np.float32)}
 
 @pytest.fixture
 def cluster(tmp_path: Path, exports: Exports):
-    cluster = start_matmul_cluster(tmp_path, exports, 2)
+    cluster = start_matmul_cluster(tmp_path, exports, 2, standby=True)  # restarts are timed
     try:
         yield cluster
     finally:
