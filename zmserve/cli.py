@@ -20,26 +20,28 @@ from services.gateway.config import (
     DEFAULT_MAX_BODY_MB,
     DEFAULT_REQUEST_TIMEOUT_S,
 )
-from zmserve.logs import configure_logging, get_logger
-from zmserve.protocol import (
-    DEFAULT_AGENT_START_PORT,
-    DEFAULT_BROKER_CLIENT_ADDRESS,
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
+from services.worker.defaults import (
     DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
-    HEARTBEAT_INTERVAL_S,
     MAX_BATCH_DELAY_S,
     MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
-    MAX_REQUEST_BYTES,
+)
+from zmserve.endpoints import (
+    DEFAULT_AGENT_START_PORT,
+    DEFAULT_BROKER_CLIENT_ADDRESS,
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
     endpoint_host_port,
     normalize_address,
 )
+from zmserve.logs import configure_logging, get_logger
+from zmserve.protocol import MAX_REQUEST_BYTES
 from zmserve.security import PLAINTEXT, Domain, Peer, is_local_address
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
 from zmserve.supervision import handle_stop_signals
+from zmserve.transport import HEARTBEAT_INTERVAL_S
 
 log = get_logger("cli")
 

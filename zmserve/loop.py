@@ -18,6 +18,10 @@ import zmq
 from zmserve.logs import flush_bursts
 from zmserve.transport import drain
 
+SCAN_INTERVAL_S = 0.005
+"""A busy loop scans what it holds for passed deadlines and silent peers at most this often (not after every
+message): deadlines are answered within this much of their end, and the scans cost nothing per request."""
+
 Handler = Callable[[list[zmq.Frame]], None]
 
 

@@ -15,17 +15,19 @@ import numpy as np
 import zmq
 import zmq.backend
 
-from zmserve.protocol import (
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
-    LINGER_MS,
-    RECONNECT_MAX_MS,
-    RECONNECT_MIN_MS,
-    ZERO_COPY_THRESHOLD_BYTES,
-)
-
 if TYPE_CHECKING:
     from zmserve.security import Curve
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3
+ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
+"""Tensors at least this big are sent without copying (pyzmq copies small frames anyway)."""
+RECONNECT_MIN_MS = 100
+RECONNECT_MAX_MS = 2000
+"""Reconnection backoff to a lost peer: 100 ms, doubling up to 2 s."""
+LINGER_MS = 0
+"""Sockets close without waiting for unsent messages: every request is answered before a close, so a message
+still queued at close belongs to a peer that is gone."""
 
 
 def new_socket(context: zmq.Context, kind: int, curve: Curve | None = None, **options: int | bytes) -> zmq.Socket:

@@ -42,21 +42,13 @@ from services.agent.ranks import Layout, assign_ranks, unwatched
 from services.agent.spawner import AgentSpawner, release
 from services.agent.standbys import Standbys
 from services.agent.status_pipe import StatusPipe
+from zmserve.endpoints import DEFAULT_AGENT_START_PORT, DEFAULT_DISTRIBUTED_ADDRESS, normalize_address
 from zmserve.logs import get_logger
-from zmserve.protocol import (
-    DEFAULT_AGENT_START_PORT,
-    DEFAULT_DISTRIBUTED_ADDRESS,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
-    SHUTDOWN_GRACE_S,
-    AgentsShutDown,
-    AgentStopped,
-    LauncherHello,
-    normalize_address,
-)
+from zmserve.protocol import SHUTDOWN_GRACE_S, AgentsShutDown, AgentStopped, LauncherHello
 from zmserve.security import PLAINTEXT, Peer, Security
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import reap
+from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 __all__ = ["AgentLauncher", "LauncherError"]
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zmserve.protocol import (
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
+from services.worker.defaults import (
     DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MAX_BATCH_DELAY_S,
     MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
+)
+from zmserve.protocol import (
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
 )
 from zmserve.security import PLAINTEXT, Security
 
