@@ -1,4 +1,4 @@
-"""The one event loop of every zmserve service: poll the sockets, drain each ready one into its handler, do the
+"""The one event loop of every zmserve service: poll the sockets, read each ready one into its handler, do the
 chores, until stopped.
 
 A service is its sockets (each with the function that handles a message), a poll timeout and its chores
@@ -16,7 +16,7 @@ from typing import Protocol
 import zmq
 
 from zmserve.logs import flush_bursts
-from zmserve.transport import drain
+from zmserve.transport import read_pending
 
 SCAN_INTERVAL_S = 0.005
 """A busy loop scans what it holds for passed deadlines and silent peers at most this often (not after every
@@ -51,7 +51,7 @@ def run_services(services: Sequence[Service], stopped: threading.Event) -> None:
     while not stopped.is_set():
         timeout = min(service.poll_timeout() for service in services)
         for sock, _ in poller.poll(timeout=max(0, math.ceil(timeout * 1000))):
-            drain(sock, handle[sock])
+            read_pending(sock, handle[sock])
         for service in services:
             service.do_chores()
         flush_bursts()

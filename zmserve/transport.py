@@ -172,8 +172,9 @@ class HeartbeatClock:
         return max(0.0, self.next_at - time.monotonic())
 
 
-def drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 1000) -> None:
-    """Handle every message already queued on `socket` (up to `limit`), so that liveness checks that follow
+def read_pending(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 1000) -> None:
+    """Handle every message already queued on `socket` (up to `limit`; not "drain", which in zmserve means a
+    graceful stop), so that liveness checks that follow
     never judge a peer by messages still waiting to be read."""
     for _ in range(limit):
         try:

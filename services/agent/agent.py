@@ -77,7 +77,16 @@ from zmserve.security import (
 )
 from zmserve.standby import STANDBY_FLAG, wait_for_activation
 from zmserve.supervision import die_with_parent, name_process
-from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket, recv_frames, send_frames
+from zmserve.transport import (
+    BindError,
+    HeartbeatClock,
+    Liveness,
+    bind,
+    new_socket,
+    read_pending,
+    recv_frames,
+    send_frames,
+)
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
@@ -186,8 +195,8 @@ class ControlLink(threading.Thread):
                 now = time.monotonic()
                 if (refusal := self.handshake.read()) is not None:
                     self.refused(refusal)
-                drain(self.control, self.handle_control)
-                drain(self.from_main, self.handle_main)
+                read_pending(self.control, self.handle_control)
+                read_pending(self.from_main, self.handle_main)
                 self.do_chores(now)
         except Exception:
             log.exception("agent_control_crashed")

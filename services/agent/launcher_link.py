@@ -27,7 +27,7 @@ from zmserve.protocol import (
     encode,
 )
 from zmserve.security import Curve
-from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
+from zmserve.transport import HeartbeatClock, Liveness, new_socket, read_pending
 
 log = get_logger("launcher")
 
@@ -50,7 +50,7 @@ class LauncherLink:
         if self.hello_clock.due(now):
             with contextlib.suppress(zmq.Again):
                 self.socket.send(self.hello, flags=zmq.NOBLOCK)
-        drain(self.socket, self.handle)
+        read_pending(self.socket, self.handle)
         orders, self.orders = self.orders, []
         went_silent = False
         if self.worker_heard and self.worker.expired(now) != self.worker_lost:

@@ -66,9 +66,9 @@ from zmserve.transport import (
     HeartbeatClock,
     Liveness,
     bind,
-    drain,
     frame_bytes,
     new_socket,
+    read_pending,
     send_nonblocking,
 )
 
@@ -514,7 +514,7 @@ class Broker:
         if not self.scan.due(now):
             return
         if self.worker_socket is not None and any(w.liveness.expired(now) for w in self.workers.values()):
-            drain(self.worker_socket, self.process_worker)  # a loop stalled after its drain must not judge by it
+            read_pending(self.worker_socket, self.process_worker)  # a loop stalled after its read must not judge by it
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from services.worker.batching import Batcher
-from services.worker.requests import MethodRun, ModelCall, RunTable
+from services.worker.requests import HeldCall, MethodRun, RunTable
 from zmserve.codec import decode_values, dtype_name, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import OK, WorkerMetrics
@@ -183,7 +183,7 @@ class Pipeline:
                 self.finish_call(call, outputs)
         self.publish_calls()
 
-    def finish_call(self, call: ModelCall, outputs: list[Any]) -> None:
+    def finish_call(self, call: HeldCall, outputs: list[Any]) -> None:
         """Hand each row of the result to its run; runs whose last awaited instance this was walk on."""
         for position, (run, index) in enumerate(call.slots):
             if run.finished:
@@ -199,7 +199,7 @@ class Pipeline:
             if run.awaiting == 0:
                 self.advance(run)
 
-    def fail_call(self, call: ModelCall, code: ErrorCode, message: str) -> None:
+    def fail_call(self, call: HeldCall, code: ErrorCode, message: str) -> None:
         for run in {run for run, _ in call.slots if not run.finished}:
             self.fail(run, code, message)
 

@@ -96,9 +96,9 @@ from zmserve.transport import (
     Liveness,
     bind,
     data_endpoint,
-    drain,
     frame_bytes,
     new_socket,
+    read_pending,
     send_frames,
     send_nonblocking,
 )
@@ -411,7 +411,7 @@ class Worker:
                 f"the model made no progress for {self.config.execution_timeout:.1f} s (execution timeout)", now))
         self.carry_out(self.membership.tick(now))
         if self.broker_liveness.expired(now) and not self.broker_lost and self.broker is not None:
-            drain(self.broker, self.process_broker)  # a loop stalled after its drain must not judge by it
+            read_pending(self.broker, self.process_broker)  # a loop stalled after its read must not judge by it
         if self.broker_liveness.expired(now) != self.broker_lost:
             self.broker_lost = not self.broker_lost
             log.warning("broker_lost" if self.broker_lost else "broker_back", broker=self.broker_address)
