@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from services.broker.broker import Broker, InProcessWorker
 from services.worker.worker import InProcessBroker, Worker
-from zmserve.loop import run_services
+from zmserve.loop import run_loop
 
 IN_PROCESS_WORKER = b"\x00in-process-worker"
 """The broker's name for the worker in its own process (a ROUTER never generates an identity starting with 0)."""
@@ -31,13 +31,7 @@ class Colocated:
         """The worker's: a drained worker ends the loop, and the broker with it."""
 
     def run(self) -> None:
-        self.broker.announce()
-        self.worker.start()
-        try:
-            run_services([self.broker, self.worker], self.stop_event)
-        finally:
-            self.worker.shutdown()  # answers what it holds through the broker, which is still up
-            self.broker.shutdown()
+        run_loop([self.broker, self.worker], self.stop_event)  # the worker shuts down first, through the broker
 
     def stop(self) -> None:
         self.stop_event.set()

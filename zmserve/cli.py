@@ -36,11 +36,11 @@ from zmserve.endpoints import (
     endpoint_host_port,
     normalize_address,
 )
+from zmserve.lifecycle import Service, run_in_foreground
 from zmserve.logs import configure_logging, get_logger
 from zmserve.protocol import MAX_REQUEST_BYTES
 from zmserve.security import PLAINTEXT, Domain, Peer, is_local_address
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
-from zmserve.supervision import handle_stop_signals
 from zmserve.transport import HEARTBEAT_INTERVAL_S
 
 log = get_logger("cli")
@@ -52,12 +52,10 @@ DEFAULT_GATEWAY_METRICS_BIND = "127.0.0.1:9502"
 unless told otherwise (zmserve.metrics is imported only by the commands that serve them)."""
 
 
-def run_until_signalled(service: Any) -> None:
-    """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly (SIGTERM drains a service that can:
-    `drain`), a second one forces the exit."""
-    handle_stop_signals(service.stop, getattr(service, "drain", None))
-    result = service.run()
-    sys.exit(result if isinstance(result, int) else 0)
+def run_until_signalled(service: Service) -> None:
+    """Run a service in the foreground (zmserve/lifecycle.py: SIGINT stops it, SIGTERM drains it, a second
+    signal forces the exit) and exit with its code."""
+    sys.exit(run_in_foreground(service))
 
 
 def metrics_option(default: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

@@ -266,6 +266,10 @@ class AgentLauncher:
         self.stop_requested = True
         os.write(self._wakeup_write, b"x")
 
+    def drain(self) -> None:
+        """A launcher holds no requests: it stops (telling the worker first, `shutdown`)."""
+        self.stop()
+
     def shutdown(self) -> None:
         self.tell_worker_stopping([a for a in self.agents if a.process is not None and a.process.poll() is None])
         running = [a.process for a in self.agents if a.process is not None]

@@ -25,7 +25,7 @@ import zmq
 from services.broker.routing import LeastOutstanding, ready_of_version
 from services.broker.status import broker_gauges, compose_status
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_services
+from zmserve.loop import Handler, run_loop
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -206,16 +206,16 @@ class Broker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.announce()
-        try:
-            run_services([self], self.stop_event)
-        finally:
-            self.shutdown()
+        run_loop([self], self.stop_event)
 
     def stop(self) -> None:
         self.stop_event.set()
 
-    def announce(self) -> None:
+    def drain(self) -> None:
+        """The broker holds no work of its own (its workers drain theirs): it stops."""
+        self.stop()
+
+    def start(self) -> None:
         log.info("broker_started", clients=self.client_endpoint, workers=self.worker_endpoint)
 
     def handlers(self) -> list[tuple[zmq.Socket, Handler]]:

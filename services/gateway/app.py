@@ -393,6 +393,10 @@ class Gateway:
         if self.server is not None:
             self.server.should_exit = True
 
+    def drain(self) -> None:
+        """As `stop` (SIGTERM and SIGINT stopped the gateway alike before the one lifecycle, and still do)."""
+        self.stop()
+
     async def serve(self) -> None:
         uvicorn_log = logging.getLogger("uvicorn")
         uvicorn_log.addHandler(_UvicornLog())

@@ -47,7 +47,7 @@ from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_services
+from zmserve.loop import Handler, run_loop
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
@@ -192,11 +192,7 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.start()
-        try:
-            run_services([self], self.stop_event)
-        finally:
-            self.shutdown()
+        run_loop([self], self.stop_event)
 
     def start(self) -> None:
         structlog.contextvars.bind_contextvars(servable=self.spec.name)
