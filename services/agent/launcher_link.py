@@ -77,8 +77,11 @@ class LauncherLink:
         except ServingError as error:
             log.warning("worker_message_malformed", message=error.message)
             return
-        if isinstance(message, AgentsShutDown):
-            self.orders.append(message)
+        match message:
+            case AgentsShutDown():
+                self.orders.append(message)
+            case Heartbeat():
+                pass  # heard, above
 
     def close(self) -> None:
         self.socket.close(linger=500)  # AGENT_STOPPED notes sent just before still leave
