@@ -609,8 +609,8 @@ MAX_REQUEST_BYTES = 1 << 30
 """Requests larger than this (all frames) are refused by the broker with RESOURCE_EXHAUSTED."""
 
 
-# ---- moved to where their users are (zmserve/endpoints.py, zmserve/transport.py, zmserve/loop.py); importable
-# from here too, so that importers can move at their own pace
+# ---- moved to where their users are (zmserve/endpoints.py); importable from here too, so that importers can
+# move at their own pace. (Socket tuning is in zmserve/transport.py, SCAN_INTERVAL_S in zmserve/loop.py.)
 from zmserve.endpoints import (  # noqa: E402, F401
     DEFAULT_AGENT_START_PORT,
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -619,13 +619,3 @@ from zmserve.endpoints import (  # noqa: E402, F401
     endpoint_host_port,
     normalize_address,
 )
-from zmserve.loop import SCAN_INTERVAL_S  # noqa: E402, F401
-from zmserve.transport import (  # noqa: E402, F401
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
-    LINGER_MS,
-    RECONNECT_MAX_MS,
-    RECONNECT_MIN_MS,
-    ZERO_COPY_THRESHOLD_BYTES,
-)
-

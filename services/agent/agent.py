@@ -38,10 +38,7 @@ from zmserve.collective_tls import CollectiveTls
 from zmserve.export import read_group_config
 from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MODEL_CALL_TOPIC,
-    RECONNECT_MIN_MS,
     AgentConfigure,
     AgentFailed,
     AgentReady,
@@ -78,6 +75,9 @@ from zmserve.security import (
 from zmserve.standby import STANDBY_FLAG, wait_for_activation
 from zmserve.supervision import die_with_parent, name_process
 from zmserve.transport import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    RECONNECT_MIN_MS,
     BindError,
     HeartbeatClock,
     Liveness,

@@ -25,15 +25,12 @@ import zmq
 from services.broker.routing import LeastOutstanding, ready_of_version
 from services.broker.status import broker_gauges, compose_status
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_loop
+from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
-    SCAN_INTERVAL_S,
     BrokerCommand,
     Cancel,
     DrainAck,
@@ -62,6 +59,8 @@ from zmserve.protocol import (
 )
 from zmserve.security import PLAINTEXT, Domain, Security
 from zmserve.transport import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
     Delivery,
     HeartbeatClock,
     Liveness,

@@ -13,13 +13,9 @@ from services.worker.defaults import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
 )
-from zmserve.protocol import (
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
-)
+from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
 from zmserve.security import PLAINTEXT, Security
+from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 
 @dataclass(frozen=True)

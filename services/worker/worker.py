@@ -47,11 +47,10 @@ from services.worker.requests import MethodRun
 from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_loop
+from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
-    SCAN_INTERVAL_S,
     SHUTDOWN_GRACE_S,
     AgentExited,
     AgentFailed,

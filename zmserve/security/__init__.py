@@ -12,10 +12,12 @@ know cannot be disturbed by a stranger's frames: libzmq drops the connection bef
 Without keys a link runs in plaintext (ZeroMQ's NULL mechanism), the default on loopback. docs/SECURITY.md has
 the threat model, the key layout and key rotation.
 
-One concern per module: keys.py (key files), policy.py (which socket gets which keys), zap.py (whom a
-binding socket admits), handshake.py (what a failed handshake means, and its log), throttle.py (saying it once).
+One concern per module: keys.py (key files), domains.py (what is secured, by name), policy.py (which socket gets
+which keys), zap.py (whom a binding socket admits), handshake.py (what a failed handshake means, and its log),
+throttle.py (saying it once).
 """
 
+from zmserve.security.domains import ALLOWED_FLAG, CURVE_ON, PEER_FLAG, Domain, Peer
 from zmserve.security.handshake import (
     HANDSHAKE_EVENTS,
     HUNG_UP,
@@ -40,15 +42,10 @@ from zmserve.security.keys import (
     load_public_key,
 )
 from zmserve.security.policy import (
-    ALLOWED_FLAG,
-    CURVE_ON,
-    PEER_FLAG,
     PLAINTEXT,
     Curve,
     CurveClient,
     CurveServer,
-    Domain,
-    Peer,
     Security,
     client_curve,
     is_local_address,

@@ -7,45 +7,19 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import zmq
 
 from zmserve.collective_tls import CollectiveTls
 from zmserve.logs import get_logger
+from zmserve.security.domains import ALLOWED_FLAG, CURVE_ON, PEER_FLAG, Domain, Peer
 from zmserve.security.handshake import Refused, Watched, handshake_log
 from zmserve.security.keys import KeyPair, SecurityError, allowed_keys, load_public_key
 from zmserve.security.zap import authenticator
 
 log = get_logger("security")
 
-
-class Domain(StrEnum):
-    """ZAP domains: who may connect to a binding socket."""
-
-    CLIENTS = "clients"
-    """the broker's client socket: clients and gateways"""
-    WORKERS = "workers"
-    """the broker's worker socket"""
-    AGENTS = "agents"
-    """the worker's distributed address, stage-0 publisher and results socket: agents and launchers"""
-    DOWNSTREAM = "downstream"
-    """a stage leader's publisher: the next stage's agents, as the worker names them (AGENT_CONFIGURE)"""
-
-
-class Peer(StrEnum):
-    """The servers a process connects to, whose public keys it must hold."""
-
-    BROKER = "broker"
-    WORKER = "worker"
-
-
-ALLOWED_FLAG = {Domain.CLIENTS: "--client-keys", Domain.WORKERS: "--worker-keys", Domain.AGENTS: "--agent-keys"}
-PEER_FLAG = {Peer.BROKER: "--broker-key", Peer.WORKER: "--worker-key"}
-CURVE_ON = {**{domain: f"--secret-key and {flag}" for domain, flag in ALLOWED_FLAG.items()},
-            Domain.DOWNSTREAM: "--secret-key and --worker-key (zmserve agent)"}
-"""How to turn CURVE on for the sockets of a domain."""
 
 @dataclass(frozen=True)
 class CurveServer:

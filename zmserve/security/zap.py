@@ -6,18 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import zmq
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from zmserve.logs import get_logger
+from zmserve.security.domains import Domain
 from zmserve.security.keys import SecurityError, allowed_keys
 from zmserve.security.throttle import Throttle
-
-if TYPE_CHECKING:
-    from zmserve.security.policy import Domain
 
 log = get_logger("security")
 
