@@ -1,5 +1,6 @@
-"""Test helpers around real zmserve processes: exports, servable folders, log reading, waiting on conditions.
-The processes themselves are started by zmserve.local.LocalCluster (re-exported here as Cluster)."""
+"""Test helpers around real zmserve processes: exports (each model once per session: `Exports`), servable
+folders, log reading, waiting on conditions. The processes themselves are started by zmserve.local.LocalCluster
+(re-exported here as Cluster; without standby agents and schedulers unless a test asks, `standby=True`)."""
 
 from __future__ import annotations
 
