@@ -2,7 +2,7 @@
 the same bytes over a raw pyzmq REQ/REP round trip on loopback (echo server in another process), and vs the
 Neg called in-process (`zmserve bench run --direct`) for the compute floor.
 
-    .venv/bin/python benchmarks/bandwidth.py [--mib 64,16] [--requests 20] [--rounds 2]
+    .venv/bin/python -m benchmarks.bandwidth [--mib 64,16] [--requests 20] [--rounds 2]
 
 MiB/s is request payload / round-trip time (the same bytes come back, as y = -x), so it is the rate each way.
 The raw round trip is the best a two-hop-free ZeroMQ transfer can do here: zero-copy send, np.frombuffer on
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from benchlib import bench, cluster, cmdline, emit, service_args, wait_quiet, write_servable
-from export_identity import export
 
+from benchmarks.benchlib import bench, cluster, cmdline, emit, service_args, wait_quiet, write_servable
+from benchmarks.export_identity import export
 from zmserve.transport import free_port
 
 
@@ -44,7 +44,7 @@ def echo_server(address: str) -> None:
 def raw_round_trips(array: np.ndarray, requests: int) -> dict:
     """`requests` REQ/REP round trips of `array` to an echo server in its own process; p50 and MiB/s."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    server = subprocess.Popen([sys.executable, __file__, "--echo-server", address])
+    server = subprocess.Popen([sys.executable, "-m", __spec__.name, "--echo-server", address])
     context = zmq.Context()
     socket = context.socket(zmq.REQ)
     socket.connect(address)

@@ -1,6 +1,6 @@
 """Row 2: throughput of MatMul rank_size 2 at 1, 8 and 32 closed-loop clients, dynamic batching on vs off.
 
-    .venv/bin/python benchmarks/batching.py [--duration 10] [--clients 1,8,32] [--max-batch-size 32]
+    .venv/bin/python -m benchmarks.batching [--duration 10] [--clients 1,8,32] [--max-batch-size 32]
                                             [--max-batch-delay-ms 2]
 
 On: the --batch-dim export ([batch(dynamic),128,96]) under a with_batch_dim=True servable, so the worker stacks
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from benchlib import bench, cluster, cmdline, emit, export_matmul, service_args, wait_quiet, write_servable
+
+from benchmarks.benchlib import bench, cluster, cmdline, emit, export_matmul, service_args, wait_quiet, write_servable
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from zmserve.bench.records import Record  # noqa: E402
 from zmserve.bench.summary import summarize  # noqa: E402
@@ -135,7 +133,7 @@ def agent_pids(local: LocalCluster) -> list[int]:
     for name, process in local.processes.items():
         if name not in ("broker", "worker"):
             pids.extend(child.pid for child in psutil.Process(process.pid).children()
-                        if "services.agent.agent" in " ".join(child.cmdline()))
+                        if "zmserve_services.agent.agent" in " ".join(child.cmdline()))
     return sorted(pids)
 
 

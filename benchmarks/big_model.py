@@ -1,6 +1,6 @@
 """Section 9: the 4.13 GiB examples/big_model served across memory-limited agents, per layout.
 
-    .venv/bin/python benchmarks/big_model.py [--duration 20] [--limit 1.5G] [--fresh]
+    .venv/bin/python -m benchmarks.big_model [--duration 20] [--limit 1.5G] [--fresh]
 
 For each layout (TP4xPP2 and TP8xPP1 with every agent under --limit; TP2xPP1 under --tp2-limit when the
 machine's available memory allows two ~4.5 GB agent peaks, else a 'skipped' row): export it if not already
@@ -24,10 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from benchlib import REPO, bench, cmdline, emit, load1, service_args, wait_quiet
-
-sys.path.insert(0, str(REPO / "examples" / "big_model"))
-
 from prove import (
     HERE,
     SEQ,
@@ -41,8 +37,9 @@ from prove import (
 )
 from weights import PRESETS, rank_nbytes
 
-from services.agent.memory_limit import parse_size
+from benchmarks.benchlib import bench, cmdline, emit, load1, service_args, wait_quiet
 from zmserve.streamed_export import shard_bytes
+from zmserve_services.agent.memory_limit import parse_size
 
 PRESET = "full"
 

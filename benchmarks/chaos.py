@@ -10,7 +10,7 @@ in two groups) while faults hit every phase of its life, one after the other, ea
     worker_kill         SIGKILL the worker, start it again with the same arguments
     broker_kill         SIGKILL the broker, start it again on the same ports
 
-    .venv/bin/python benchmarks/chaos.py --duration 600
+    .venv/bin/python -m benchmarks.chaos --duration 600
 
 Checked throughout: every future resolves (a result, or UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED;
 anything else is a violation); no request is answered twice on the wire, and every one is answered on the wire
@@ -47,11 +47,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from services.agent.agent import rank_of_process_name
 from zmserve.client import Client, ClientError, IOThread
 from zmserve.local import LocalCluster
 from zmserve.protocol import Error, Reply, ServingError, decode
 from zmserve.supervision import process_name
+from zmserve_services.agent.agent import rank_of_process_name
 
 REPO = Path(__file__).resolve().parent.parent
 MLP_EXAMPLE = REPO / "examples" / "mlp_pipeline"

@@ -2,7 +2,7 @@
 with every link CURVE (and, for MatMul, also MindSpore's TLS inside the stage: --collective-tls), measured in one
 session, configurations alternating within each round.
 
-    .venv/bin/python benchmarks/curve_cost.py [--rounds 2] [--requests 500] [--big-requests 10]
+    .venv/bin/python -m benchmarks.curve_cost [--rounds 2] [--requests 500] [--big-requests 10]
 
 Rows (one JSON line each, with the load average and this command):
 - raw_rtt: a 1 KiB message to an echo process and back over one DEALER/ROUTER link (ZeroMQ alone), p50 in µs;
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from benchlib import cmdline, emit, export_matmul, wait_quiet, write_servable
-from export_identity import export
 
+from benchmarks.benchlib import cmdline, emit, export_matmul, wait_quiet, write_servable
+from benchmarks.export_identity import export
 from zmserve.client import ClientError
 from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.local import ClusterKeys, LocalCluster
@@ -55,7 +55,7 @@ def echo_server(address: str, keys_dir: str) -> None:
 
 def raw_round_trips(keys: ClusterKeys | None, payload: bytes, count: int) -> list[float]:
     address = f"tcp://127.0.0.1:{free_port()}"
-    server = subprocess.Popen([sys.executable, __file__, "--echo-server", address,
+    server = subprocess.Popen([sys.executable, "-m", __spec__.name, "--echo-server", address,
                                "--keys", str(keys.root) if keys else ""])
     curve = None if keys is None else CurveClient(KeyPair.load(keys.secret("client")),
                                                   load_public_key(keys.public("broker")), watch=False)

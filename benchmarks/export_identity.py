@@ -1,7 +1,7 @@
 """Export an identity-like model for transport benchmarks: y = -x (Neg) on float32 x with a fully dynamic 2-D shape,
 rank_size 1, so the cost measured is moving the bytes, not computing on them.
 
-    .venv/bin/python benchmarks/export_identity.py --output-dir /tmp/neg/model   # -> device0/neg.mindir
+    .venv/bin/python -m benchmarks.export_identity --output-dir /tmp/neg/model   # -> device0/neg.mindir
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from benchlib import REPO  # noqa: F401  (puts the repo on sys.path)
-
+from benchmarks.benchlib import REPO  # noqa: F401  (puts the repo on sys.path)
 from zmserve.export import WORLD_GROUP, export_rank, tensor_spec
 
 

@@ -1,7 +1,7 @@
 """Which async HTTP server should the gateway stand on? The same trivial handler on each candidate, measured.
 
     .venv/bin/pip install aiohttp starlette   # the candidates the gateway did not take
-    .venv/bin/python benchmarks/gateway_frameworks.py [--requests 3000] [--rounds 2]
+    .venv/bin/python -m benchmarks.gateway_frameworks [--requests 3000] [--rounds 2]
 
 Each candidate runs in its own process on a free loopback port and answers `POST /echo` by parsing the JSON body
 (orjson, or the stdlib json for the `+json` rows) and replying with a 2 KiB JSON document, the shape of the
@@ -20,14 +20,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import cmdline, emit, load1
-
+from benchmarks.benchlib import cmdline, emit, load1
 from zmserve.local import free_port
 from zmserve.supervision import reap
 

@@ -1,6 +1,6 @@
 """zmserve's HTTP gateway next to MindSpore Serving 2.0.2's REST server, same machine, same run, same load.
 
-    .venv/bin/python benchmarks/gateway_http.py [--peer ../shared/peers/mindspore-serving] [--duration 10]
+    .venv/bin/python -m benchmarks.gateway_http [--peer ../shared/peers/mindspore-serving] [--duration 10]
         [--clients 1,4,16] [--rounds 2] [--no-batched] [--skip-peer]
 
 Both serve the MatMul (x 128x96 float32 · 0.5, negated; rank_size 1 for zmserve, no batch dimension on either
@@ -30,7 +30,6 @@ import contextlib
 import http.client
 import json
 import multiprocessing
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +37,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "peers" / "mindspore_serving"))
-
-from benchlib import cmdline, emit, export_matmul, wait_quiet
-from rest_peer import REPO, RunningServer, mindspore_serving, peer_dir, zmserve_gateway
-
-sys.path.insert(0, str(REPO / "tests" / "services" / "gateway"))
-
-from ms_rest_cases import MINDSPORE_SERVING_CONFIG, SERVABLE, ZMSERVE_CONFIG
+from benchmarks.benchlib import cmdline, emit, export_matmul, wait_quiet
+from benchmarks.peers.mindspore_serving.rest_peer import (
+    RunningServer,
+    mindspore_serving,
+    peer_dir,
+    zmserve_gateway,
+)
+from tests.services.gateway.ms_rest_cases import MINDSPORE_SERVING_CONFIG, SERVABLE, ZMSERVE_CONFIG
 
 WARMUP = 20
 X = np.ones((128, 96), np.float32)

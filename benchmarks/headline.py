@@ -1,7 +1,7 @@
 """The seven targets of issue 12 ("Hot path"), each measured beside its reference in one run, and their headline
 table. Every zmserve number is `zmserve serve` (broker and worker in one process) unless a row says otherwise.
 
-    .venv/bin/python benchmarks/headline.py [--targets 1,2,3,4,5,6] [--rounds 2] [--duration 10] [--skip-peer]
+    .venv/bin/python -m benchmarks.headline [--targets 1,2,3,4,5,6] [--rounds 2] [--duration 10] [--skip-peer]
 
   1  MatMul TP2, 1 client: p50 overhead over the direct 2-rank call (`zmserve bench run --direct`), and the hop
      floor of this topology measured now (client -> one Python forwarder -> echo, same 48 KiB payload).
@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bandwidth import raw_round_trips, shape_for
-from benchlib import (
+
+from benchmarks.bandwidth import raw_round_trips, shape_for
+from benchmarks.benchlib import (
     agent_pids,
     bench,
     cluster,
@@ -49,9 +50,9 @@ from benchlib import (
     wait_quiet,
     write_servable,
 )
-from export_identity import export as export_neg
-from hop_floor import forwarder_round_trip
-from peers.mindspore_serving.peer import Peer, running_peer
+from benchmarks.export_identity import export as export_neg
+from benchmarks.hop_floor import forwarder_round_trip
+from benchmarks.peers.mindspore_serving.peer import Peer, running_peer
 
 MATMUL = {"x": np.ones((128, 96), np.float32)}
 BATCHING = ["--max-batch-size", "32", "--max-batch-delay-ms", "2"]

@@ -3,7 +3,7 @@ no zmserve code at all (each forwarder: ROUTER in, DEALER out, drain and forward
 `zmserve serve` + an agent is one forwarder (the serve process) and an echo that also runs the model, so its
 latency over the direct model call cannot go below the 1-forwarder round trip measured here, now.
 
-    .venv/bin/python benchmarks/hop_floor.py [--forwarders 0,1,2] [--requests 3000]
+    .venv/bin/python -m benchmarks.hop_floor [--forwarders 0,1,2] [--requests 3000]
 
 The client link is loopback TCP (as a client's), the links behind the first forwarder ipc:// (as zmserve's data
 links on loopback). The same logic as ../shared/bin/hop-costs.py, on free endpoints, with its processes reaped.
@@ -51,7 +51,7 @@ def forwarder_round_trip(forwarders: int, payload: int, requests: int = 3000, wa
     name = uuid.uuid4().hex[:12]
     addresses = [f"tcp://127.0.0.1:{free_port()}"] + [f"ipc://@zmserve-floor-{name}-{i}" for i in range(forwarders)]
     roles = [["echo", addresses[-1]]] + [["forward", addresses[i], addresses[i + 1]] for i in range(forwarders)]
-    processes = [subprocess.Popen([sys.executable, __file__, "--role", *role]) for role in roles]
+    processes = [subprocess.Popen([sys.executable, "-m", __spec__.name, "--role", *role]) for role in roles]
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.connect(addresses[0])

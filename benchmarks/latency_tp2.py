@@ -1,7 +1,7 @@
 """Row 1: end-to-end latency of MatMul TP2 (rank_size 2) with one client, against the same two shards called
 in-process with no service (`zmserve bench run --direct`): the service's overhead in µs and as a ratio.
 
-    .venv/bin/python benchmarks/latency_tp2.py [--requests 2000] [--rounds 2] [--profile]
+    .venv/bin/python -m benchmarks.latency_tp2 [--requests 2000] [--rounds 2] [--profile]
 
 Direct and service runs alternate (`--rounds`), each after a bounded wait for a quiet machine. `--profile` also
 runs `py-spy record -f raw` on the broker, the worker and agent rank 0 while a -c 1 load runs, and prints where
@@ -18,8 +18,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import agent_pids, bench, cluster, cmdline, emit, export_matmul, service_args, wait_quiet, write_servable
-from pyspy_summary import summarize_raw
+
+from benchmarks.benchlib import (
+    agent_pids,
+    bench,
+    cluster,
+    cmdline,
+    emit,
+    export_matmul,
+    service_args,
+    wait_quiet,
+    write_servable,
+)
+from benchmarks.pyspy_summary import summarize_raw
 
 PYSPY = Path(sys.executable).parent / "py-spy"
 

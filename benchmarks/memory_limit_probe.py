@@ -1,6 +1,6 @@
 """Why `zmserve agent --memory-limit` uses a cgroup: what RLIMIT_AS and RLIMIT_DATA do to a MindSpore process.
 
-    .venv/bin/python benchmarks/memory_limit_probe.py [--limits 1.0,1.2,1.5,2,4]
+    .venv/bin/python -m benchmarks.memory_limit_probe [--limits 1.0,1.2,1.5,2,4]
 
 Exports the 6 KB residual MLP (examples/mlp_pipeline, rank_size 1), then for each resource and limit (GiB) runs a
 fresh process that sets the limit, imports MindSpore, loads the MindIR and calls it once, and prints one JSON
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import REPO, emit
+from benchmarks.benchlib import REPO, emit
 
 PROBE = """
 import json, os, resource, sys

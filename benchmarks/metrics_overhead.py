@@ -3,7 +3,7 @@ with metrics on, runs alternating; CPU of the broker and of the worker per reque
 run), p50 and throughput. Also: one scrape's CPU in the worker (a real Prometheus scrapes every 15 s or so), and
 the recorder calls alone, in this process, per request.
 
-    .venv/bin/python benchmarks/metrics_overhead.py [--rounds 2] [--requests 3000] [--clients 4]
+    .venv/bin/python -m benchmarks.metrics_overhead [--rounds 2] [--requests 3000] [--clients 4]
 
 No scrape runs during the measured requests.
 """
@@ -17,8 +17,17 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from benchlib import bench, cmdline, cpu_seconds, emit, export_matmul, service_args, wait_quiet, write_servable
 
+from benchmarks.benchlib import (
+    bench,
+    cmdline,
+    cpu_seconds,
+    emit,
+    export_matmul,
+    service_args,
+    wait_quiet,
+    write_servable,
+)
 from zmserve.local import LocalCluster
 
 SHAPE = "128x96"

@@ -1,7 +1,7 @@
 """Row 8: all-MiniLM-L6-v2 sentence embeddings, TP2xPP2 (rank_size 4, stage_size 2) vs the unsharded model
 (rank_size 1) through zmserve, vs a direct in-process GraphCell call of the (1,1) export; dynamic batching on.
 
-    .venv/bin/python benchmarks/minilm.py [--duration 10] [--clients 1]
+    .venv/bin/python -m benchmarks.minilm [--duration 10] [--clients 1]
 
 Batch 1 = one text per request; batch 32 = 32 texts per request (instances), each a closed loop with
 `--clients` callers. Every text tokenises into the same 32-token bucket, so batches never split by shape. The
@@ -23,7 +23,8 @@ import types
 from pathlib import Path
 
 import numpy as np
-from benchlib import REPO, cluster, cmdline, emit, wait_quiet, write_servable
+
+from benchmarks.benchlib import REPO, cluster, cmdline, emit, wait_quiet, write_servable
 
 MINILM = REPO / "examples" / "minilm"
 SUBJECTS = ["cat", "dog", "river", "market", "teacher", "engine", "garden", "window"]

@@ -2,7 +2,7 @@
 own core), served by the same cluster code with `--max-inflight 64` (stages overlap) and `--max-inflight 1`
 (one model call in the pipeline at a time).
 
-    .venv/bin/python benchmarks/pipeline_pp2.py [--requests 300] [--concurrency 8]
+    .venv/bin/python -m benchmarks.pipeline_pp2 [--requests 300] [--concurrency 8]
 
 Prints one JSON line per mode and the ratio.
 """
@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from benchlib import wait_quiet
 
+from benchmarks.benchlib import wait_quiet
 from zmserve.local import LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """Summarise a `py-spy record -f raw` file: how busy the process was and which functions hold its samples.
 
-    .venv/bin/python benchmarks/pyspy_summary.py FILE.raw [--seconds 8] [--rate 200]
+    .venv/bin/python -m benchmarks.pyspy_summary FILE.raw [--seconds 8] [--rate 200]
 
 Raw lines are `frame;frame;...;leaf COUNT` (idle samples excluded by py-spy), so samples / (seconds x rate) is the
 busy fraction of one thread-second, and the leaf frames say where that time goes (C calls are charged to the

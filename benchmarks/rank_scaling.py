@@ -3,7 +3,7 @@ worker's (and broker's) CPU time per request from /proc/<pid>/stat utime+stime b
 (also with the worker's idle CPU rate, measured over --idle-seconds first, taken out: heartbeats and the 100 ms
 poll loop cost CPU per second, not per request, and slow runs would otherwise look like costly requests).
 
-    .venv/bin/python benchmarks/rank_scaling.py [--ranks 1,2,4,8] [--requests 2000]
+    .venv/bin/python -m benchmarks.rank_scaling [--ranks 1,2,4,8] [--requests 2000]
 
 The worker publishes each model call once on its XPUB whatever the rank count (ZeroMQ fans it out), so its CPU
 per request should stay flat while latency grows with the collective.
@@ -17,7 +17,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import bench, cluster, cmdline, cpu_seconds, emit, export_matmul, service_args, wait_quiet, write_servable
+
+from benchmarks.benchlib import (
+    bench,
+    cluster,
+    cmdline,
+    cpu_seconds,
+    emit,
+    export_matmul,
+    service_args,
+    wait_quiet,
+    write_servable,
+)
 
 
 def main() -> None:

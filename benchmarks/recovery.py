@@ -1,6 +1,6 @@
 """How long an agent kill while serving keeps a servable down, and where that time goes.
 
-    .venv/bin/python benchmarks/recovery.py --rank-size 8 --kills 5
+    .venv/bin/python -m benchmarks.recovery --rank-size 8 --kills 5
 
 A MatMul of `--rank-size` tensor-parallel agents (one stage; 8 is the reference setup) under `--clients` clients
 (one request at a time each, 5 s timeout). Once it serves, a random agent is SIGKILLed; the outage is the time
@@ -39,11 +39,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import GLOG_ENV, MATMUL_EXPORT, SERVABLE_CONFIG, load1
-from chaos import CountingClient, Load, agent_pids, client_loop
-
+from benchmarks.benchlib import GLOG_ENV, MATMUL_EXPORT, SERVABLE_CONFIG, load1
+from benchmarks.chaos import CountingClient, Load, agent_pids, client_loop
 from zmserve.local import LocalCluster
 
 STEPS = ("detect", "respawn", "import", "join", "load", "warm-up", "serving", "answer")

@@ -7,8 +7,8 @@ ties in turn; the worker tells REQUESTS_STARTED once per loop turn before it pub
 is no batching with one request per loop turn (one more message per request); with batching one tell covers a
 batch.
 
-    .venv/bin/python benchmarks/replica_overhead.py --baseline /tmp/zmserve-base [--rounds 2] [--duration 10]
-    .venv/bin/python benchmarks/replica_overhead.py --tell-only     # the second table alone, in seconds
+    .venv/bin/python -m benchmarks.replica_overhead --baseline /tmp/zmserve-base [--rounds 2] [--duration 10]
+    .venv/bin/python -m benchmarks.replica_overhead --tell-only     # the second table alone, in seconds
 
 A second table isolates the tell's Python cost per request, in this process with the real code: the worker's
 `encode(RequestsStarted(...))` and the broker's `process_worker_control` (decode, mark each request), for 1, 8 and
@@ -33,7 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import REPO, bench, cluster, cmdline, cpu_seconds, emit, export_matmul, wait_quiet, write_servable
+
+from benchmarks.benchlib import (
+    REPO,
+    bench,
+    cluster,
+    cmdline,
+    cpu_seconds,
+    emit,
+    export_matmul,
+    wait_quiet,
+    write_servable,
+)
 
 MATMUL = {"x": np.ones((128, 96), np.float32)}
 CONFIGS = {"no batching": [], "batching 32": ["--max-batch-size", "32", "--max-batch-delay-ms", "2"]}
@@ -66,8 +77,8 @@ def measure(work: Path, tree: Path, files: list[Path], servables: Path, worker_a
 
 
 def tell_cost() -> None:
-    from services.broker.broker import Broker, PendingRequest
     from zmserve.protocol import RequestsStarted, encode
+    from zmserve_services.broker.broker import Broker, PendingRequest
 
     broker = Broker("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
     worker = b"\x00worker"

@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/zmserve-bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name: $* (load $(cut -d' ' -f1 /proc/loadavg))"; "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"; echo "   rc=$?"; }
 headline() {
-  run 0_headline .venv/bin/python benchmarks/headline.py ${HEADLINE_ARGS:-}
+  run 0_headline .venv/bin/python -m benchmarks.headline ${HEADLINE_ARGS:-}
   echo; echo "uptime: $(uptime)"; sed -n '/^| # /,$p' "$OUT/0_headline.jsonl"
 }
 if [ "${1:-all}" = headline ]; then
@@ -21,14 +21,14 @@ if [ "${1:-all}" = headline ]; then
   exit 0
 fi
 headline
-run 1_latency_tp2 .venv/bin/python benchmarks/latency_tp2.py --profile
-run 2_batching .venv/bin/python benchmarks/batching.py
-run 3_bandwidth .venv/bin/python benchmarks/bandwidth.py --mib 64 --rounds 2
-run 4_rank_scaling .venv/bin/python benchmarks/rank_scaling.py
-run 7_pipeline_pp2 .venv/bin/python benchmarks/pipeline_pp2.py
-run 8_minilm .venv/bin/python benchmarks/minilm.py
-run 9_big_model .venv/bin/python benchmarks/big_model.py --duration 30   # ~25 min, ~9 GB of RAM at the peak, 13 GB of exports
-run 5_vs_mindspore_serving .venv/bin/python benchmarks/peers/mindspore_serving/compare.py
-run 6_ray_serve .venv/bin/python benchmarks/peers/ray_serve/bench_ray.py
-run 10_curve_cost .venv/bin/python benchmarks/curve_cost.py --rounds 2
+run 1_latency_tp2 .venv/bin/python -m benchmarks.latency_tp2 --profile
+run 2_batching .venv/bin/python -m benchmarks.batching
+run 3_bandwidth .venv/bin/python -m benchmarks.bandwidth --mib 64 --rounds 2
+run 4_rank_scaling .venv/bin/python -m benchmarks.rank_scaling
+run 7_pipeline_pp2 .venv/bin/python -m benchmarks.pipeline_pp2
+run 8_minilm .venv/bin/python -m benchmarks.minilm
+run 9_big_model .venv/bin/python -m benchmarks.big_model --duration 30   # ~25 min, ~9 GB of RAM at the peak, 13 GB of exports
+run 5_vs_mindspore_serving .venv/bin/python -m benchmarks.peers.mindspore_serving.compare
+run 6_ray_serve .venv/bin/python -m benchmarks.peers.ray_serve.bench_ray
+run 10_curve_cost .venv/bin/python -m benchmarks.curve_cost --rounds 2
 echo "results in $OUT"

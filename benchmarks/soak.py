@@ -1,7 +1,7 @@
 """Soak: a long steady load with dynamic batching on a 2-stage servable, watching every process's memory and file
 descriptors for growth.
 
-    .venv/bin/python benchmarks/soak.py --duration 600 --clients 32
+    .venv/bin/python -m benchmarks.soak --duration 600 --clients 32
 
 The MLP of examples/mlp_pipeline exported with a dynamic batch (PP2: `--rank-size 2 --stage-size 2` by default),
 served with_batch_dim=True (`--max-batch-size 32 --max-batch-delay-ms 2`), under `--clients` closed-loop clients
@@ -34,10 +34,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from chaos import MLP_EXAMPLE, CountingClient, Load, check_wire, client_loop, descendants, load_average, mlp
-
+from benchmarks.chaos import MLP_EXAMPLE, CountingClient, Load, check_wire, client_loop, descendants, load_average, mlp
 from zmserve.local import LocalCluster
 from zmserve.supervision import process_name
 

@@ -8,9 +8,9 @@ workers on `--worker-bind` if one is given. Clients cannot tell the difference: 
 
 from __future__ import annotations
 
-from services.broker.broker import Broker, InProcessWorker
-from services.worker.worker import InProcessBroker, Worker
 from zmserve.loop import run_loop
+from zmserve_services.broker.broker import Broker, InProcessWorker
+from zmserve_services.worker.worker import InProcessBroker, Worker
 
 IN_PROCESS_WORKER = b"\x00in-process-worker"
 """The broker's name for the worker in its own process (a ROUTER never generates an identity starting with 0)."""

@@ -154,8 +154,8 @@ def child_pids(pid: int) -> list[int]:
 def agent_rank(pid: int) -> int | None:
     """The rank of the active agent process `pid` (from its process name), None if it is not one (a standby agent
     waiting to be used is not)."""
-    from services.agent.agent import rank_of_process_name
     from zmserve.supervision import process_name
+    from zmserve_services.agent.agent import rank_of_process_name
 
     return rank_of_process_name(process_name(pid))
 

@@ -1,15 +1,11 @@
 """Shared fixtures: every example model exported once per session, and the real MatMul clusters (rank_size 2
 and 8) started once per session."""
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cluster import Cluster, Exports, start_matmul_cluster
+from tests.cluster import Cluster, Exports, start_matmul_cluster
 
 
 @pytest.fixture(scope="session")

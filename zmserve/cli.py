@@ -13,21 +13,6 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from services.gateway.config import (
-    DEFAULT_BIND,
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_KEEP_ALIVE_S,
-    DEFAULT_MAX_BODY_MB,
-    DEFAULT_REQUEST_TIMEOUT_S,
-)
-from services.worker.defaults import (
-    DRAIN_TIMEOUT_S,
-    EXECUTION_TIMEOUT_S,
-    MAX_BATCH_DELAY_S,
-    MAX_BATCH_SIZE,
-    MAX_INFLIGHT_MODEL_CALLS,
-    MAX_QUEUED_REQUESTS,
-)
 from zmserve.endpoints import (
     DEFAULT_AGENT_START_PORT,
     DEFAULT_BROKER_CLIENT_ADDRESS,
@@ -42,6 +27,21 @@ from zmserve.protocol import MAX_REQUEST_BYTES
 from zmserve.security import PLAINTEXT, Domain, Peer, is_local_address
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
 from zmserve.transport import HEARTBEAT_INTERVAL_S
+from zmserve_services.gateway.config import (
+    DEFAULT_BIND,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_REQUEST_TIMEOUT_S,
+)
+from zmserve_services.worker.defaults import (
+    DRAIN_TIMEOUT_S,
+    EXECUTION_TIMEOUT_S,
+    MAX_BATCH_DELAY_S,
+    MAX_BATCH_SIZE,
+    MAX_INFLIGHT_MODEL_CALLS,
+    MAX_QUEUED_REQUESTS,
+)
 
 log = get_logger("cli")
 
@@ -143,8 +143,8 @@ def broker(bind: str, worker_bind: str | None, heartbeat_interval: float, max_re
 
     Ready when it logs `broker_started`; workers then register on --worker-bind.
     """
-    from services.broker.broker import Broker
     from zmserve.transport import BindError
+    from zmserve_services.broker.broker import Broker
 
     try:
         worker_bind = worker_bind or following_port(bind)
@@ -239,11 +239,11 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
                 max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None, standby: bool = True,
                 metrics: bool = False, security: Any = None) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
-    from services.worker.config import WorkerConfig
-    from services.worker.worker import Worker
     from zmserve.ranktable import RankTableError
     from zmserve.servable import ServableConfigError
     from zmserve.transport import BindError
+    from zmserve_services.worker.config import WorkerConfig
+    from zmserve_services.worker.worker import Worker
 
     try:
         return Worker(WorkerConfig(
@@ -304,9 +304,9 @@ def serve(bind: str, worker_bind: str | None, max_request_mb: int, metrics_bind:
     hold this process's public key as the worker's). Ready when it logs `serving`. One metrics endpoint shows
     both the broker's and the worker's metrics.
     """
-    from services.broker.broker import Broker
-    from services.colocated import Colocated
     from zmserve.transport import BindError
+    from zmserve_services.broker.broker import Broker
+    from zmserve_services.colocated import Colocated
 
     binds = {Domain.CLIENTS: bind, Domain.WORKERS: worker_bind, Domain.AGENTS: options["distributed_address"]}
     security = load_security(options, [Domain.CLIENTS, Domain.WORKERS, Domain.AGENTS], binds=binds,
@@ -329,7 +329,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 
 def _memory_size(_context: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from services.agent.memory_limit import parse_size
+    from zmserve_services.agent.memory_limit import parse_size
 
     try:
         return None if value is None else parse_size(value)
@@ -376,7 +376,7 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     An agent that exits is started again; when the worker refuses a shard for good (it does not fit the
     servable), the launcher stops its agents and exits with the worker's reason.
     """
-    from services.agent.launcher import AgentLauncher, LauncherError
+    from zmserve_services.agent.launcher import AgentLauncher, LauncherError
 
     # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
     group_host = next((a for a in (agent_ip, worker) if a and not is_local_address(a)), "127.0.0.1")
@@ -419,9 +419,9 @@ def gateway(bind: str, broker_address: str, timeout: float, max_body_mb: int, bo
     live status page (/)."""
     import ssl
 
-    from services.gateway.app import Gateway
-    from services.gateway.auth import http_security
-    from services.gateway.config import GatewayConfig
+    from zmserve_services.gateway.app import Gateway
+    from zmserve_services.gateway.auth import http_security
+    from zmserve_services.gateway.config import GatewayConfig
 
     security = load_security(curve, peers=[Peer.BROKER])
     try:

@@ -35,10 +35,10 @@ for path in (HERE, REPO):
 from reference import forward  # noqa: E402
 from weights import PRESETS, check_layout  # noqa: E402
 
-from services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
 from zmserve.client import ClientError  # noqa: E402
 from zmserve.local import LocalCluster  # noqa: E402
 from zmserve.streamed_export import shard_bytes  # noqa: E402
+from zmserve_services.agent.memory_limit import AgentCgroup, find_hierarchy, format_size, parse_size  # noqa: E402
 
 SEQ = 16
 """Tokens per input, fixed in the export (export_model.py says why)."""
@@ -89,7 +89,7 @@ def agent_memory(cluster: LocalCluster, launcher: str = "agents") -> list[dict[s
     rows = []
     for child in psutil.Process(cluster.processes[launcher].pid).children():
         command = child.cmdline()
-        if "services.agent.agent" not in command:
+        if "zmserve_services.agent.agent" not in command:
             continue
         status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
         row: dict[str, Any] = {"rank": int(command[command.index("--rank") + 1]), "pid": child.pid,

@@ -31,7 +31,6 @@ import numpy as np
 import structlog
 import zmq
 
-from services.agent.status_pipe import report_loaded
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.collective_tls import CollectiveTls
@@ -87,6 +86,7 @@ from zmserve.transport import (
     recv_frames,
     send_frames,
 )
+from zmserve_services.agent.status_pipe import report_loaded
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1

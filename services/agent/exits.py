@@ -4,11 +4,11 @@ OOM_LOADING_ATTEMPTS times in a row before it loaded its shard, so it will never
 
 from __future__ import annotations
 
-from services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED
-from services.agent.memory_limit import format_size
-from services.agent.processes import AgentExit, AgentProcess
 from zmserve.logs import get_logger
 from zmserve.streamed_export import shard_bytes
+from zmserve_services.agent.agent import EXIT_REJECTED, EXIT_RESTART, EXIT_STOPPED
+from zmserve_services.agent.memory_limit import format_size
+from zmserve_services.agent.processes import AgentExit, AgentProcess
 
 log = get_logger("launcher")
 

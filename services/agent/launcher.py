@@ -33,15 +33,6 @@ from pathlib import Path
 
 import zmq
 
-from services.agent.agent import EXIT_RESTART, AgentSettings
-from services.agent.exits import after_exit
-from services.agent.launcher_link import LauncherLink
-from services.agent.memory_limit import format_size
-from services.agent.processes import AgentProcess, LauncherError, read_all
-from services.agent.ranks import Layout, assign_ranks, unwatched
-from services.agent.spawner import AgentSpawner, release
-from services.agent.standbys import Standbys
-from services.agent.status_pipe import StatusPipe
 from zmserve.endpoints import DEFAULT_AGENT_START_PORT, DEFAULT_DISTRIBUTED_ADDRESS, normalize_address
 from zmserve.logs import get_logger
 from zmserve.protocol import SHUTDOWN_GRACE_S, AgentsShutDown, AgentStopped, LauncherHello
@@ -49,6 +40,15 @@ from zmserve.security import PLAINTEXT, Peer, Security
 from zmserve.streamed_export import shard_bytes
 from zmserve.supervision import reap
 from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from zmserve_services.agent.agent import EXIT_RESTART, AgentSettings
+from zmserve_services.agent.exits import after_exit
+from zmserve_services.agent.launcher_link import LauncherLink
+from zmserve_services.agent.memory_limit import format_size
+from zmserve_services.agent.processes import AgentProcess, LauncherError, read_all
+from zmserve_services.agent.ranks import Layout, assign_ranks, unwatched
+from zmserve_services.agent.spawner import AgentSpawner, release
+from zmserve_services.agent.standbys import Standbys
+from zmserve_services.agent.status_pipe import StatusPipe
 
 __all__ = ["AgentLauncher", "LauncherError"]
 

@@ -9,9 +9,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.agent.memory_limit import AgentCgroup, format_size
-from services.agent.status_pipe import StatusPipe
 from zmserve.transport import is_loopback_host
+from zmserve_services.agent.memory_limit import AgentCgroup, format_size
+from zmserve_services.agent.status_pipe import StatusPipe
 
 
 def publish_address(host: str, port: int) -> str:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import zmq
 
-from services.agent.processes import AgentProcess, LauncherError, publish_address
 from zmserve.logs import get_logger
 from zmserve.protocol import RankTableAnswer, RankTableQuery, ServingError, decode, encode
 from zmserve.ranktable import RankTable
 from zmserve.security import Curve, Handshake, Peer, Security, send_unless_refused
 from zmserve.transport import HeartbeatClock, new_socket
+from zmserve_services.agent.processes import AgentProcess, LauncherError, publish_address
 
 log = get_logger("launcher")
 

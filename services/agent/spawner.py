@@ -8,11 +8,17 @@ import signal
 import subprocess
 import sys
 
-from services.agent.memory_limit import CGROUP_PREFIX, AgentCgroup, MemoryLimitError, find_hierarchy, format_size
-from services.agent.processes import AgentExit, AgentProcess, LauncherError
-from services.agent.status_pipe import StatusPipe
 from zmserve.logs import get_logger
 from zmserve.supervision import die_with_parent
+from zmserve_services.agent.memory_limit import (
+    CGROUP_PREFIX,
+    AgentCgroup,
+    MemoryLimitError,
+    find_hierarchy,
+    format_size,
+)
+from zmserve_services.agent.processes import AgentExit, AgentProcess, LauncherError
+from zmserve_services.agent.status_pipe import StatusPipe
 
 log = get_logger("launcher")
 
@@ -50,7 +56,7 @@ class AgentSpawner:
         env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
         cpu = self.cpu_for(position)
         try:
-            return subprocess.Popen([sys.executable, "-m", "services.agent.agent", *arguments], env=env,
+            return subprocess.Popen([sys.executable, "-m", "zmserve_services.agent.agent", *arguments], env=env,
                                     pass_fds=(status.child_fd, reason_fd), process_group=0,
                                     preexec_fn=lambda: self.prepare_child(cpu, cgroup),
                                     **popen)  # type: ignore[call-overload]

@@ -10,13 +10,13 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from services.agent.agent import AgentSettings
-from services.agent.processes import AgentProcess, LauncherError, Standby, read_all
-from services.agent.spawner import AgentSpawner, release, release_parts
-from services.agent.status_pipe import StatusPipe
 from zmserve.logs import get_logger
 from zmserve.standby import STANDBY_FLAG, activate, retire
 from zmserve.supervision import reap
+from zmserve_services.agent.agent import AgentSettings
+from zmserve_services.agent.processes import AgentProcess, LauncherError, Standby, read_all
+from zmserve_services.agent.spawner import AgentSpawner, release, release_parts
+from zmserve_services.agent.status_pipe import StatusPipe
 
 log = get_logger("launcher")
 

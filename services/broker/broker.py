@@ -22,8 +22,6 @@ import msgspec
 import structlog
 import zmq
 
-from services.broker.routing import LeastOutstanding, ready_of_version
-from services.broker.status import broker_gauges, compose_status
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
@@ -70,6 +68,8 @@ from zmserve.transport import (
     read_pending,
     send_nonblocking,
 )
+from zmserve_services.broker.routing import LeastOutstanding, ready_of_version
+from zmserve_services.broker.status import broker_gauges, compose_status
 
 log = get_logger("broker")
 bursts = Bursts(log)

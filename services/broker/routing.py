@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from zmserve.protocol import ErrorCode, ServingError
 
 if TYPE_CHECKING:
-    from services.broker.broker import WorkerRecord
+    from zmserve_services.broker.broker import WorkerRecord
 
 
 def ready_of_version(serving: list[WorkerRecord], servable: str, method: str, version: int) -> list[WorkerRecord]:

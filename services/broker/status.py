@@ -15,7 +15,7 @@ from zmserve.metrics import GaugeSample, TrafficWindow
 from zmserve.protocol import RequestId, Status, Traffic, TrafficPoint, WorkerInfo
 
 if TYPE_CHECKING:
-    from services.broker.broker import Broker, WorkerRecord
+    from zmserve_services.broker.broker import Broker, WorkerRecord
 
 WINDOW_S = 60.0
 """`zmserve status` shows each servable's requests, errors and p50/p99 over this last stretch."""

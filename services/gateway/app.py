@@ -33,14 +33,14 @@ from urllib.parse import parse_qs
 import uvicorn
 import uvloop
 
-from services.gateway import ms_rest, oip, status_page
-from services.gateway.auth import BearerToken, client_address
-from services.gateway.broker_link import BrokerLink, Served
-from services.gateway.config import GRACEFUL_SHUTDOWN_S, METADATA_TTL_S, GatewayConfig
-from services.gateway.errors import HttpError, http_status
 from zmserve.codec import Instance
 from zmserve.logs import get_logger
 from zmserve.protocol import ServingError
+from zmserve_services.gateway import ms_rest, oip, status_page
+from zmserve_services.gateway.auth import BearerToken, client_address
+from zmserve_services.gateway.broker_link import BrokerLink, Served
+from zmserve_services.gateway.config import GRACEFUL_SHUTDOWN_S, METADATA_TTL_S, GatewayConfig
+from zmserve_services.gateway.errors import HttpError, http_status
 
 log = get_logger("gateway")
 

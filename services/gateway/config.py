@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, endpoint_host_port
 
 if TYPE_CHECKING:
-    from services.gateway.auth import TlsFiles
     from zmserve.security import CurveClient
+    from zmserve_services.gateway.auth import TlsFiles
 
 DEFAULT_BIND = "127.0.0.1:1500"
 """MindSpore Serving's REST port: a client of it only changes the host."""

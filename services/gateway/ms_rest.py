@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from services.gateway.errors import http_status
-from services.gateway.values import invalid, ms_reply_value, ms_value
 from zmserve.codec import Instance
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.errors import http_status
+from zmserve_services.gateway.values import invalid, ms_reply_value, ms_value
 
 PREFIX = "/model/"
 MAX_VERSION = 2**32 - 1

@@ -16,8 +16,10 @@ from typing import Any
 import orjson
 
 import zmserve
-from services.gateway.broker_link import ServableVersion, Served, TensorSpec
-from services.gateway.values import (
+from zmserve.codec import Instance
+from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.broker_link import ServableVersion, Served, TensorSpec
+from zmserve_services.gateway.values import (
     OIP_NAME_OF_DTYPE,
     invalid,
     oip_binary_data,
@@ -26,8 +28,6 @@ from services.gateway.values import (
     oip_json_data,
     oip_shape,
 )
-from zmserve.codec import Instance
-from zmserve.protocol import ErrorCode, ServingError
 
 SERVER_NAME = "zmserve"
 PLATFORM = "zmserve"

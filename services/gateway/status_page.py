@@ -9,9 +9,9 @@ from pathlib import Path
 
 import msgspec
 
-from services.gateway.broker_link import BrokerLink
-from services.gateway.errors import HttpError
 from zmserve.protocol import ServingError
+from zmserve_services.gateway.broker_link import BrokerLink
+from zmserve_services.gateway.errors import HttpError
 
 PAGE_PATH = "/"
 API_PATH = "/api/status"

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.worker.defaults import (
+from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
+from zmserve.security import PLAINTEXT, Security
+from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from zmserve_services.worker.defaults import (
     DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
     MAX_BATCH_DELAY_S,
@@ -13,9 +16,6 @@ from services.worker.defaults import (
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
 )
-from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
-from zmserve.security import PLAINTEXT, Security
-from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from services.worker.batching import Batcher
-from services.worker.requests import HeldCall, MethodRun, RunTable
 from zmserve.codec import decode_values, dtype_name, encode_instances, encode_values
 from zmserve.logs import Bursts, get_logger
 from zmserve.metrics import OK, WorkerMetrics
@@ -34,6 +32,8 @@ from zmserve.protocol import (
 )
 from zmserve.protocol import ModelCall as ModelCallMessage
 from zmserve.servable import DistributedModel
+from zmserve_services.worker.batching import Batcher
+from zmserve_services.worker.requests import HeldCall, MethodRun, RunTable
 
 log = get_logger("worker")
 bursts = Bursts(log)

@@ -14,12 +14,12 @@ import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from services.worker.membership import AgentState, Membership, WorkerState
 from zmserve.metrics import GaugeSample, WorkerMetrics
 from zmserve.protocol import AgentRegister, AgentStatus, WorkerStatus
+from zmserve_services.worker.membership import AgentState, Membership, WorkerState
 
 if TYPE_CHECKING:
-    from services.worker.worker import Worker
+    from zmserve_services.worker.worker import Worker
 
 RESTARTING = "restarting"
 """A rank whose process was lost or told to restart, while no new process has registered for it."""

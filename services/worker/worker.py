@@ -29,22 +29,6 @@ from typing import Any
 import structlog
 import zmq
 
-from services.worker.config import WorkerConfig
-from services.worker.drain import Drain
-from services.worker.launchers import Launchers
-from services.worker.membership import (
-    Action,
-    Membership,
-    ModelUse,
-    RestartGroups,
-    SendToAgent,
-    StartServing,
-    WorkerState,
-)
-from services.worker.pipeline import Pipeline
-from services.worker.report import AgentHistory, worker_gauges, worker_status
-from services.worker.requests import MethodRun
-from services.worker.schedulers import StageScheduler
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
@@ -102,6 +86,22 @@ from zmserve.transport import (
     send_nonblocking,
 )
 from zmserve.versions import foreign_version, resolve_version
+from zmserve_services.worker.config import WorkerConfig
+from zmserve_services.worker.drain import Drain
+from zmserve_services.worker.launchers import Launchers
+from zmserve_services.worker.membership import (
+    Action,
+    Membership,
+    ModelUse,
+    RestartGroups,
+    SendToAgent,
+    StartServing,
+    WorkerState,
+)
+from zmserve_services.worker.pipeline import Pipeline
+from zmserve_services.worker.report import AgentHistory, worker_gauges, worker_status
+from zmserve_services.worker.requests import MethodRun
+from zmserve_services.worker.schedulers import StageScheduler
 
 log = get_logger("worker")
 bursts = Bursts(log)

@@ -10,7 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from cluster import REPO
+
+from tests.cluster import REPO
 
 pytestmark = pytest.mark.slow
 

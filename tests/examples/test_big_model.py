@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import REPO, Cluster, load_example_module, log_events, wait_for
 
-from services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy, format_size
+from tests.cluster import REPO, Cluster, load_example_module, log_events, wait_for
 from zmserve.client import ClientError
 from zmserve.protocol import ErrorCode
 from zmserve.streamed_export import shard_bytes
+from zmserve_services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy, format_size
 
 EXAMPLE = REPO / "examples" / "big_model"
 sys.path.append(str(EXAMPLE))  # appended: examples/minilm has modules of the same names (reference, model)

@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from cluster import REPO, free_port
+
+from tests.cluster import REPO, free_port
 
 pytestmark = pytest.mark.slow
 

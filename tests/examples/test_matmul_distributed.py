@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cluster import Cluster, matmul_reference
 
+from tests.cluster import Cluster, matmul_reference
 from zmserve.client import ClientError
 
 pytestmark = pytest.mark.slow

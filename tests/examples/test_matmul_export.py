@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import export_matmul
+
+from tests.cluster import export_matmul
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,11 @@ HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parents[1] / "examples" / "minilm"
 sys.path[:0] = [str(HERE), str(EXAMPLE)]
 
-from cluster import Exports  # noqa: E402
-from minilm_runner import base_environment, inspect_mindirs, run_pipeline  # noqa: E402
 from model import check_layout  # noqa: E402
 from reference import Reference, mean_pool, normalize  # noqa: E402
 
+from tests.cluster import Exports  # noqa: E402
+from tests.examples.minilm_runner import base_environment, inspect_mindirs, run_pipeline  # noqa: E402
 from zmserve.servable import MethodSpec, load_servable  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import REPO, Exports
 
+from tests.cluster import REPO, Exports
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, load_example_module, write_servable
+
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, load_example_module, write_servable
 
 pytestmark = pytest.mark.slow
 

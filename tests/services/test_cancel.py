@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Exports, load_example_module, log_events, wait_for, write_servable
 
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Exports, load_example_module, log_events, wait_for, write_servable
 from zmserve.client import Client, ClientError
 from zmserve.local import LocalCluster
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from cluster import Cluster, Exports, log_events, matmul_reference, start_matmul_cluster
 
+from tests.cluster import Cluster, Exports, log_events, matmul_reference, start_matmul_cluster
 from zmserve.client import ClientError
 from zmserve.protocol import ErrorCode
 

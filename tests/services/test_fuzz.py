@@ -21,8 +21,8 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster import Exports, agent_pids, log_events, matmul_reference, start_matmul_cluster
 
+from tests.cluster import Exports, agent_pids, log_events, matmul_reference, start_matmul_cluster
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Exports, write_servable
-from netns import SUBNET, three_hosts
 
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Exports, write_servable
+from tests.netns import SUBNET, three_hosts
 from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.local import ClusterKeys
 from zmserve.supervision import reap
@@ -43,8 +43,9 @@ CLIENT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from zmserve.client import Client, ClientError
-    sys.path.insert(0, sys.argv[2])
-    import export_model as mlp
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("export_model", sys.argv[2] + "/export_model.py")
+    mlp = importlib.util.module_from_spec(spec); spec.loader.exec_module(mlp)
     x = np.random.default_rng(3).standard_normal((mlp.DEFAULT_BATCH, mlp.DEFAULT_HIDDEN)).astype(np.float32)
     deadline = time.monotonic() + 240
     keys = json.loads(sys.argv[3])

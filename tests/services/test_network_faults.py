@@ -26,9 +26,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
-from netns import ADDRESS, Hosts, skip_reason, three_hosts
 
+from tests.cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
+from tests.netns import ADDRESS, Hosts, skip_reason, three_hosts
 from zmserve.supervision import reap
 
 pytestmark = pytest.mark.slow

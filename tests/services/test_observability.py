@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import chromium
-from cluster import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.browser import chromium
+from tests.cluster import (
     MATMUL_CONFIG,
     Cluster,
     Exports,
@@ -32,8 +34,6 @@ from cluster import (
     wait_for,
     write_servable,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
 from zmserve.client import ClientError
 from zmserve.status import query_status
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import (
+
+from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Exports,
@@ -28,10 +29,9 @@ from cluster import (
     wait_for,
     write_servable,
 )
-
-from services.agent.agent import JOIN_TIMEOUT_S
 from zmserve.client import Client, ClientError
 from zmserve.local import LocalCluster
+from zmserve_services.agent.agent import JOIN_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 

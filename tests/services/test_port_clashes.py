@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import zmq
-from cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, free_port, log_events, wait_for, write_servable
 
-from services.agent.processes import publish_address
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, free_port, log_events, wait_for, write_servable
 from zmserve.supervision import reap
+from zmserve_services.agent.processes import publish_address
 
 pytestmark = pytest.mark.slow
 

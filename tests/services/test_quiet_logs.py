@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_CONFIG, Cluster, Exports, log_events, wait_for, write_servable
 
+from tests.cluster import MATMUL_CONFIG, Cluster, Exports, log_events, wait_for, write_servable
 from zmserve.client import ClientError
 
 pytestmark = pytest.mark.slow

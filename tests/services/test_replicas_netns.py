@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
-from netns import address, hosts, in_namespace
 
+from tests.cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
+from tests.netns import address, hosts, in_namespace
 from zmserve.supervision import reap
 
 pytestmark = pytest.mark.slow

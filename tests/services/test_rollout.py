@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_CONFIG, Exports, log_events, wait_for, write_servable
-from steady_load import SteadyLoad
 
+from tests.cluster import MATMUL_CONFIG, Exports, log_events, wait_for, write_servable
+from tests.steady_load import SteadyLoad
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow

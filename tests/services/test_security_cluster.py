@@ -30,7 +30,8 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster import (
+
+from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Cluster,
@@ -45,14 +46,13 @@ from cluster import (
     wait_for,
     write_servable,
 )
-
-from services.agent.processes import publish_address
 from zmserve.bench.records import OK
 from zmserve.client import Client, ClientError
 from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.protocol import AgentRegister, BrokerCommand, ErrorCode, WorkerStatus, encode
 from zmserve.security import CurveClient, KeyPair, generate_key_pair, load_public_key
 from zmserve.transport import new_socket
+from zmserve_services.agent.processes import publish_address
 
 pytestmark = pytest.mark.slow
 
@@ -388,8 +388,7 @@ def test_a_fully_secured_pipeline_whose_stages_hold_different_keys(tmp_path: Pat
 
 # ---- the gateway: HTTPS and a token in front, CURVE behind ----------------------------------------------------
 def test_a_gateway_serves_https_with_a_token_over_a_curve_link(curve_matmul: Cluster, tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent / "gateway"))
-    from gateway_client import curl, self_signed_certificate
+    from tests.services.gateway.gateway_client import curl, self_signed_certificate
 
     cert, key = self_signed_certificate(tmp_path)
     (tmp_path / "token").write_text("t0ken\n")
@@ -404,8 +403,7 @@ def test_a_gateway_serves_https_with_a_token_over_a_curve_link(curve_matmul: Clu
 
 
 def test_a_gateway_whose_key_the_broker_refuses_answers_502_at_once(curve_matmul: Cluster, tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent / "gateway"))
-    from gateway_client import curl
+    from tests.services.gateway.gateway_client import curl
 
     assert curve_matmul.keys is not None
     stranger = generate_key_pair(tmp_path, "stranger")[1]

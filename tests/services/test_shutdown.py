@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import (
+
+from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Exports,
@@ -27,7 +28,6 @@ from cluster import (
     wait_for,
     write_servable,
 )
-
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
@@ -191,7 +191,7 @@ def test_second_sigint_forces_the_exit(tmp_path: Path, exports: Exports) -> None
     held: dict[int, list[int]] = {}
     try:
         scheduler = wait_for(lambda: started(worker.pid, "zmserve.collective", 1), timeout=60)[0]
-        agents = wait_for(lambda: started(launcher.pid, "services.agent.agent", 2), timeout=60)
+        agents = wait_for(lambda: started(launcher.pid, "zmserve_services.agent.agent", 2), timeout=60)
         held = {pid: hold_signals(pid) for pid in (scheduler, agents[0])}
         os.kill(worker.pid, signal.SIGINT)
         os.kill(launcher.pid, signal.SIGINT)

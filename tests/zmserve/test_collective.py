@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_EXAMPLE, Exports, matmul_reference
 
+from tests.cluster import MATMUL_EXAMPLE, Exports, matmul_reference
 from zmserve.collective import ShardModel
 
 pytestmark = pytest.mark.slow

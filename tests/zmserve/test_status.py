@@ -7,11 +7,11 @@ import threading
 
 from click.testing import CliRunner
 
-from services.broker.broker import Broker
 from zmserve.cli import main
 from zmserve.protocol import AgentStatus, ServableInfo, Status, Traffic, WorkerInfo
 from zmserve.status import duration, milliseconds, render
 from zmserve.transport import free_port
+from zmserve_services.broker.broker import Broker
 
 
 def test_json_and_text_from_a_running_broker() -> None:

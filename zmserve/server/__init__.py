@@ -30,6 +30,6 @@ def start_broker(address: str = DEFAULT_BROKER_CLIENT_ADDRESS,
                  worker_address: str = DEFAULT_BROKER_WORKER_ADDRESS, security: Security = PLAINTEXT) -> None:
     """Start the client-facing broker: clients connect to `address`, workers to `worker_address`. `security`:
     CURVE (`Security.load(secret_key, {Domain.CLIENTS: folder, Domain.WORKERS: folder})`, docs/SECURITY.md)."""
-    from services.broker.broker import Broker
+    from zmserve_services.broker.broker import Broker
 
     run_in_background("broker", Broker(address, worker_address, security=security))

@@ -34,8 +34,8 @@ def start_servable(
     A broken servable_config.py or rank table raises here, before anything starts. `security`: CURVE
     (`Security.load(secret_key, {Domain.AGENTS: folder}, {Peer.BROKER: broker_key})`, docs/SECURITY.md).
     """
-    from services.worker.config import WorkerConfig
-    from services.worker.worker import Worker
+    from zmserve_services.worker.config import WorkerConfig
+    from zmserve_services.worker.worker import Worker
 
     worker = Worker(WorkerConfig(servable_directory, servable_name, version_number, rank_table_json_file,
                                  distributed_address, broker_address, wait_agents_time_in_seconds,
@@ -57,7 +57,7 @@ def startup_agents(
 
     Raises `LauncherError` (a RuntimeError) saying why when the agents cannot serve, e.g. the worker refused a
     shard that does not fit its servable."""
-    from services.agent.launcher import AgentLauncher
+    from zmserve_services.agent.launcher import AgentLauncher
 
     launcher = AgentLauncher(distributed_address, model_files, group_config_files, agent_start_port,
                              agent_ip, rank_start, security=security)

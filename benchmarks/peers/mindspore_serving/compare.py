@@ -1,6 +1,6 @@
 """Row 5: zmserve next to MindSpore Serving 2.0.2 (the peer), same machine, same session, same 128x96·96x16 MatMul.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/compare.py [--duration 10] [--skip-peer] [--client-processes N]
+    .venv/bin/python -m benchmarks.peers.mindspore_serving.compare [--duration 10] [--skip-peer] [--client-processes N]
 
 First zmserve's rows (each cluster started and stopped here): rank_size 1 p50 with 1 client (no batch dim);
 rank_size 1 with dynamic batching, throughput at 16 and 32 clients; a 16 MiB Neg input (rank_size 1); and the
@@ -18,14 +18,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
 import numpy as np
-from benchlib import (
+
+from benchmarks.benchlib import (
     REPO,
     bench,
     cluster,
@@ -36,7 +34,7 @@ from benchlib import (
     wait_quiet,
     write_servable,
 )
-from export_identity import export as export_neg
+from benchmarks.export_identity import export as export_neg
 
 PEER_DIR = Path(os.environ.get("PEER_DIR") or (REPO / ".." / "shared" / "peers" / "mindspore-serving").resolve())
 PEER_PYENV = "3.11.7:3.9.18:3.7.16"

@@ -1,7 +1,7 @@
 """zmserve's gateway against MindSpore Serving 2.0.2's REST server: the same requests to both, every difference
 printed.
 
-    .venv/bin/python benchmarks/peers/mindspore_serving/rest_conformance.py ../shared/peers/mindspore-serving
+    .venv/bin/python -m benchmarks.peers.mindspore_serving.rest_conformance ../shared/peers/mindspore-serving
 
 The peer path is relative to the repository root. Both sides serve the servable `conform` (the MatMul plus
 echo/type_of/swap methods); the requests are `tests/services/gateway/ms_rest_cases.py`, whose zmserve answers the
@@ -18,13 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from rest_peer import DEFAULT_PEER, REPO, mindspore_serving, peer_dir, post, zmserve_gateway
-
-sys.path.insert(0, str(REPO / "tests" / "services" / "gateway"))
-
-from ms_rest_cases import (
+from benchmarks.peers.mindspore_serving.rest_peer import (
+    DEFAULT_PEER,
+    mindspore_serving,
+    peer_dir,
+    post,
+    zmserve_gateway,
+)
+from tests.services.gateway.ms_rest_cases import (
     CASES,
     MINDSPORE_SERVING_CONFIG,
     SERVABLE,

@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,11 +21,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from cluster import export_matmul, write_servable  # noqa: E402
-
+from tests.cluster import export_matmul, write_servable  # noqa: E402
 from zmserve.local import LocalCluster, free_port  # noqa: E402
 from zmserve.supervision import reap  # noqa: E402
 

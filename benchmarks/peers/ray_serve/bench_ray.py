@@ -2,7 +2,7 @@
 throughput and p50/p99 at 1, 8 and 32 clients over Ray Serve's HTTP proxy (raw float32 bytes in and out, one
 keep-alive http.client connection per client thread).
 
-    .venv/bin/python benchmarks/peers/ray_serve/bench_ray.py [--duration 10] [--clients 1,8,32]
+    .venv/bin/python -m benchmarks.peers.ray_serve.bench_ray [--duration 10] [--clients 1,8,32]
 
 Ray lives in its own venv (benchmarks/peers/ray_serve/.venv: `pip install "ray[serve]" mindspore==2.10.0`), never
 in zmserve's: run from zmserve's venv, this script exports the models there and re-executes itself with the Ray

@@ -26,7 +26,7 @@ INTERVAL_S = 0.1
 AGENT = f"""
 import os, sys, time
 import zmq
-from services.agent.agent import ControlLink
+from zmserve_services.agent.agent import ControlLink
 from zmserve.protocol import AgentRegister
 
 link = ControlLink(zmq.Context(), sys.argv[1], 0, {INTERVAL_S}, 3)

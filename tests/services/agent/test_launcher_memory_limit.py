@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster import REPO, free_port
 
-from services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy
+from tests.cluster import REPO, free_port
+from zmserve_services.agent.memory_limit import CGROUP_PREFIX, MemoryLimitError, find_hierarchy
 
 
 def events(stderr: str, name: str) -> list[dict]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MLP_EXAMPLE, Cluster, Exports, log_events
 
+from tests.cluster import MLP_EXAMPLE, Cluster, Exports, log_events
 from zmserve.client import ClientError
 from zmserve.transport import free_port_range
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.agent.memory_limit import (
+from zmserve_services.agent.memory_limit import (
     CGROUP_PREFIX,
     Hierarchy,
     MemoryLimitError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from services.agent.status_pipe import StatusPipe
+from zmserve_services.agent.status_pipe import StatusPipe
 
 
 def child(fd_code: str, pipe: StatusPipe) -> subprocess.CompletedProcess:
@@ -19,7 +19,7 @@ def test_a_child_that_reports_loaded_is_seen_loaded_even_after_it_died() -> None
     pipe = StatusPipe()
     try:
         assert not pipe.loaded()
-        done = child("from services.agent.status_pipe import report_loaded; report_loaded({fd})", pipe)
+        done = child("from zmserve_services.agent.status_pipe import report_loaded; report_loaded({fd})", pipe)
         assert done.returncode == 0
         assert pipe.loaded()
     finally:
@@ -37,6 +37,6 @@ def test_a_child_that_dies_before_loading_is_not_loaded() -> None:
 
 
 def test_without_a_pipe_reporting_is_a_no_op() -> None:
-    from services.agent.status_pipe import report_loaded
+    from zmserve_services.agent.status_pipe import report_loaded
 
     report_loaded(None)

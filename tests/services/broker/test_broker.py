@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cluster import Cluster
 
+from tests.cluster import Cluster
 from zmserve.client import Client, ClientError
 
 pytestmark = pytest.mark.slow

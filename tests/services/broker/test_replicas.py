@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from cluster import wait_for
 
-from services.broker.broker import Broker
+from tests.cluster import wait_for
 from zmserve.client import Client, ClientError
 from zmserve.codec import encode_instances
 from zmserve.logs import flush_bursts
@@ -36,6 +35,7 @@ from zmserve.protocol import (
     error_frame,
 )
 from zmserve.transport import free_port, new_socket, read_pending, recv_frames, send_frames
+from zmserve_services.broker.broker import Broker
 
 X = {"x": np.ones((2, 3), np.float32)}
 

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from cluster import wait_for
 
-from services.broker.broker import Broker
+from tests.cluster import wait_for
 from zmserve.protocol import (
     AgentStatus,
     BrokerCommand,
@@ -24,6 +23,7 @@ from zmserve.protocol import (
     encode,
 )
 from zmserve.status import StatusClient, StatusUnavailable, query_status, render
+from zmserve_services.broker.broker import Broker
 
 AGENTS = [AgentStatus(rank=0, stage=0, state="ready", host="h0", pid=100, heartbeat_age=0.2),
           AgentStatus(rank=1, stage=0, state="ready", host="h0", pid=101, heartbeat_age=0.4),

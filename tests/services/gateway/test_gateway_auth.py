@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import structlog
-from gateway_client import curl, self_signed_certificate
 
-from services.gateway.app import Gateway
-from services.gateway.auth import BearerToken, http_security, read_token
-from services.gateway.config import GatewayConfig
+from tests.services.gateway.gateway_client import curl, self_signed_certificate
+from zmserve_services.gateway.app import Gateway
+from zmserve_services.gateway.auth import BearerToken, http_security, read_token
+from zmserve_services.gateway.config import GatewayConfig
 
 TOKEN = b"s3cret-token_with.printable~chars"
 
@@ -136,9 +136,9 @@ def test_option_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "token").write_text(TOKEN.decode() + "\n")
     assert read_token(tmp_path / "token") == TOKEN
 
-    import services.gateway.auth
+    import zmserve_services.gateway.auth
 
-    monkeypatch.setattr(services.gateway.auth, "log", structlog.get_logger("gateway"))
+    monkeypatch.setattr(zmserve_services.gateway.auth, "log", structlog.get_logger("gateway"))
     with structlog.testing.capture_logs() as logs:
         http_security("0.0.0.0:1500", None, None, str(tmp_path / "token"))
         http_security("0.0.0.0:1500", str(cert), str(key), None)

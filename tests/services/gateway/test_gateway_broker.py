@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 import zmq
-from cluster import free_port
-from gateway_client import curl
 from tritonclient.utils import InferenceServerException
 
+from tests.cluster import free_port
+from tests.services.gateway.gateway_client import curl
 from zmserve.local import LocalCluster
 from zmserve.protocol import BrokerCommand, WorkerDisconnect, WorkerStatus, encode
 from zmserve.transport import new_socket

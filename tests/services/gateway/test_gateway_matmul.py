@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from cluster import Exports, matmul_reference, wait_for, write_servable
-from gateway_client import curl, raw_request, read_response
-from ms_rest_cases import CASES, SERVABLE, ZMSERVE_CONFIG, Case
 from tritonclient.utils import InferenceServerException
 
+from tests.cluster import Exports, matmul_reference, wait_for, write_servable
+from tests.services.gateway.gateway_client import curl, raw_request, read_response
+from tests.services.gateway.ms_rest_cases import CASES, SERVABLE, ZMSERVE_CONFIG, Case
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow

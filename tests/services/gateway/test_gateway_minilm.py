@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from cluster import REPO, Exports
-from gateway_client import curl
 
+from tests.cluster import REPO, Exports
+from tests.services.gateway.gateway_client import curl
 from zmserve.local import LocalCluster
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import numpy as np
 import orjson
 import pytest
 
-from services.gateway import ms_rest
-from services.gateway.errors import HTTP_STATUS, http_status
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway import ms_rest
+from zmserve_services.gateway.errors import HTTP_STATUS, http_status
 
 
 @pytest.mark.parametrize("code", list(ErrorCode))

@@ -10,9 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
-from services.gateway import oip
-from services.gateway.broker_link import MethodSignature, ServableVersion, Served, TensorSpec
 from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway import oip
+from zmserve_services.gateway.broker_link import MethodSignature, ServableVersion, Served, TensorSpec
 
 X = np.arange(12, dtype=np.float32).reshape(3, 4)
 

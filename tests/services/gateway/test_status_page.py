@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from services.gateway import status_page
-from services.gateway.errors import HttpError
 from zmserve.protocol import ErrorCode, ServingError, Status
+from zmserve_services.gateway import status_page
+from zmserve_services.gateway.errors import HttpError
 
 
 class FakeLink:

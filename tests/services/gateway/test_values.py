@@ -10,7 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from services.gateway.values import (
+from zmserve.protocol import ErrorCode, ServingError
+from zmserve_services.gateway.values import (
     ms_reply_value,
     ms_value,
     oip_binary_data,
@@ -19,7 +20,6 @@ from services.gateway.values import (
     oip_json_data,
     oip_shape,
 )
-from zmserve.protocol import ErrorCode, ServingError
 
 
 def refused(value: object) -> str:

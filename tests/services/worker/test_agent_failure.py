@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import (
+
+from tests.cluster import (
     Cluster,
     Exports,
     agent_pids,
@@ -19,7 +20,6 @@ from cluster import (
     start_matmul_cluster,
     wait_for,
 )
-
 from zmserve.client import ClientError
 
 pytestmark = pytest.mark.slow

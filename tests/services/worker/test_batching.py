@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import MATMUL_EXAMPLE, Cluster, log_events, matmul_reference, write_servable
 
-from services.worker.batching import Batcher
+from tests.cluster import MATMUL_EXAMPLE, Cluster, log_events, matmul_reference, write_servable
+from zmserve_services.worker.batching import Batcher
 
 
 def row(value: float, shape: tuple[int, ...] = (2, 3)) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """The drain rules (services/worker/drain.py) with no sockets: when a draining worker is done."""
 
-from services.worker.drain import Drain, DrainState
+from zmserve_services.worker.drain import Drain, DrainState
 
 
 def test_nothing_happens_until_a_drain_is_requested() -> None:

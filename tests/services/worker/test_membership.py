@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.membership import (
-    AgentState,
-    Membership,
-    ModelUse,
-    RestartGroups,
-    SendToAgent,
-    StartServing,
-    WorkerState,
-)
 from zmserve.protocol import (
     AgentConfigure,
     AgentRegister,
@@ -24,6 +15,15 @@ from zmserve.protocol import (
     TensorSpec,
 )
 from zmserve.servable import DistributedModel
+from zmserve_services.worker.membership import (
+    AgentState,
+    Membership,
+    ModelUse,
+    RestartGroups,
+    SendToAgent,
+    StartServing,
+    WorkerState,
+)
 
 STAGE_INPUT, RESULTS = "tcp://127.0.0.1:9000", "tcp://127.0.0.1:9001"
 INPUTS = [TensorSpec("x", "float32", [4, 8])]

@@ -8,12 +8,12 @@ import uuid
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.worker.membership import Membership
-from services.worker.report import MISSING, RESTARTING, AgentHistory
 from zmserve import metrics
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import AgentRegister, ModelSignature, ShardInfo, TensorSpec
 from zmserve.servable import DistributedModel
+from zmserve_services.worker.membership import Membership
+from zmserve_services.worker.report import MISSING, RESTARTING, AgentHistory
 
 SIGNATURE = ModelSignature([TensorSpec("x", "float32", [4, 8])], [TensorSpec("y", "float32", [4, 8])])
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import structlog
 
-from services.worker.pipeline import Pipeline
-from services.worker.requests import MethodRun
 from zmserve.codec import decode_values, encode_values
 from zmserve.protocol import Error, ErrorCode, ModelResult, ModelSignature, Reply, TensorSpec, decode
 from zmserve.protocol import ModelCall as ModelCallMessage
 from zmserve.servable import METHOD_INPUT, DistributedModel, InvalidInput, MethodSpec, Stage, ValueRef
 from zmserve.server import InvalidInput as PublicInvalidInput
+from zmserve_services.worker.pipeline import Pipeline
+from zmserve_services.worker.requests import MethodRun
 
 
 def one_stage_method(function: Any) -> MethodSpec:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster import MATMUL_CONFIG, free_port, write_servable
+
+from tests.cluster import MATMUL_CONFIG, free_port, write_servable
 
 pytestmark = pytest.mark.slow
 

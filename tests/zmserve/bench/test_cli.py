@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from cluster import free_port
 
+from tests.cluster import free_port
 from zmserve.bench.load import LoadSpec, Target
 from zmserve.bench.processes import part_arguments, share
 from zmserve.bench.records import Record

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from cluster import Exports
 
+from tests.cluster import Exports
 from zmserve.bench.direct import timed_calls, whole_rank_set
 from zmserve.bench.errors import BenchError
 from zmserve.bench.records import RECORD_FIELDS, Record

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster import Cluster, child_pids, wait_for
+
+from tests.cluster import Cluster, child_pids, wait_for
 
 pytestmark = pytest.mark.slow
 

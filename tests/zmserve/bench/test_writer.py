@@ -6,8 +6,8 @@ import io
 import json
 
 import pytest
-from cluster import wait_for
 
+from tests.cluster import wait_for
 from zmserve.bench import writer as writer_module
 from zmserve.bench.records import Record
 from zmserve.bench.writer import ResultWriter
