@@ -90,7 +90,7 @@ def cluster(workdir: Path, servable_dir: Path, servable: str, model_files: list[
     worker in one `zmserve serve` process)."""
     workdir.mkdir(parents=True, exist_ok=True)
     local = LocalCluster(workdir, servable_dir, servable, model_files, list(worker_args), list(agent_args),
-                         colocated=colocated)
+                         colocated=colocated, standby=True)
     try:
         local.wait_ready(ready_instance, method=method)
         yield local

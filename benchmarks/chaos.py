@@ -341,7 +341,7 @@ class Chaos:
         """Export, start, load and faults, stop, check; returns the summary (`violations` empty if all held)."""
         load_before = load_average()
         model_files = export_mlp(self.workdir)
-        cluster = LocalCluster(self.workdir, MLP_EXAMPLE, "mlp", model_files)
+        cluster = LocalCluster(self.workdir, MLP_EXAMPLE, "mlp", model_files, standby=True)
         markers = [cluster.client_address.removeprefix("tcp://"), cluster.worker_address.removeprefix("tcp://"),
                    cluster.distributed_address, str(self.workdir)]
         stop = threading.Event()

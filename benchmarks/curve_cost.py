@@ -133,11 +133,11 @@ def main() -> None:
                 (work / config / "neg").mkdir(parents=True)
                 tls_args = ["--collective-tls", tls] if config.endswith("collective_tls") else []
                 clusters["matmul", config] = LocalCluster(work / config / "matmul", matmul_servables, "matmul", None,
-                                                          tls_args, curve=config != "plaintext")
+                                                          tls_args, curve=config != "plaintext", standby=True)
                 clusters["matmul", config].start_agents("agents", matmul, *tls_args)
             for config in CONFIGS:
                 clusters["neg", config] = LocalCluster(work / config / "neg", neg_servables, "neg", [neg],
-                                                       curve=config != "plaintext")
+                                                       curve=config != "plaintext", standby=True)
             for (servable, _), cluster in clusters.items():
                 instance = {"x": np.ones((128, 96) if servable == "matmul" else (2, 3), np.float32)}
                 cluster.wait_ready(instance)

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from benchmarks.benchlib import REPO  # noqa: F401  (puts the repo on sys.path)
 from zmserve.export import WORLD_GROUP, export_rank, tensor_spec
 
 

@@ -36,7 +36,8 @@ SHAPE = "128x96"
 def start(work: Path, name: str, files: list[Path], servables: Path, metrics: bool) -> LocalCluster:
     off = [] if metrics else ["--metrics-bind", "off"]
     (work / name).mkdir(parents=True)
-    local = LocalCluster(work / name, servables, "matmul", files, extra_worker_args=off, extra_broker_args=off)
+    local = LocalCluster(work / name, servables, "matmul", files, extra_worker_args=off, extra_broker_args=off,
+                         standby=True)
     local.wait_ready({"x": np.ones((128, 96), np.float32)})
     return local
 

@@ -43,7 +43,7 @@ def measure(workdir: Path, model_files: list[Path], max_inflight: int, requests:
     (servable_dir / "mlp").mkdir(parents=True, exist_ok=True)  # modes repeat (1, 64, 1, 64)
     (servable_dir / "mlp" / "servable_config.py").write_text(CONFIG)
     cluster = LocalCluster(workdir, servable_dir, "mlp", model_files, ["--max-inflight", str(max_inflight)],
-                           ["--pin-cpus"])
+                           ["--pin-cpus"], standby=True)
     try:
         cluster.wait_ready({"x": x})
         with cluster.client() as client:

@@ -146,7 +146,7 @@ def main() -> None:
     (workdir / "servables" / "matmul" / "servable_config.py").write_text(
         SERVABLE_CONFIG.format(rank_size=args.rank_size, stage_size=1, batch=False))
     cluster = LocalCluster(workdir, workdir / "servables", "matmul", model_files,
-                           extra_agent_args=args.agent_args.split())
+                           extra_agent_args=args.agent_args.split(), standby=True)
     load, stop, threads, clients = Load(), threading.Event(), [], []
     rows = []
     try:

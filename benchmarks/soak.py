@@ -121,7 +121,7 @@ def main() -> None:
     (workdir / "servables" / "mlp" / "servable_config.py").write_text(
         CONFIG.format(rank_size=args.rank_size, stage_size=args.stage_size))
     cluster = LocalCluster(workdir, workdir / "servables", "mlp", model_files,
-                           ["--max-batch-size", "32", "--max-batch-delay-ms", "2"])
+                           ["--max-batch-size", "32", "--max-batch-delay-ms", "2"], standby=True)
     load, stop = Load(), threading.Event()
     clients: list[CountingClient] = []
     threads: list[threading.Thread] = []

@@ -8,7 +8,7 @@ workers on `--worker-bind` if one is given. Clients cannot tell the difference: 
 
 from __future__ import annotations
 
-from zmserve.loop import run_services
+from zmserve.loop import run_loop
 from zmserve_services.broker.broker import Broker, InProcessWorker
 from zmserve_services.worker.worker import InProcessBroker, Worker
 
@@ -31,13 +31,7 @@ class Colocated:
         """The worker's: a drained worker ends the loop, and the broker with it."""
 
     def run(self) -> None:
-        self.broker.announce()
-        self.worker.start()
-        try:
-            run_services([self.broker, self.worker], self.stop_event)
-        finally:
-            self.worker.shutdown()  # answers what it holds through the broker, which is still up
-            self.broker.shutdown()
+        run_loop([self.broker, self.worker], self.stop_event)  # the worker shuts down first, through the broker
 
     def stop(self) -> None:
         self.stop_event.set()

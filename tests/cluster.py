@@ -1,5 +1,6 @@
-"""Test helpers around real zmserve processes: exports, servable folders, log reading, waiting on conditions.
-The processes themselves are started by zmserve.local.LocalCluster (re-exported here as Cluster)."""
+"""Test helpers around real zmserve processes: exports (each model once per session: `Exports`), servable
+folders, log reading, waiting on conditions. The processes themselves are started by zmserve.local.LocalCluster
+(re-exported here as Cluster; without standby agents and schedulers unless a test asks, `standby=True`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +24,7 @@ from zmserve.transport import free_port, free_port_range  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 MATMUL_EXAMPLE = REPO / "examples" / "matmul_distributed"
+MINILM_EXAMPLE = REPO / "examples" / "minilm"
 
 MATMUL_CONFIG = """
 from zmserve.server import distributed, register
@@ -65,6 +69,64 @@ def export_mlp(output_dir: Path, rank_size: int, stage_size: int, *extra: str) -
                     "--stage-size", str(stage_size), "--output-dir", str(output_dir / "model"), *extra],
                    check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
     return [output_dir / "model" / f"device{r}" / "mlp.mindir" for r in range(rank_size)]
+
+
+class Exports:
+    """Every example model exported once per test session (the `exports` fixture of conftest.py): an export is a
+    process that imports MindSpore, seconds each, and a dozen test files ask for the same few models. Tests only
+    read the files; one that needs them in a folder of its own (a servable's version folder) gets a copy (`into`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seconds: dict[str, float] = {}
+        """How long each export took (by folder name), for tests that report it."""
+
+    def matmul(self, rank_size: int, weight_value: float = 0.5, into: Path | None = None) -> list[Path]:
+        """The MatMul of export_matmul; its folder also holds the rank table (rank_table_<n>pcs.json)."""
+        folder = self.root / f"matmul_tp{rank_size}_w{weight_value}"
+        if not folder.exists():
+            self.export(folder, export_matmul, rank_size, weight_value)
+        return self.copied(folder, "matmul", rank_size, into)
+
+    def mlp(self, rank_size: int, stage_size: int, *extra: str, into: Path | None = None) -> list[Path]:
+        """The MLP of export_mlp (`extra`: export_model.py's options, e.g. a slow model's)."""
+        folder = self.root / "_".join([f"mlp_r{rank_size}_s{stage_size}", *(e.strip("-").replace("=", "")
+                                                                         for e in extra)])
+        if not folder.exists():
+            self.export(folder, export_mlp, rank_size, stage_size, *extra)
+        return self.copied(folder, "mlp", rank_size, into)
+
+    def minilm(self, rank_size: int, stage_size: int) -> list[Path]:
+        """examples/minilm in this layout; its folder also holds the rank table (rank_table_<n>pcs.json)."""
+        folder = self.root / f"minilm_r{rank_size}_s{stage_size}"
+        if not folder.exists():
+            self.export(folder, export_minilm, rank_size, stage_size)
+        return self.copied(folder, "minilm", rank_size, None)
+
+    def export(self, folder: Path, export: Callable[..., object], *args: object) -> None:
+        """Export into a partial folder, renamed when complete: an interrupted export is never taken for a done one."""
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        started = time.monotonic()
+        export(partial, *args)
+        self.seconds[folder.name] = time.monotonic() - started
+        partial.rename(folder)
+
+    @staticmethod
+    def copied(folder: Path, name: str, rank_size: int, into: Path | None) -> list[Path]:
+        model = folder / "model"
+        if into is not None:
+            shutil.copytree(model, into, dirs_exist_ok=True)
+            model = into
+        return [model / f"device{r}" / f"{name}.mindir" for r in range(rank_size)]
+
+
+def export_minilm(output_dir: Path, rank_size: int, stage_size: int) -> list[Path]:
+    subprocess.run([sys.executable, str(MINILM_EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
+                    "--stage-size", str(stage_size), "--output-dir", str(output_dir / "model"),
+                    "--rank-table", str(output_dir / f"rank_table_{rank_size}pcs.json")],
+                   check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"}, timeout=300)
+    return [output_dir / "model" / f"device{r}" / "minilm.mindir" for r in range(rank_size)]
 
 
 class _ExampleFolder(importlib.abc.MetaPathFinder):
@@ -205,12 +267,14 @@ def log_events(path: Path, event: str) -> list[dict]:
     return events
 
 
-def start_matmul_cluster(workdir: Path, rank_size: int, colocated: bool = False, curve: bool = False) -> Cluster:
-    """Export a rank_size MatMul, start a cluster for it and wait until it serves (stopped again on failure)."""
-    model_files = export_matmul(workdir, rank_size)
+def start_matmul_cluster(workdir: Path, exports: Exports, rank_size: int, colocated: bool = False,
+                         curve: bool = False, standby: bool = False) -> Cluster:
+    """Start a cluster for the rank_size MatMul and wait until it serves (stopped again on failure)."""
+    model_files = exports.matmul(rank_size)
     servable_dir = write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=rank_size,
                                                                                         stage_size=1))
-    cluster = Cluster(workdir, servable_dir, "matmul", model_files, colocated=colocated, curve=curve)
+    cluster = Cluster(workdir, servable_dir, "matmul", model_files, colocated=colocated, curve=curve,
+                      standby=standby)
     try:
         cluster.wait_ready({"x": np.ones((128, 96), np.float32)})
     except BaseException:

@@ -1,22 +1,28 @@
-"""Shared fixtures: the real MatMul clusters (rank_size 2 and 8), exported and started once per session."""
+"""Shared fixtures: every example model exported once per session, and the real MatMul clusters (rank_size 2
+and 8) started once per session."""
 
 from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Cluster, start_matmul_cluster
+from tests.cluster import Cluster, Exports, start_matmul_cluster
 
 
 @pytest.fixture(scope="session")
-def matmul_tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_matmul_cluster(tmp_path_factory.mktemp("matmul_tp2"), 2)
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("exports"))
+
+
+@pytest.fixture(scope="session")
+def matmul_tp2(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Cluster]:
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("matmul_tp2"), exports, 2)
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def matmul_tp8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_matmul_cluster(tmp_path_factory.mktemp("matmul_tp8"), 8)
+def matmul_tp8(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Cluster]:
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("matmul_tp8"), exports, 8)
     yield cluster
     cluster.stop()
 

@@ -13,33 +13,36 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from zmserve.logs import configure_logging, get_logger
-from zmserve.protocol import (
+from zmserve.endpoints import (
     DEFAULT_AGENT_START_PORT,
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
     DEFAULT_DISTRIBUTED_ADDRESS,
-    DRAIN_TIMEOUT_S,
-    EXECUTION_TIMEOUT_S,
-    HEARTBEAT_INTERVAL_S,
-    MAX_BATCH_DELAY_S,
-    MAX_BATCH_SIZE,
-    MAX_INFLIGHT_MODEL_CALLS,
-    MAX_QUEUED_REQUESTS,
-    MAX_REQUEST_BYTES,
-    MAX_SEQUENCES,
     endpoint_host_port,
     normalize_address,
 )
-from zmserve.security import PLAINTEXT, Domain, Peer, is_loopback
+from zmserve.lifecycle import Service, run_in_foreground
+from zmserve.logs import configure_logging, get_logger
+from zmserve.protocol import MAX_REQUEST_BYTES
+from zmserve.security import PLAINTEXT, Domain, Peer, is_local_address
 from zmserve.security_cli import curve_options, keys, load_security, warn_on_network
-from zmserve.supervision import act_on_sigint, handle_stop_signals
+from zmserve.supervision import act_on_sigint
+from zmserve.transport import HEARTBEAT_INTERVAL_S
 from zmserve_services.gateway.config import (
     DEFAULT_BIND,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BODY_MB,
     DEFAULT_REQUEST_TIMEOUT_S,
+)
+from zmserve_services.worker.defaults import (
+    DRAIN_TIMEOUT_S,
+    EXECUTION_TIMEOUT_S,
+    MAX_BATCH_DELAY_S,
+    MAX_BATCH_SIZE,
+    MAX_INFLIGHT_MODEL_CALLS,
+    MAX_QUEUED_REQUESTS,
+    MAX_SEQUENCES,
 )
 
 log = get_logger("cli")
@@ -51,12 +54,10 @@ DEFAULT_GATEWAY_METRICS_BIND = "127.0.0.1:9502"
 unless told otherwise (zmserve.metrics is imported only by the commands that serve them)."""
 
 
-def run_until_signalled(service: Any) -> None:
-    """Run a service in the foreground; SIGINT/SIGTERM stop it cleanly (SIGTERM drains a service that can:
-    `drain`), a second one forces the exit."""
-    handle_stop_signals(service.stop, getattr(service, "drain", None))
-    result = service.run()
-    sys.exit(result if isinstance(result, int) else 0)
+def run_until_signalled(service: Service) -> None:
+    """Run a service in the foreground (zmserve/lifecycle.py: SIGINT stops it, SIGTERM drains it, a second
+    signal forces the exit) and exit with its code."""
+    sys.exit(run_in_foreground(service))
 
 
 def metrics_option(default: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -229,6 +230,9 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
                           "restarting, draining, stopped): for readiness probes, e.g. Kubernetes' `test -f FILE`. "
                           "Under systemd (Type=notify) the worker also sends READY=1 when it first serves and "
                           "STOPPING=1 when it drains. Default: none."),
+        click.option("--standby/--no-standby", default=True, show_default=True,
+                     help="Once serving, keep one idle scheduler process per stage with MindSpore imported, so a "
+                          "restart of the agents skips the import."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -238,7 +242,7 @@ def worker_options(command: Callable[..., None]) -> Callable[..., None]:
 def make_worker(broker_address: str | None, servable_dir: str, servable: str, version: int,
                 rank_table: str | None, distributed_address: str, wait_agents: float, heartbeat_interval: float,
                 max_inflight: int, max_queued: int, execution_timeout: float, max_batch_size: int,
-                max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None,
+                max_batch_delay_ms: float, drain_timeout: float, ready_file: str | None, standby: bool = True,
                 metrics: bool = False, security: Any = None, max_sequences: int = MAX_SEQUENCES) -> Any:
     """A Worker from the worker options; a broken servable, rank table or address is one line, no traceback."""
     from zmserve.ranktable import RankTableError
@@ -253,7 +257,7 @@ def make_worker(broker_address: str | None, servable_dir: str, servable: str, ve
             heartbeat_interval=heartbeat_interval, max_inflight_calls=max_inflight, max_queued_requests=max_queued,
             execution_timeout=execution_timeout, max_batch_size=max_batch_size,
             max_batch_delay=max_batch_delay_ms / 1000, drain_timeout=drain_timeout, ready_file=ready_file,
-            metrics=metrics, security=security or PLAINTEXT, max_sequences=max_sequences))
+            standby_schedulers=standby, metrics=metrics, security=security or PLAINTEXT, max_sequences=max_sequences))
     except (ServableConfigError, RankTableError, BindError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
@@ -381,7 +385,7 @@ def agent(worker: str, model_files: tuple[str, ...], group_config_files: tuple[s
     from zmserve_services.agent.launcher import AgentLauncher, LauncherError
 
     # this machine's MindSpore traffic goes to the worker's host (the schedulers) and to the other agents
-    group_host = next((a for a in (agent_ip, worker) if a and not is_loopback(a)), "127.0.0.1")
+    group_host = next((a for a in (agent_ip, worker) if a and not is_local_address(a)), "127.0.0.1")
     security = load_security(curve, peers=[Peer.WORKER], group_host=group_host)
     warn_on_network(security, group_host=group_host)
     if security.client(Peer.WORKER) is None:  # a stage leader publishes to the next stage on --agent-ip

@@ -62,12 +62,18 @@ class LocalCluster:
 
     Every broker, worker and gateway serves Prometheus metrics on a free port: `metrics[name]` is its URL.
     `curve=True` runs every link with CURVE and `--require-curve` (keys in `workdir/keys`, `ClusterKeys`); the
-    agents of `start_agents` are machine host-a unless `--secret-key` names another pair."""
+    agents of `start_agents` are machine host-a unless `--secret-key` names another pair.
+
+    `standby=False` (the default) runs agents and workers with `--no-standby`: no idle process per agent and per
+    stage importing MindSpore beside the ones that serve (on a small machine they double the CPU a cluster takes
+    while it forms). Tests of restarts and the benchmarks that time them ask for `standby=True`."""
 
     def __init__(self, workdir: Path, servable_dir: Path | None, servable: str, model_files: list[Path] | None,
                  extra_worker_args: list[str] | None = None, extra_agent_args: list[str] | None = None,
-                 extra_broker_args: list[str] | None = None, colocated: bool = False, curve: bool = False) -> None:
+                 extra_broker_args: list[str] | None = None, colocated: bool = False, curve: bool = False,
+                 standby: bool = False) -> None:
         self.workdir = workdir
+        self.standby_args = [] if standby else ["--no-standby"]
         self.keys = ClusterKeys.generate(workdir / "keys") if curve else None
         self.colocated = colocated
         self.client_address = f"tcp://127.0.0.1:{free_port()}"
@@ -84,7 +90,8 @@ class LocalCluster:
                                   *self.curve_args("broker"), *(extra_broker_args or [])])
             return
         worker_args = ["--servable-dir", str(servable_dir), "--servable", servable,
-                       "--distributed-address", self.distributed_address, *(extra_worker_args or [])]
+                       "--distributed-address", self.distributed_address, *self.standby_args,
+                       *(extra_worker_args or [])]
         if colocated:
             self.start("worker", ["serve", "--bind", self.client_address, *self.curve_args("serve"),
                                   *(extra_broker_args or []), *worker_args])
@@ -103,7 +110,8 @@ class LocalCluster:
         address = f"127.0.0.1:{free_port()}"
         self.worker_names.add(name)
         self.start(name, ["worker", "--servable-dir", str(servable_dir), "--servable", servable,
-                          "--distributed-address", address, "--broker", self.worker_address, *extra])
+                          "--distributed-address", address, "--broker", self.worker_address, *self.standby_args,
+                          *extra])
         return address
 
     def start_agents(self, name: str, model_files: list[Path], *extra: str, worker: str | None = None) -> None:
@@ -112,7 +120,7 @@ class LocalCluster:
         self.start(name, ["agent", "--worker", worker or self.distributed_address,
                           "--model-files", ",".join(str(p) for p in model_files),
                           "--agent-start-port", str(free_port_range(len(model_files))), *self.curve_args("agent"),
-                          *extra])
+                          *self.standby_args, *extra])
 
     def curve_args(self, command: str) -> list[str]:
         """The key options of each command of this cluster (none without `curve`)."""

@@ -655,58 +655,20 @@ def parse_subscription(event: bytes) -> tuple[bool, int] | None:
     return event[:1] == b"\x01", int(digits)
 
 
-# Defaults shared by every process.
-DEFAULT_BROKER_CLIENT_ADDRESS = "tcp://127.0.0.1:5500"
-DEFAULT_BROKER_WORKER_ADDRESS = "tcp://127.0.0.1:5501"
-DEFAULT_DISTRIBUTED_ADDRESS = "127.0.0.1:6200"
-DEFAULT_AGENT_START_PORT = 7000
-HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
+# ---- limits both sides of a link agree on -------------------------------------------------------------------
 SHUTDOWN_GRACE_S = 1.0
 """How long an agent told to shut down may take to exit before its launcher ends it (a healthy one takes ~0.1 s)."""
-ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
-"""Tensors at least this big are sent without copying (pyzmq copies small frames anyway)."""
-MAX_INFLIGHT_MODEL_CALLS = 64
-"""Model calls a worker keeps in flight per servable; the stage PUB sockets have no HWM, so this bound is what
-keeps their queues finite and guarantees a publish is never dropped."""
-MAX_BATCH_SIZE = 32
-"""Instances per model call for servables with a batch dimension (a model exported with a fixed batch size
-uses that size instead)."""
-MAX_BATCH_DELAY_S = 0.002
-"""How long the first instance of a batch may wait for others."""
-MAX_SEQUENCES = 16
-"""Sequences a worker generates at once (requests whose stage calls a stateful model); more: RESOURCE_EXHAUSTED."""
-EXECUTION_TIMEOUT_S = 30.0
-"""A pipeline with calls in flight that returns no result for this long is a sick group: its agents restart."""
-DRAIN_TIMEOUT_S = 30.0
-"""A worker told to stop (SIGTERM) finishes the requests it holds for at most this long, then stops anyway."""
-MAX_QUEUED_REQUESTS = 1024
-"""Requests a worker holds (running or waiting) before it answers RESOURCE_EXHAUSTED."""
-RECONNECT_MIN_MS = 100
-RECONNECT_MAX_MS = 2000
-"""Reconnection backoff to a lost peer: 100 ms, doubling up to 2 s."""
-SCAN_INTERVAL_S = 0.005
-"""A busy loop scans what it holds for passed deadlines and silent peers at most this often (not after every
-message): deadlines are answered within this much of their end, and the scans cost nothing per request."""
 MAX_REQUEST_BYTES = 1 << 30
 """Requests larger than this (all frames) are refused by the broker with RESOURCE_EXHAUSTED."""
-LINGER_MS = 0
-"""Sockets close without waiting for unsent messages: every request is answered before a close, so a message
-still queued at close belongs to a peer that is gone."""
 
 
-def normalize_address(address: str) -> str:
-    """Accept `host:port`, `localhost:port` or `tcp://host:port` and return a ZeroMQ endpoint."""
-    if "://" in address:
-        return address
-    return f"tcp://{address}"
-
-
-def endpoint_host_port(address: str) -> tuple[str, int]:
-    """Split `tcp://host:port` (or `host:port`) into its parts."""
-    endpoint = normalize_address(address)
-    host_port = endpoint.split("://", 1)[1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not host:port")
-    return host, int(port)
+# ---- moved to where their users are (zmserve/endpoints.py); importable from here too, so that importers can
+# move at their own pace. (Socket tuning is in zmserve/transport.py, SCAN_INTERVAL_S in zmserve/loop.py.)
+from zmserve.endpoints import (  # noqa: E402, F401
+    DEFAULT_AGENT_START_PORT,
+    DEFAULT_BROKER_CLIENT_ADDRESS,
+    DEFAULT_BROKER_WORKER_ADDRESS,
+    DEFAULT_DISTRIBUTED_ADDRESS,
+    endpoint_host_port,
+    normalize_address,
+)

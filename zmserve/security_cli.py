@@ -19,6 +19,7 @@ import click
 
 from zmserve.collective_tls import CollectiveTls, CollectiveTlsError
 from zmserve.collective_tls import generate as generate_collective_tls
+from zmserve.logs import get_logger
 from zmserve.security import (
     ALLOWED_FLAG,
     PEER_FLAG,
@@ -27,10 +28,11 @@ from zmserve.security import (
     Security,
     SecurityError,
     generate_key_pair,
-    is_loopback,
-    log,
+    is_local_address,
     reload_allowed_keys,
 )
+
+log = get_logger("security")
 
 ALLOWED_HELP = {
     Domain.CLIENTS: "folder of the public keys (.key) of clients and gateways allowed to connect; turns CURVE on "
@@ -114,7 +116,7 @@ def warn_on_network(security: Security, binds: Mapping[Domain, str | None] | Non
     traffic leaving the machine without TLS. Called once the service has bound its sockets, so that a command
     that cannot start prints only why."""
     security.warn_plaintext(binds or {})
-    if group_host is not None and not is_loopback(group_host) and security.collective_tls is None:
+    if group_host is not None and not is_local_address(group_host) and security.collective_tls is None:
         log.warning("plaintext_on_network", address=group_host, domain="collective",
                     how="MindSpore's traffic inside each stage (group formation and the collectives' tensors) "
                         "crosses the network in clear: give every machine --collective-tls (docs/SECURITY.md), "
@@ -138,7 +140,7 @@ def load_security(options: dict[str, Any], allowed: Sequence[Domain] = (), peers
             security = dataclasses.replace(security, collective_tls=CollectiveTls.load(tls_folder))
         if require:  # a domain whose address is None is not bound by this process (`serve` without --worker-bind)
             security.require([d for d in allowed if binds is None or binds.get(d) is not None], peers)
-            if group_host is not None and not is_loopback(group_host) and security.collective_tls is None:
+            if group_host is not None and not is_local_address(group_host) and security.collective_tls is None:
                 raise SecurityError("--require-curve: --collective-tls not given, and this process's MindSpore "
                                     f"group traffic leaves the machine ({group_host})")
     except (SecurityError, CollectiveTlsError) as error:

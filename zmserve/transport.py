@@ -15,22 +15,24 @@ import numpy as np
 import zmq
 import zmq.backend
 
-from zmserve.protocol import (
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
-    LINGER_MS,
-    RECONNECT_MAX_MS,
-    RECONNECT_MIN_MS,
-    ZERO_COPY_THRESHOLD_BYTES,
-)
-
 if TYPE_CHECKING:
     from zmserve.security import Curve
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3
+ZERO_COPY_THRESHOLD_BYTES = 64 * 1024
+"""Tensors at least this big are sent without copying (pyzmq copies small frames anyway)."""
+RECONNECT_MIN_MS = 100
+RECONNECT_MAX_MS = 2000
+"""Reconnection backoff to a lost peer: 100 ms, doubling up to 2 s."""
+LINGER_MS = 0
+"""Sockets close without waiting for unsent messages: every request is answered before a close, so a message
+still queued at close belongs to a peer that is gone."""
 
 
 def new_socket(context: zmq.Context, kind: int, curve: Curve | None = None, **options: int | bytes) -> zmq.Socket:
     """A socket that closes promptly, reconnects to a lost peer with backoff (libzmq doubles the interval up to
-    the maximum), and sends big frames without copying. With `curve` (zmserve/security.py) its link is encrypted
+    the maximum), and sends big frames without copying. With `curve` (zmserve/security/) its link is encrypted
     and authenticated; None is plaintext."""
     socket = context.socket(kind)
     if curve is not None:
@@ -64,7 +66,7 @@ def bind(socket: zmq.Socket, address: str, what: str) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: whoever reaches this host runs on this machine, in its network namespace."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -76,7 +78,7 @@ def data_endpoint(host: str, what: str) -> str:
     """Where to bind a data socket that peers reach at `host`: a Unix socket in the abstract namespace when the
     host is loopback (every peer is on this machine; docs/BENCHMARKS.md measures what ipc saves over loopback
     TCP), else a free TCP port on `host`."""
-    if is_loopback(host):
+    if is_loopback_host(host):
         return f"ipc://@zmserve-{os.getpid()}-{uuid.uuid4().hex[:12]}-{what}"
     return f"tcp://{host}:0"
 
@@ -170,8 +172,9 @@ class HeartbeatClock:
         return max(0.0, self.next_at - time.monotonic())
 
 
-def drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 1000) -> None:
-    """Handle every message already queued on `socket` (up to `limit`), so that liveness checks that follow
+def read_pending(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 1000) -> None:
+    """Handle every message already queued on `socket` (up to `limit`; not "drain", which in zmserve means a
+    graceful stop), so that liveness checks that follow
     never judge a peer by messages still waiting to be read."""
     for _ in range(limit):
         try:

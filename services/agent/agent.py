@@ -37,10 +37,7 @@ from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.collective_tls import CollectiveTls
 from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MODEL_CALL_TOPIC,
-    RECONNECT_MIN_MS,
     AgentConfigure,
     AgentFailed,
     AgentReady,
@@ -74,7 +71,19 @@ from zmserve.security import (
 )
 from zmserve.standby import STANDBY_FLAG, wait_for_activation
 from zmserve.supervision import die_with_parent, name_process
-from zmserve.transport import BindError, HeartbeatClock, Liveness, bind, drain, new_socket, recv_frames, send_frames
+from zmserve.transport import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    RECONNECT_MIN_MS,
+    BindError,
+    HeartbeatClock,
+    Liveness,
+    bind,
+    new_socket,
+    read_pending,
+    recv_frames,
+    send_frames,
+)
 from zmserve_services.agent.state import SequenceStates, StateSpec
 from zmserve_services.agent.status_pipe import report_loaded
 from zmserve_services.agent.subgraphs import Subgraph, read_subgraphs, subgraph_files
@@ -186,8 +195,8 @@ class ControlLink(threading.Thread):
                 now = time.monotonic()
                 if (refusal := self.handshake.read()) is not None:
                     self.refused(refusal)
-                drain(self.control, self.handle_control)
-                drain(self.from_main, self.handle_main)
+                read_pending(self.control, self.handle_control)
+                read_pending(self.from_main, self.handle_main)
                 self.do_chores(now)
         except Exception:
             log.exception("agent_control_crashed")

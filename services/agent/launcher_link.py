@@ -27,7 +27,7 @@ from zmserve.protocol import (
     encode,
 )
 from zmserve.security import Curve
-from zmserve.transport import HeartbeatClock, Liveness, drain, new_socket
+from zmserve.transport import HeartbeatClock, Liveness, new_socket, read_pending
 
 log = get_logger("launcher")
 
@@ -50,7 +50,7 @@ class LauncherLink:
         if self.hello_clock.due(now):
             with contextlib.suppress(zmq.Again):
                 self.socket.send(self.hello, flags=zmq.NOBLOCK)
-        drain(self.socket, self.handle)
+        read_pending(self.socket, self.handle)
         orders, self.orders = self.orders, []
         went_silent = False
         if self.worker_heard and self.worker.expired(now) != self.worker_lost:
@@ -77,8 +77,11 @@ class LauncherLink:
         except ServingError as error:
             log.warning("worker_message_malformed", message=error.message)
             return
-        if isinstance(message, AgentsShutDown):
-            self.orders.append(message)
+        match message:
+            case AgentsShutDown():
+                self.orders.append(message)
+            case Heartbeat():
+                pass  # heard, above
 
     def close(self) -> None:
         self.socket.close(linger=500)  # AGENT_STOPPED notes sent just before still leave

@@ -24,15 +24,12 @@ import zmq
 
 from zmserve import trace as tracing
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_services
+from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
 from zmserve.protocol import (
     DEFAULT_BROKER_CLIENT_ADDRESS,
     DEFAULT_BROKER_WORKER_ADDRESS,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MAX_REQUEST_BYTES,
-    SCAN_INTERVAL_S,
     BrokerCommand,
     Cancel,
     DrainAck,
@@ -62,13 +59,15 @@ from zmserve.protocol import (
 )
 from zmserve.security import PLAINTEXT, Domain, Security
 from zmserve.transport import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
     Delivery,
     HeartbeatClock,
     Liveness,
     bind,
-    drain,
     frame_bytes,
     new_socket,
+    read_pending,
     send_nonblocking,
 )
 from zmserve_services.broker.routing import LeastOutstanding, ready_of_version
@@ -213,16 +212,16 @@ class Broker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.announce()
-        try:
-            run_services([self], self.stop_event)
-        finally:
-            self.shutdown()
+        run_loop([self], self.stop_event)
 
     def stop(self) -> None:
         self.stop_event.set()
 
-    def announce(self) -> None:
+    def drain(self) -> None:
+        """The broker holds no work of its own (its workers drain theirs): it stops."""
+        self.stop()
+
+    def start(self) -> None:
         log.info("broker_started", clients=self.client_endpoint, workers=self.worker_endpoint)
 
     def handlers(self) -> list[tuple[zmq.Socket, Handler]]:
@@ -546,7 +545,7 @@ class Broker:
         if not self.scan.due(now):
             return
         if self.worker_socket is not None and any(w.liveness.expired(now) for w in self.workers.values()):
-            drain(self.worker_socket, self.process_worker)  # a loop stalled after its drain must not judge by it
+            read_pending(self.worker_socket, self.process_worker)  # a loop stalled after its read must not judge by it
         for record in [w for w in self.workers.values() if w.liveness.expired(now)]:
             self.remove_worker(record, f"no heartbeat for {record.liveness.timeout:.1f} s")
         for client, request_id in self.requests.expired(now):

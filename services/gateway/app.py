@@ -419,6 +419,10 @@ class Gateway:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.stopped.set)
 
+    def drain(self) -> None:
+        """As `stop` (SIGTERM and SIGINT stopped the gateway alike before the one lifecycle, and still do)."""
+        self.stop()
+
     async def serve(self) -> None:
         uvicorn_log = logging.getLogger("uvicorn")
         uvicorn_log.addHandler(_UvicornLog())

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zmserve.logs import get_logger
-from zmserve.security import is_loopback
+from zmserve.security import is_local_address
 
 log = get_logger("gateway")
 
@@ -68,7 +68,7 @@ def http_security(bind: str, certfile: str | None, keyfile: str | None,
             raise ValueError(f"--certfile {certfile} / --keyfile {keyfile}: {error.reason or error}") from None
         tls = TlsFiles(certfile, keyfile)
     token = read_token(token_file) if token_file is not None else None
-    if tls is None and not is_loopback(bind):
+    if tls is None and not is_local_address(bind):
         log.warning("plaintext_on_network", address=bind, domain="http",
                     how="requests, their tensors and any bearer token cross the network in clear: serve HTTPS with "
                         "--certfile and --keyfile (docs/SECURITY.md), or bind 127.0.0.1")

@@ -9,7 +9,7 @@ overload behave exactly as for the zmq client. One DEALER carries every request 
 matched by `id`.
 
 The DEALER is a plain zmq socket whose FD the loop watches (`add_reader`): sends never block (NOBLOCK; a full
-queue means the broker is not reading), and `drain` reads every queued reply when the FD fires and after each
+queue means the broker is not reading), and `read_pending` reads every queued reply when the FD fires and after each
 send (the FD is edge-triggered: a send can take the signal of a reply that has already arrived). Measured
 against zmq.asyncio's futures on the same requests, this costs 70-80 us less CPU and 150-250 us less latency
 per request.
@@ -108,7 +108,7 @@ class BrokerLink:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.socket.connect(self.address)
-        self.loop.add_reader(self.socket.FD, self.drain)
+        self.loop.add_reader(self.socket.FD, self.read_pending)
 
     async def close(self) -> None:
         if self.loop is not None:
@@ -232,7 +232,7 @@ class BrokerLink:
             except zmq.Again:
                 raise ServingError(ErrorCode.UNAVAILABLE, f"the broker at {self.address} is not reading (the "
                                                           "gateway's queue to it is full)") from None
-            self.loop.call_soon(self.drain)
+            self.loop.call_soon(self.read_pending)
             async with asyncio.timeout(timeout + REPLY_GRACE_S):
                 header, values = await future
         except asyncio.CancelledError:  # the HTTP caller hung up: the broker and the worker drop the request
@@ -255,7 +255,7 @@ class BrokerLink:
         except zmq.Again:
             log.info("cancel_not_sent", request_id=request_id)
 
-    def drain(self) -> None:
+    def read_pending(self) -> None:
         """Hand every queued answer to the request awaiting it; answers nobody awaits any more are dropped."""
         while True:
             try:

@@ -17,7 +17,7 @@ import grpc
 
 from zmserve.logs import get_logger
 from zmserve.protocol import endpoint_host_port
-from zmserve.security import is_loopback
+from zmserve.security import is_local_address
 from zmserve_services.gateway.auth import BearerToken
 from zmserve_services.gateway.broker_link import BrokerLink
 from zmserve_services.gateway.config import GatewayConfig
@@ -76,7 +76,7 @@ async def start_grpc(link: BrokerLink, config: GatewayConfig) -> tuple[grpc.aio.
     if bound == 0:
         raise OSError(f"cannot listen on {config.grpc_bind} (gRPC)")
     await server.start()
-    if config.tls is None and not is_loopback(config.grpc_bind):
+    if config.tls is None and not is_local_address(config.grpc_bind):
         log.warning("plaintext_on_network", address=config.grpc_bind, domain="grpc",
                     how="calls, their tensors and any bearer token cross the network in clear: serve TLS with "
                         "--certfile and --keyfile (docs/SECURITY.md), or bind 127.0.0.1")

@@ -5,20 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zmserve.protocol import (
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
+from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
+from zmserve.security import PLAINTEXT, Security
+from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
+from zmserve_services.worker.defaults import (
     DRAIN_TIMEOUT_S,
     EXECUTION_TIMEOUT_S,
-    HEARTBEAT_INTERVAL_S,
-    HEARTBEAT_LIVENESS,
     MAX_BATCH_DELAY_S,
     MAX_BATCH_SIZE,
     MAX_INFLIGHT_MODEL_CALLS,
     MAX_QUEUED_REQUESTS,
     MAX_SEQUENCES,
 )
-from zmserve.security import PLAINTEXT, Security
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,8 @@ class WorkerConfig:
     """On SIGTERM: seconds to finish the requests held before stopping anyway (services/worker/drain.py)."""
     ready_file: str | Path | None = None
     """A file present while the worker serves (zmserve/readiness.py), for probes of process supervisors."""
+    standby_schedulers: bool = True
+    """Once serving, keep a standby scheduler per stage (services/worker/schedulers.py) for a fast restart."""
     security: Security = PLAINTEXT
     """CURVE on the link to the broker and on the agents' sockets, and MindSpore's TLS in the stage groups
     (zmserve/security.py)."""

@@ -84,7 +84,7 @@ class ModelUse:
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageGroup:
     """One pipeline stage: its ranks form one MindSpore collective group around its own scheduler."""
 
     index: int
@@ -138,7 +138,7 @@ class Membership:
         self.heartbeat_interval, self.heartbeat_liveness = heartbeat_interval, heartbeat_liveness
         self.stage_input_address, self.results_address = stage_input_address, results_address
         self.forming_timeout = forming_timeout
-        self.stages = [Stage(k, model.ranks_of(k)) for k in range(model.stage_size)]
+        self.stages = [StageGroup(k, model.ranks_of(k)) for k in range(model.stage_size)]
         self.schedulers: list[tuple[str, int]] = []
         """Each stage's scheduler (host, port); the worker starts them and tells us (`schedulers_started`)."""
         self.state = WorkerState.WAITING_FOR_AGENTS

@@ -35,7 +35,7 @@ from zmserve.protocol import (
 from zmserve.protocol import ModelCall as ModelCallMessage
 from zmserve.servable import DistributedModel, Stage
 from zmserve_services.worker.batching import Batcher
-from zmserve_services.worker.requests import MethodRun, ModelCall, RunTable, check_model_input
+from zmserve_services.worker.requests import HeldCall, MethodRun, RunTable, check_model_input
 from zmserve_services.worker.stage_threads import CallWanted, RunEnded, StageDone, StageEvent, StagePartial
 from zmserve_services.worker.steps import Steps
 from zmserve_services.worker.streaming import GeneratorStage, is_generator_stage
@@ -315,7 +315,7 @@ class Pipeline:
                 self.finish_call(call, outputs)
         self.publish_calls()
 
-    def finish_call(self, call: ModelCall, outputs: list[Any]) -> None:
+    def finish_call(self, call: HeldCall, outputs: list[Any]) -> None:
         """Hand each row of the result to its run; runs whose last awaited instance this was walk on."""
         for position, (run, index) in enumerate(call.slots):
             if run.finished:
@@ -331,7 +331,7 @@ class Pipeline:
             if run.awaiting == 0:
                 self.advance(run)
 
-    def fail_call(self, call: ModelCall, code: ErrorCode, message: str) -> None:
+    def fail_call(self, call: HeldCall, code: ErrorCode, message: str) -> None:
         for run in {run for run, _ in call.slots if not run.finished}:
             self.fail(run, code, message)
 

@@ -1,10 +1,10 @@
 """Requests inside the worker: each one replays its method's stages over its instances.
 
 A `MethodRun` walks the method's stages in order. Python stages run at once, per instance. At the model stage
-each instance becomes a row of a `ModelCall`: one call per instance, or, when the model has a batch dimension,
-rows of a batch that the `Batcher` fills with instances of any request. The run waits until every instance's
-outputs are back, then walks on. `RunTable` holds runs by request id and calls by call id; `pipeline.Pipeline`
-moves them.
+each instance becomes a row of a `HeldCall` (sent as a ModelCall message): one call per instance, or, when the
+model has a batch dimension, rows of a batch that the `Batcher` fills with instances of any request. The run
+waits until every instance's outputs are back, then walks on. `RunTable` holds runs by request id and calls by
+call id; `pipeline.Pipeline` moves them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ INPUT_ERRORS = (InvalidInput, TypeError, ValueError)
 
 
 @dataclass(eq=False)
-class ModelCall:
+class HeldCall:
     """One call of the distributed model: its inputs (a batch when the model has a batch dimension) and, per
     row, the (run, instance) it belongs to. Rows past `len(slots)` are padding."""
 
@@ -179,8 +179,8 @@ class RunTable:
 
     def __init__(self, max_inflight_calls: int) -> None:
         self.runs: dict[tuple[bytes, Any], MethodRun] = {}
-        self.calls: dict[int, ModelCall] = {}
-        self.queued_calls: deque[ModelCall] = deque()
+        self.calls: dict[int, HeldCall] = {}
+        self.queued_calls: deque[HeldCall] = deque()
         self.in_pipeline: set[int] = set()
         self.max_inflight_calls = max_inflight_calls
         self.last_progress = time.monotonic()
@@ -194,11 +194,11 @@ class RunTable:
         return len(self.runs)
 
     def new_call(self, inputs: list[np.ndarray], slots: list[tuple[MethodRun, int]], batched: bool) -> None:
-        call = ModelCall(next(self.call_ids), inputs, slots, batched)
+        call = HeldCall(next(self._call_ids), inputs, slots, batched)
         self.calls[call.call_id] = call
         self.queued_calls.append(call)
 
-    def next_sendable(self) -> ModelCall | None:
+    def next_sendable(self) -> HeldCall | None:
         """The oldest queued call still needed, if the pipeline has room for it."""
         while self.queued_calls and len(self.in_pipeline) < self.max_inflight_calls:
             call = self.queued_calls.popleft()
@@ -211,7 +211,7 @@ class RunTable:
             return call
         return None
 
-    def take_result(self, call_id: int) -> ModelCall | None:
+    def take_result(self, call_id: int) -> HeldCall | None:
         """The call a result answers (its runs may be finished already)."""
         self.in_pipeline.discard(call_id)
         self.last_progress = time.monotonic()

@@ -32,6 +32,8 @@ class StageScheduler:
     standby: subprocess.Popen | None = None
     tls: CollectiveTls | None = None
     """MindSpore's TLS for the group (zmserve/collective_tls.py); None = plain TCP."""
+    keeps_standby: bool = True
+    """False: every restart starts a scheduler from scratch (`--no-standby`: saves a process and its memory)."""
 
     def start(self) -> None:
         self.port = free_port(self.host)
@@ -47,6 +49,8 @@ class StageScheduler:
     def keep_standby(self) -> None:
         """Have a standby ready for the next restart (called once the servable serves: its import then competes
         with nobody's group formation)."""
+        if not self.keeps_standby:
+            return
         if self.standby is not None and self.standby.poll() is not None:
             log.warning("standby_scheduler_died", code=self.standby.returncode)
             self.standby = None

@@ -32,11 +32,10 @@ import zmq
 from zmserve import trace as tracing
 from zmserve.codec import decode_instances
 from zmserve.logs import Bursts, get_logger
-from zmserve.loop import Handler, run_services
+from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import WorkerMetrics
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
-    SCAN_INTERVAL_S,
     SHUTDOWN_GRACE_S,
     AgentExited,
     AgentFailed,
@@ -81,9 +80,9 @@ from zmserve.transport import (
     Liveness,
     bind,
     data_endpoint,
-    drain,
     frame_bytes,
     new_socket,
+    read_pending,
     send_frames,
     send_nonblocking,
 )
@@ -175,7 +174,8 @@ class Worker:
                                  start_stage=self.stage_threads.start, max_sequences=config.max_sequences,
                                  step_wait=config.max_batch_delay,
                                  partial=self.send_partial)
-        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls)
+        self.schedulers = [StageScheduler(host, len(stage.ranks), tls=config.security.collective_tls,
+                                          keeps_standby=config.standby_schedulers)
                            for stage in self.membership.stages]
         self.launchers = Launchers(config.heartbeat_interval, config.heartbeat_liveness)
         self.signatures: dict[str, MethodSignature] = {}
@@ -198,11 +198,7 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.start()
-        try:
-            run_services([self], self.stop_event)
-        finally:
-            self.shutdown()
+        run_loop([self], self.stop_event)
 
     def start(self) -> None:
         structlog.contextvars.bind_contextvars(servable=self.spec.name)
@@ -425,7 +421,7 @@ class Worker:
                 f"the model made no progress for {self.config.execution_timeout:.1f} s (execution timeout)", now))
         self.carry_out(self.membership.tick(now))
         if self.broker_liveness.expired(now) and not self.broker_lost and self.broker is not None:
-            drain(self.broker, self.process_broker)  # a loop stalled after its drain must not judge by it
+            read_pending(self.broker, self.process_broker)  # a loop stalled after its read must not judge by it
         if self.broker_liveness.expired(now) != self.broker_lost:
             self.broker_lost = not self.broker_lost
             log.warning("broker_lost" if self.broker_lost else "broker_back", broker=self.broker_address)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.cluster import load_example_module
+from tests.cluster import Exports, load_example_module
 from tests.examples.minilm_runner import base_environment, inspect_mindirs, run_pipeline
 from zmserve.servable import MethodSpec, load_servable
 
@@ -143,15 +142,6 @@ def test_layouts_that_do_not_fit_the_model_are_refused(rank_size: int, stage_siz
     assert result.returncode == 2 and "must" in result.stderr
 
 
-def export(output_dir: Path, rank_size: int, stage_size: int) -> float:
-    started = time.monotonic()
-    subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
-                    "--stage-size", str(stage_size), "--output-dir", str(output_dir / "model"),
-                    "--rank-table", str(output_dir / f"rank_table_{rank_size}pcs.json")],
-                   check=True, capture_output=True, env=base_environment(), timeout=300)
-    return time.monotonic() - started
-
-
 def check_shards(model_dir: Path, rank_size: int, stage_size: int) -> None:
     """Each rank holds its stage's layers and only its tensor-parallel slice; tp == 1 graphs have no collective."""
     tp = rank_size // stage_size
@@ -194,12 +184,14 @@ def check_shards(model_dir: Path, rank_size: int, stage_size: int) -> None:
 
 
 @pytest.mark.parametrize(("rank_size", "stage_size"), CONFIGS)
-def test_sharded_model_matches_numpy_reference(tmp_path: Path, cases: Cases, rank_size: int, stage_size: int,
+def test_sharded_model_matches_numpy_reference(tmp_path: Path, exports: Exports, cases: Cases, rank_size: int,
+                                               stage_size: int,
                                                record_property: Callable[[str, Any], None]) -> None:
-    export_s = export(tmp_path, rank_size, stage_size)
-    check_shards(tmp_path / "model", rank_size, stage_size)
+    model_dir = exports.minilm(rank_size, stage_size)[0].parent.parent  # exported once per session
+    export_s = exports.seconds[model_dir.parent.name]
+    check_shards(model_dir, rank_size, stage_size)
     batches = cases.batch_inputs()
-    run = run_pipeline(tmp_path / "model", rank_size, stage_size, batches, tmp_path / "run")
+    run = run_pipeline(model_dir, rank_size, stage_size, batches, tmp_path / "run")
 
     for stage_outputs in run.stage_outputs[:-1]:
         for (_, mask), (hidden, passed_mask) in zip(batches, stage_outputs, strict=True):

@@ -3,15 +3,12 @@ pass over the same safetensors: every embedding within 1e-5 per element, for eve
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cluster import REPO, load_example_module
+from tests.cluster import REPO, Exports, load_example_module
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
@@ -37,19 +34,16 @@ def reference_embeddings() -> np.ndarray:
 
 @pytest.mark.parametrize(("rank_size", "stage_size", "curve"),
                          [(1, 1, False), (2, 1, False), (2, 2, False), (4, 2, False), (2, 2, True)])
-def test_served_embeddings_match_numpy(tmp_path: Path, reference_embeddings: np.ndarray, rank_size: int,
-                                       stage_size: int, curve: bool) -> None:
+def test_served_embeddings_match_numpy(tmp_path: Path, exports: Exports, reference_embeddings: np.ndarray,
+                                       rank_size: int, stage_size: int, curve: bool) -> None:
     """curve: every link with CURVE and --require-curve (docs/SECURITY.md)."""
-    subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--rank-size", str(rank_size),
-                    "--stage-size", str(stage_size), "--output-dir", str(tmp_path / "model")],
-                   check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    model_files = exports.minilm(rank_size, stage_size)
     config = (EXAMPLE / "minilm" / "servable_config.py").read_text().replace(
         "declare_servable(rank_size=4, stage_size=2,", f"declare_servable(rank_size={rank_size}, "
                                                          f"stage_size={stage_size},")
     assert f"rank_size={rank_size}" in config
     (tmp_path / "servables" / "minilm").mkdir(parents=True)
     (tmp_path / "servables" / "minilm" / "servable_config.py").write_text(config)
-    model_files = [tmp_path / "model" / f"device{r}" / "minilm.mindir" for r in range(rank_size)]
     cluster = LocalCluster(tmp_path, tmp_path / "servables", "minilm", model_files, curve=curve)
     try:
         cluster.wait_ready({"text": "warm up"}, method="embed", timeout=300)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, export_mlp, load_example_module, write_servable
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Cluster, Exports, load_example_module, write_servable
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +16,8 @@ mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export")
 
 
 @pytest.mark.parametrize(("rank_size", "stage_size"), [(2, 2), (4, 2), (8, 2), (4, 4)])
-def test_stages_match_unsharded_numpy(tmp_path: Path, rank_size: int, stage_size: int) -> None:
-    model_files = export_mlp(tmp_path, rank_size, stage_size)
+def test_stages_match_unsharded_numpy(tmp_path: Path, exports: Exports, rank_size: int, stage_size: int) -> None:
+    model_files = exports.mlp(rank_size, stage_size)
     config = MATMUL_CONFIG.format(rank_size=rank_size, stage_size=stage_size)
     cluster = Cluster(tmp_path, write_servable(tmp_path / "servables", "mlp", config), "mlp", model_files)
     weights = mlp.make_weights(mlp.DEFAULT_LAYERS, mlp.DEFAULT_HIDDEN, mlp.DEFAULT_FFN)
@@ -35,10 +35,10 @@ def test_stages_match_unsharded_numpy(tmp_path: Path, rank_size: int, stage_size
     assert codes == {"agents": 0, "worker": 0, "broker": 0}, cluster.log_tails()
 
 
-def test_each_rank_holds_its_stage_layers_and_its_slice(tmp_path: Path) -> None:
+def test_each_rank_holds_its_stage_layers_and_its_slice(exports: Exports) -> None:
     import json
 
-    model_files = export_mlp(tmp_path, 4, 2)
+    model_files = exports.mlp(4, 2)
     for rank, path in enumerate(model_files):
         group = json.loads((path.parent / "group_config.json").read_text())
         assert group["stage"] == rank // 2 and group["tp_rank"] == rank % 2

@@ -20,7 +20,7 @@ import pytest
 from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
-    export_mlp,
+    Exports,
     load_example_module,
     log_events,
     wait_for,
@@ -40,9 +40,9 @@ GIVE_UP = 8
 
 
 @pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], np.ndarray]:
+def slow_model(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> tuple[Path, list[Path], np.ndarray]:
     workdir = tmp_path_factory.mktemp("slow_mlp_cancel")
-    model_files = export_mlp(workdir, 1, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
+    model_files = exports.mlp(1, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
     servable_dir = write_servable(workdir / "servables", "mlp", MATMUL_CONFIG.format(rank_size=1, stage_size=1))
     expected = mlp.reference_forward(X, mlp.make_weights(mlp.DEFAULT_LAYERS, SLOW["hidden"], SLOW["ffn"]))
     return servable_dir, model_files, expected

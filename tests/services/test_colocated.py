@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.cluster import Cluster, log_events, matmul_reference, start_matmul_cluster
+from tests.cluster import Cluster, Exports, log_events, matmul_reference, start_matmul_cluster
 from zmserve.client import ClientError
 from zmserve.protocol import ErrorCode
 
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_matmul_cluster(tmp_path_factory.mktemp("colocated"), 2, colocated=True)
+def cluster(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Cluster]:
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("colocated"), exports, 2, colocated=True)
     yield cluster
     cluster.stop()
 

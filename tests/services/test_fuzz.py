@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zmq
 
-from tests.cluster import agent_pids, log_events, matmul_reference, start_matmul_cluster
+from tests.cluster import Exports, agent_pids, log_events, matmul_reference, start_matmul_cluster
 from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
@@ -89,8 +89,8 @@ def id_key(value: Any) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = start_matmul_cluster(tmp_path_factory.mktemp("fuzz"), 2)
+def cluster(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[LocalCluster]:
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("fuzz"), exports, 2)
     try:
         yield cluster
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, export_mlp, write_servable
+from tests.cluster import MATMUL_CONFIG, MLP_EXAMPLE, Exports, write_servable
 from tests.netns import SUBNET, three_hosts
 from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.local import ClusterKeys
@@ -83,8 +83,8 @@ def curve_arguments(keys: ClusterKeys | None) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("curve", [False, True], ids=["plaintext", "curve"])
 def test_agents_on_two_other_hosts_serve_a_two_stage_model(tmp_path: Path, namespaces: dict[str, str],
-                                                           curve: bool) -> None:
-    model_files = export_mlp(tmp_path, 4, 2)
+                                                           curve: bool, exports: Exports) -> None:
+    model_files = exports.mlp(4, 2)
     servable_dir = write_servable(tmp_path / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
     distributed = f"{SUBNET}.1:6200"
     keys = ClusterKeys.generate(tmp_path / "keys") if curve else None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, REPO, export_mlp, log_events, wait_for, write_servable
+from tests.cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
 from tests.netns import ADDRESS, Hosts, skip_reason, three_hosts
 from zmserve.supervision import reap
 
@@ -94,12 +94,12 @@ def check_answers(requests: list[Request], timeout: float, allowed: set[str]) ->
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Deployment]:
     reason = skip_reason(faults=True)
     if reason is not None:
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("network_faults")
-    model_files = export_mlp(workdir, 4, 2)
+    model_files = exports.mlp(4, 2)
     servable_dir = write_servable(workdir / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
     distributed = f"{ADDRESS['server']}:6200"
     commands = {

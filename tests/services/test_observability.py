@@ -28,10 +28,9 @@ from tests.browser import chromium
 from tests.cluster import (
     MATMUL_CONFIG,
     Cluster,
+    Exports,
     agent_rank,
     child_pids,
-    export_matmul,
-    export_mlp,
     wait_for,
     write_servable,
 )
@@ -65,9 +64,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("observability")
-    model_files = export_mlp(workdir, 4, 2)
+    model_files = exports.mlp(4, 2)
     servables = write_servable(workdir / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
     cluster = Cluster(workdir, servables, "mlp", model_files)
     try:
@@ -434,8 +433,8 @@ def predict(x):
 """
 
 
-def test_serve_shows_broker_and_worker_metrics_on_one_endpoint(tmp_path: Path) -> None:
-    model_files = export_matmul(tmp_path, 1)
+def test_serve_shows_broker_and_worker_metrics_on_one_endpoint(tmp_path: Path, exports: Exports) -> None:
+    model_files = exports.matmul(1)
     servables = write_servable(tmp_path / "servables", "matmul", STAGED_CONFIG)
     cluster = Cluster(tmp_path, servables, "matmul", model_files, colocated=True)
     try:

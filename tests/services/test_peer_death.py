@@ -19,11 +19,10 @@ import pytest
 from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
+    Exports,
     agent_pids,
     agent_rank,
     child_pids,
-    export_matmul,
-    export_mlp,
     load_example_module,
     log_events,
     matmul_reference,
@@ -60,9 +59,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def matmul_model(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> tuple[Path, list[Path]]:
     workdir = tmp_path_factory.mktemp("matmul_peer_death")
-    model_files = export_matmul(workdir, 2)
+    model_files = exports.matmul(2)
     return write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1)), \
         model_files
 
@@ -70,7 +69,7 @@ def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[P
 @pytest.fixture
 def deployment(tmp_path: Path, matmul_model: tuple[Path, list[Path]]) -> Iterator[Deployment]:
     servable_dir, model_files = matmul_model
-    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files)
+    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files, standby=True)  # restarts are timed
     try:
         cluster.wait_ready(ONES)
         yield Deployment(cluster, servable_dir, model_files)
@@ -294,10 +293,11 @@ def test_killed_launcher_takes_its_agents_and_a_new_one_serves(deployment: Deplo
 
 
 @pytest.fixture(scope="module")
-def slow_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, np.ndarray]]:
+def slow_cluster(tmp_path_factory: pytest.TempPathFactory, exports: Exports
+                 ) -> Iterator[tuple[LocalCluster, np.ndarray]]:
     """The MLP, slowed to about 0.25 s a call; the worker holds at most 2 requests."""
     workdir = tmp_path_factory.mktemp("slow_mlp_peer_death")
-    model_files = export_mlp(workdir, 2, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
+    model_files = exports.mlp(2, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
     servable_dir = write_servable(workdir / "servables", "mlp", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     expected = mlp.reference_forward(SLOW_X, mlp.make_weights(mlp.DEFAULT_LAYERS, SLOW["hidden"], SLOW["ffn"]))
     cluster = LocalCluster(workdir, servable_dir, "mlp", model_files, ["--max-queued", "2"])
@@ -380,7 +380,7 @@ def test_agent_lost_while_its_group_forms_is_recovered(tmp_path: Path, matmul_mo
     came back JOIN_TIMEOUT_S later. Now the worker names rank 0's process to its launcher (AGENTS_SHUT_DOWN), which
     ends it after the grace: serving again within 15 s of the restart."""
     servable_dir, model_files = matmul_model
-    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files)
+    cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files, standby=True)  # restarts are timed
     launcher = cluster.processes["agents"].pid
 
     def agent_of_rank(rank: int) -> int | None:

@@ -18,14 +18,14 @@ from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Cluster,
-    export_mlp,
+    Exports,
     free_port,
     log_events,
     wait_for,
     write_servable,
 )
 from zmserve.supervision import reap
-from zmserve_services.agent.launcher import publish_address
+from zmserve_services.agent.processes import publish_address
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +115,11 @@ def test_an_address_of_no_interface_here(servable_dir: Path) -> None:
                                   "interface of this machine has that address")
 
 
-def test_a_taken_publish_port_of_a_stage_leader(tmp_path: Path) -> None:
+def test_a_taken_publish_port_of_a_stage_leader(tmp_path: Path, exports: Exports) -> None:
     """Rank 0 leads stage 0 of the MLP and publishes its output at --agent-start-port + 0 (on loopback, the Unix
     socket named after that port), which is taken: it fails to load in one line (no traceback), and the worker
     says why it restarts the groups."""
-    model_files = export_mlp(tmp_path, 4, 2)
+    model_files = exports.mlp(4, 2)
     port = free_port()
     address = publish_address("127.0.0.1", port)
     taken = zmq.Context.instance().socket(zmq.PULL)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, Cluster, export_matmul, log_events, wait_for, write_servable
+from tests.cluster import MATMUL_CONFIG, Cluster, Exports, log_events, wait_for, write_servable
 from zmserve.client import ClientError
 
 pytestmark = pytest.mark.slow
@@ -26,9 +26,9 @@ CALLERS = 8
 
 
 @pytest.fixture(scope="module")
-def matmul(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def matmul(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> tuple[Path, list[Path]]:
     workdir = tmp_path_factory.mktemp("quiet_logs")
-    model_files = export_matmul(workdir, 2)
+    model_files = exports.matmul(2)
     return write_servable(workdir / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1)), \
         model_files
 

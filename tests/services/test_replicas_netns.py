@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, REPO, export_matmul, log_events, wait_for, write_servable
+from tests.cluster import MATMUL_CONFIG, REPO, Exports, log_events, wait_for, write_servable
 from tests.netns import address, hosts, in_namespace
 from zmserve.supervision import reap
 
@@ -72,8 +72,8 @@ def namespaces() -> Iterator[dict[str, str]]:
 
 
 def test_a_killed_replica_loses_no_request_and_the_other_takes_its_work(
-        tmp_path: Path, namespaces: dict[str, str]) -> None:
-    model_files = export_matmul(tmp_path, 2)
+        tmp_path: Path, namespaces: dict[str, str], exports: Exports) -> None:
+    model_files = exports.matmul(2)
     servable_dir = write_servable(tmp_path / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     files = ",".join(str(path) for path in model_files)
     commands = {"broker": ("server", ["broker", "--bind", f"tcp://{BROKER}:5500", "--worker-bind",

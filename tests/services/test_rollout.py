@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import MATMUL_CONFIG, export_matmul, log_events, wait_for, write_servable
+from tests.cluster import MATMUL_CONFIG, Exports, log_events, wait_for, write_servable
 from tests.steady_load import SteadyLoad
 from zmserve.local import LocalCluster
 
@@ -40,11 +40,11 @@ def notifications(receiver: socket.socket) -> list[str]:
             return lines
 
 
-def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Path,
+def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Path, exports: Exports,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     servables = tmp_path / "servables"
-    v1_files = export_matmul(tmp_path, 2, V1, servables / "matmul" / "1")
-    v2_files = export_matmul(tmp_path, 2, V2, servables / "matmul" / "2")
+    v1_files = exports.matmul(2, V1, into=servables / "matmul" / "1")
+    v2_files = exports.matmul(2, V2, into=servables / "matmul" / "2")
     write_servable(servables, "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd listens on for Type=notify
     systemd.bind(str(tmp_path / "notify"))
@@ -96,12 +96,12 @@ def test_rolling_upgrade_under_load_answers_every_request_correctly(tmp_path: Pa
           f"{sum(o.what == 'w=0.25' for o in outcomes)} by v2, v1 drained in {drained['seconds']} s")
 
 
-def test_a_launcher_of_another_version_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_a_launcher_of_another_version_is_refused_with_the_reason(tmp_path: Path, exports: Exports) -> None:
     """The rollout mistake this layout makes visible: version 2's shards pointed at version 1's worker would serve
     v2's weights as v1. The worker refuses them for good, naming both versions, and their launcher exits 1."""
     servables = tmp_path / "servables"
-    export_matmul(tmp_path, 2, V1, servables / "matmul" / "1")
-    v2_files = export_matmul(tmp_path, 2, V2, servables / "matmul" / "2")
+    exports.matmul(2, V1, into=servables / "matmul" / "1")
+    v2_files = exports.matmul(2, V2, into=servables / "matmul" / "2")
     write_servable(servables, "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     cluster = LocalCluster(tmp_path, servables, "matmul", v2_files, extra_worker_args=["--version", "1"])
     try:

@@ -35,8 +35,8 @@ from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Cluster,
+    Exports,
     child_pids,
-    export_mlp,
     free_port_range,
     listening_endpoints,
     load_example_module,
@@ -52,7 +52,7 @@ from zmserve.collective_tls import generate as generate_collective_tls
 from zmserve.protocol import AgentRegister, BrokerCommand, ErrorCode, WorkerStatus, encode
 from zmserve.security import CurveClient, KeyPair, generate_key_pair, load_public_key
 from zmserve.transport import new_socket
-from zmserve_services.agent.launcher import publish_address
+from zmserve_services.agent.processes import publish_address
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,8 @@ X = np.random.default_rng(14).standard_normal((128, 96)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def curve_matmul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_matmul_cluster(tmp_path_factory.mktemp("curve_matmul"), 2, curve=True)
+def curve_matmul(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Cluster]:
+    cluster = start_matmul_cluster(tmp_path_factory.mktemp("curve_matmul"), exports, 2, curve=True)
     yield cluster
     codes = cluster.stop()
     assert set(codes.values()) == {0}, codes
@@ -315,19 +315,20 @@ def test_the_same_registration_reaches_a_plaintext_worker(matmul_tp2: Cluster) -
         dealer.close()
 
 
-def run_launcher(cluster: Cluster, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def run_launcher(cluster: Cluster, model_file: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zmserve.cli", "agent", "--worker", cluster.distributed_address,
-                           "--model-files", str(workdir / "model" / "device0" / "matmul.mindir"), *args],
+                           "--model-files", str(model_file), *args],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "GLOG_v": "3"})
 
 
 @pytest.mark.parametrize("keys", ["stranger", "none"])
-def test_a_launcher_the_worker_refuses_stops_with_the_reason(curve_matmul: Cluster, tmp_path: Path, keys: str) -> None:
+def test_a_launcher_the_worker_refuses_stops_with_the_reason(curve_matmul: Cluster, tmp_path: Path, keys: str,
+                                                             exports: Exports) -> None:
     assert curve_matmul.keys is not None
     args = ["--secret-key", str(generate_key_pair(tmp_path, "stranger")[1]), "--worker-key",
             curve_matmul.keys.public("worker")] if keys == "stranger" else []
     started = time.monotonic()
-    done = run_launcher(curve_matmul, curve_matmul.workdir, *args)
+    done = run_launcher(curve_matmul, exports.matmul(2)[0], *args)
     assert done.returncode == 1 and time.monotonic() - started < 30
     why = "the server does not know this side's public key" if keys == "stranger" else \
         "the server requires CURVE and this side has no keys"
@@ -338,12 +339,12 @@ def test_a_launcher_the_worker_refuses_stops_with_the_reason(curve_matmul: Clust
 mlp = load_example_module(MLP_EXAMPLE / "export_model.py", "mlp_export")
 
 
-def test_a_fully_secured_pipeline_whose_stages_hold_different_keys(tmp_path: Path) -> None:
+def test_a_fully_secured_pipeline_whose_stages_hold_different_keys(tmp_path: Path, exports: Exports) -> None:
     """Ranks 0-1 on machine host-a, ranks 2-3 on host-b, each with its own key pair: stage 0's leader admits
     host-b's agents on its publisher because the worker names their keys (AGENT_CONFIGURE downstream_keys). With
     MindSpore's TLS in both stages' groups too, neither the input nor the output of a request appears on any
     loopback packet."""
-    model_files = export_mlp(tmp_path, 4, 2)
+    model_files = exports.mlp(4, 2)
     servable_dir = write_servable(tmp_path / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
     tls = str(generate_collective_tls(tmp_path / "collective"))
     cluster = Cluster(tmp_path, servable_dir, "mlp", None, ["--collective-tls", tls], curve=True)
@@ -442,9 +443,9 @@ def test_zmserve_status_asks_a_curve_broker_with_keys_and_names_them_without(cur
     assert "needs --secret-key and --broker-key" in refused.stderr.splitlines()[-1]
 
 
-def test_zmserve_serve_with_curve_serves(tmp_path: Path) -> None:
+def test_zmserve_serve_with_curve_serves(tmp_path: Path, exports: Exports) -> None:
     """Broker and worker in one process: one key pair and one authenticator for its client and agent sockets."""
-    cluster = start_matmul_cluster(tmp_path, 2, colocated=True, curve=True)
+    cluster = start_matmul_cluster(tmp_path, exports, 2, colocated=True, curve=True)
     try:
         with cluster.client() as client:
             np.testing.assert_allclose(client.infer({"x": X}, timeout=30)[0]["y"], matmul_reference(X), atol=1e-5)

@@ -20,10 +20,9 @@ import pytest
 from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
+    Exports,
     agent_pids,
     child_pids,
-    export_matmul,
-    export_mlp,
     load_example_module,
     log_events,
     wait_for,
@@ -66,9 +65,9 @@ def all_gone(processes: dict[int, str]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path, np.ndarray]:
+def slow_model(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> tuple[list[Path], Path, np.ndarray]:
     workdir = tmp_path_factory.mktemp("slow_mlp")
-    model_files = export_mlp(workdir, 2, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
+    model_files = exports.mlp(2, 1, *(f"--{k}={v}" for k, v in SLOW.items()))
     servable_dir = write_servable(workdir / "servables", "mlp", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     weights = mlp.make_weights(mlp.DEFAULT_LAYERS, SLOW["hidden"], SLOW["ffn"])
     return model_files, servable_dir, mlp.reference_forward(X, weights)
@@ -77,7 +76,7 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Pa
 @pytest.fixture
 def slow_cluster(tmp_path: Path, slow_model: tuple[list[Path], Path, np.ndarray]) -> Iterator[LocalCluster]:
     model_files, servable_dir, _ = slow_model
-    cluster = LocalCluster(tmp_path, servable_dir, "mlp", model_files)
+    cluster = LocalCluster(tmp_path, servable_dir, "mlp", model_files, standby=True)  # their reaping is tested
     try:
         cluster.wait_ready({"x": X})
         yield cluster
@@ -176,11 +175,11 @@ def release(pid: int, threads: list[int]) -> None:
         time.sleep(0.02)
 
 
-def test_second_sigint_forces_the_exit(tmp_path: Path) -> None:
+def test_second_sigint_forces_the_exit(tmp_path: Path, exports: Exports) -> None:
     """The worker's clean stop waits up to 2 s for its scheduler to die of SIGTERM, the launcher's up to 5 s for
     each agent; with a scheduler and an agent that cannot die of it, the second SIGINT ends both at once, with
     exit code 1."""
-    model_files = export_matmul(tmp_path, 2)
+    model_files = exports.matmul(2)
     servable_dir = write_servable(tmp_path / "servables", "matmul", MATMUL_CONFIG.format(rank_size=2, stage_size=1))
     cluster = LocalCluster(tmp_path, servable_dir, "matmul", model_files)
     worker, launcher = cluster.processes["worker"], cluster.processes["agents"]

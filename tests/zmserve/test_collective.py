@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import MATMUL_EXAMPLE, export_matmul, matmul_reference
+from tests.cluster import MATMUL_EXAMPLE, Exports, matmul_reference
 from zmserve.collective import ShardModel
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,8 @@ def export_batched(output_dir: Path) -> Path:
     return output_dir / "device0" / "matmul.mindir"
 
 
-def test_repeated_calls_reuse_the_compiled_graph_and_stay_correct(tmp_path: Path) -> None:
-    model = ShardModel.load(export_matmul(tmp_path, 1)[0])
+def test_repeated_calls_reuse_the_compiled_graph_and_stay_correct(exports: Exports) -> None:
+    model = ShardModel.load(exports.matmul(1)[0])
     xs = np.random.default_rng(3).standard_normal((4, 128, 96)).astype(np.float32)
     for x in xs:
         np.testing.assert_allclose(model.run([x])[0], matmul_reference(x), atol=1e-4)

@@ -33,7 +33,7 @@ from zmserve.security import (
     SecurityError,
     Throttle,
     generate_key_pair,
-    is_loopback,
+    is_local_address,
     reload_allowed_keys,
 )
 from zmserve.transport import bind, new_socket
@@ -52,7 +52,7 @@ def wait_for(condition, timeout: float = 5.0):
 
 
 class Logs:
-    """What zmserve/security.py logs (from any thread) while the test runs."""
+    """What zmserve/security/ logs (from any thread) while the test runs."""
 
     def __init__(self, lines: list[dict]) -> None:
         self.lines = lines
@@ -63,10 +63,11 @@ class Logs:
 
 @pytest.fixture
 def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Logs]:
-    import zmserve.security
+    from zmserve.security import handshake, policy, zap
 
-    # the module's logger is bound at import; an unbound one follows capture_logs' configuration
-    monkeypatch.setattr(zmserve.security, "log", structlog.get_logger("security"))
+    # each module's logger is bound at import; an unbound one follows capture_logs' configuration
+    for module in (zap, handshake, policy):
+        monkeypatch.setattr(module, "log", structlog.get_logger("security"))
     with structlog.testing.capture_logs() as lines:
         yield Logs(lines)
 
@@ -133,7 +134,7 @@ def test_require_curve_names_every_missing_option(tmp_path: Path) -> None:
     ("10.0.0.1:6200", False), ("tcp://example.org:5500", False), ("[2001:db8::1]:5", False),
 ])
 def test_loopback_addresses(address: str, loopback: bool) -> None:
-    assert is_loopback(address) is loopback
+    assert is_local_address(address) is loopback
 
 
 def test_a_plaintext_bind_on_the_network_is_warned_about_and_loopback_is_not(logs: Logs) -> None:

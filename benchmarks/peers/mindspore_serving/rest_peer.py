@@ -132,7 +132,7 @@ def zmserve_gateway(workdir: Path, name: str, config: str, model_files: list[Pat
     unless `model_files` are given."""
     model_files = model_files or export_matmul(workdir, 1)
     servables = write_servable(workdir / "servables", name, config)
-    cluster = LocalCluster(workdir, servables, name, model_files, list(worker_args))
+    cluster = LocalCluster(workdir, servables, name, model_files, list(worker_args), standby=True)
     try:
         url = cluster.start_gateway("gateway")
         wait_ready(url, f"/model/{name}:predict")

@@ -13,7 +13,7 @@ from tests.cluster import (
     MATMUL_CONFIG,
     MLP_EXAMPLE,
     Cluster,
-    export_mlp,
+    Exports,
     load_example_module,
     log_events,
     write_servable,
@@ -37,8 +37,8 @@ def check_served(cluster: Cluster) -> None:
     assert set(codes.values()) == {0}, (codes, cluster.log_tails())
 
 
-def test_two_launchers_split_by_rank_start(tmp_path: Path) -> None:
-    model_files = export_mlp(tmp_path, 4, 2)
+def test_two_launchers_split_by_rank_start(tmp_path: Path, exports: Exports) -> None:
+    model_files = exports.mlp(4, 2)
     servable_dir = write_servable(tmp_path / "servables", "mlp", MATMUL_CONFIG.format(rank_size=4, stage_size=2))
     cluster = Cluster(tmp_path, servable_dir, "mlp", None)
     cluster.start_agents("machine_b", model_files[2:], "--rank-start", "2")
@@ -48,9 +48,9 @@ def test_two_launchers_split_by_rank_start(tmp_path: Path) -> None:
     assert sorted(registered) == [0, 1, 2, 3]
 
 
-def test_ranks_from_the_workers_rank_table(tmp_path: Path) -> None:
+def test_ranks_from_the_workers_rank_table(tmp_path: Path, exports: Exports) -> None:
     """Machine 127.0.0.2 holds ranks 0 and 2, 127.0.0.3 holds 1 and 3 (by the table, not by position)."""
-    model_files = export_mlp(tmp_path, 4, 2)
+    model_files = exports.mlp(4, 2)
     table = {"version": "1.0", "server_count": "2", "status": "completed", "server_list": [
         {"server_id": "127.0.0.2", "host_nic_ip": "reserve",
          "device": [{"device_id": "0", "device_ip": "0.0.0.0", "rank_id": "0"},

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import MLP_EXAMPLE, Cluster, export_matmul, log_events
+from tests.cluster import MLP_EXAMPLE, Cluster, Exports, log_events
 from zmserve.client import ClientError
 from zmserve.transport import free_port_range
 
@@ -22,8 +22,8 @@ LAUNCHER_TIMEOUT_S = 120.0
 """The agents import numpy, zmq and MindSpore's wrappers before they register: seconds on a loaded machine."""
 
 
-def test_the_matmul_shards_given_to_the_mlp_worker(tmp_path: Path) -> None:
-    model_files = export_matmul(tmp_path, 8)
+def test_the_matmul_shards_given_to_the_mlp_worker(tmp_path: Path, exports: Exports) -> None:
+    model_files = exports.matmul(8)
     cluster = Cluster(tmp_path, MLP_EXAMPLE, "mlp", None)  # the 4-rank, 2-stage MLP servable; no agents yet
     try:
         started = time.monotonic()

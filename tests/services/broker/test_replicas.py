@@ -34,7 +34,7 @@ from zmserve.protocol import (
     encode,
     error_frame,
 )
-from zmserve.transport import drain, free_port, new_socket, recv_frames, send_frames
+from zmserve.transport import free_port, new_socket, read_pending, recv_frames, send_frames
 from zmserve_services.broker.broker import Broker
 
 X = {"x": np.ones((2, 3), np.float32)}
@@ -346,7 +346,7 @@ def test_a_broker_loop_that_stalled_judges_workers_by_what_waits_for_it() -> Non
     try:
         talking = ScriptedWorker(context, service.worker_endpoint)
         silent = ScriptedWorker(context, service.worker_endpoint)
-        wait_for(lambda: drain(service.worker_socket, service.process_worker) or len(service.workers) == 2,
+        wait_for(lambda: read_pending(service.worker_socket, service.process_worker) or len(service.workers) == 2,
                  timeout=5, what="both workers to register")
         for record in service.workers.values():  # the loop "stalls": nothing read for 10 s
             record.liveness.last_heard -= 10

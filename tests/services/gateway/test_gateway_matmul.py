@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.cluster import export_matmul, matmul_reference, wait_for, write_servable
+from tests.cluster import Exports, matmul_reference, wait_for, write_servable
 from tests.services.gateway.gateway_client import curl, raw_request, read_response
 from tests.services.gateway.ms_rest_cases import CASES, SERVABLE, ZMSERVE_CONFIG, Case
 from zmserve.local import LocalCluster
@@ -40,9 +40,9 @@ class Gateways:
 
 
 @pytest.fixture(scope="module")
-def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
+def gateways(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Gateways]:
     workdir = tmp_path_factory.mktemp("gateway_matmul")
-    model_files = export_matmul(workdir, 1)
+    model_files = exports.matmul(1)
     servables = write_servable(workdir / "servables", SERVABLE, ZMSERVE_CONFIG)
     cluster = LocalCluster(workdir, servables, SERVABLE, model_files)
     try:

@@ -5,16 +5,13 @@ each within 1e-5 of the independent numpy forward pass."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from tests.cluster import REPO, load_example_module
+from tests.cluster import REPO, Exports, load_example_module
 from tests.services.gateway.gateway_client import curl
 from zmserve.local import LocalCluster
 
@@ -34,17 +31,14 @@ def reference() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("gateway_minilm")
-    subprocess.run([sys.executable, str(EXAMPLE / "export_model.py"), "--rank-size", str(RANK_SIZE),
-                    "--stage-size", str(STAGE_SIZE), "--output-dir", str(workdir / "model")],
-                   check=True, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    model_files = exports.minilm(RANK_SIZE, STAGE_SIZE)
     config = (EXAMPLE / "minilm" / "servable_config.py").read_text().replace(
         "declare_servable(rank_size=4, stage_size=2,", f"declare_servable(rank_size={RANK_SIZE}, "
                                                          f"stage_size={STAGE_SIZE},")
     (workdir / "servables" / "minilm").mkdir(parents=True)
     (workdir / "servables" / "minilm" / "servable_config.py").write_text(config)
-    model_files = [workdir / "model" / f"device{r}" / "minilm.mindir" for r in range(RANK_SIZE)]
     cluster = LocalCluster(workdir, workdir / "servables", "minilm", model_files)
     try:
         cluster.wait_ready({"text": "warm up"}, method="embed", timeout=300)

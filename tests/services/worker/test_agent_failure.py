@@ -13,6 +13,7 @@ import pytest
 
 from tests.cluster import (
     Cluster,
+    Exports,
     agent_pids,
     log_events,
     matmul_reference,
@@ -27,8 +28,8 @@ ONES = {"x": np.ones((128, 96), np.float32)}
 
 
 @pytest.fixture
-def cluster(tmp_path: Path):
-    cluster = start_matmul_cluster(tmp_path, 2)
+def cluster(tmp_path: Path, exports: Exports):
+    cluster = start_matmul_cluster(tmp_path, exports, 2, standby=True)  # restarts are timed
     try:
         yield cluster
     finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.cluster import export_matmul
+from tests.cluster import Exports
 from zmserve.bench.direct import timed_calls, whole_rank_set
 from zmserve.bench.errors import BenchError
 from zmserve.bench.records import RECORD_FIELDS, Record
@@ -76,8 +76,8 @@ def test_mixed_models_duplicates_pipelines_and_unknown_ranks_are_refused(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank_size", [1, 2])
-def test_direct_runs_the_shards(tmp_path: Path, rank_size: int) -> None:
-    model_files = export_matmul(tmp_path, rank_size)
+def test_direct_runs_the_shards(exports: Exports, rank_size: int) -> None:
+    model_files = exports.matmul(rank_size)
     result = subprocess.run(
         [*BENCH, "run", "--direct", "--model-files", ",".join(map(str, model_files)), "--shape", "128x96",
          "--fill", "random", "--seed", "1", "--requests", "30", "--timeout", "30", "--startup-timeout", "120"],
@@ -120,9 +120,9 @@ def test_a_failed_warm_up_is_one_line() -> None:
 
 
 @pytest.mark.slow
-def test_inputs_that_do_not_fit_the_shard_fail_in_one_line(tmp_path: Path) -> None:
+def test_inputs_that_do_not_fit_the_shard_fail_in_one_line(exports: Exports) -> None:
     """The wrong input shape for the exported graph: MindSpore's error, first line only, exit 1, no traceback."""
-    (model_file,) = export_matmul(tmp_path, 1)
+    (model_file,) = exports.matmul(1)
     result = subprocess.run(
         [*BENCH, "run", "--direct", "--model-files", str(model_file), "--shape", "4x4", "--requests", "3"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
