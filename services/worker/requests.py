@@ -194,7 +194,7 @@ class RunTable:
         return len(self.runs)
 
     def new_call(self, inputs: list[np.ndarray], slots: list[tuple[MethodRun, int]], batched: bool) -> None:
-        call = HeldCall(next(self._call_ids), inputs, slots, batched)
+        call = HeldCall(next(self.call_ids), inputs, slots, batched)
         self.calls[call.call_id] = call
         self.queued_calls.append(call)
 
