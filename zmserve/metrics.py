@@ -34,7 +34,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from zmserve.protocol import ErrorCode, endpoint_host_port
+from zmserve.endpoints import endpoint_host_port
+from zmserve.protocol import ErrorCode
 
 OK = "OK"
 """The `code` label of a request answered with its result (the others are ErrorCode names)."""

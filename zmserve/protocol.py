@@ -660,15 +660,3 @@ SHUTDOWN_GRACE_S = 1.0
 """How long an agent told to shut down may take to exit before its launcher ends it (a healthy one takes ~0.1 s)."""
 MAX_REQUEST_BYTES = 1 << 30
 """Requests larger than this (all frames) are refused by the broker with RESOURCE_EXHAUSTED."""
-
-
-# ---- moved to where their users are (zmserve/endpoints.py); importable from here too, so that importers can
-# move at their own pace. (Socket tuning is in zmserve/transport.py, SCAN_INTERVAL_S in zmserve/loop.py.)
-from zmserve.endpoints import (  # noqa: E402, F401
-    DEFAULT_AGENT_START_PORT,
-    DEFAULT_BROKER_CLIENT_ADDRESS,
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
-    endpoint_host_port,
-    normalize_address,
-)

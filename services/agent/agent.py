@@ -35,6 +35,7 @@ from zmserve import trace as tracing
 from zmserve.codec import decode_values, encode_values
 from zmserve.collective import ShardModel, import_mindspore, join_group
 from zmserve.collective_tls import CollectiveTls
+from zmserve.endpoints import normalize_address
 from zmserve.logs import Bursts, configure_logging, flush_bursts, get_logger
 from zmserve.protocol import (
     MODEL_CALL_TOPIC,
@@ -54,7 +55,6 @@ from zmserve.protocol import (
     ServingError,
     decode,
     encode,
-    normalize_address,
     parse_subscription,
     subscription_topic,
 )

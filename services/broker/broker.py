@@ -23,12 +23,11 @@ import structlog
 import zmq
 
 from zmserve import trace as tracing
+from zmserve.endpoints import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS, normalize_address
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import OK, BrokerMetrics, RequestSeries
 from zmserve.protocol import (
-    DEFAULT_BROKER_CLIENT_ADDRESS,
-    DEFAULT_BROKER_WORKER_ADDRESS,
     MAX_REQUEST_BYTES,
     BrokerCommand,
     Cancel,
@@ -54,7 +53,6 @@ from zmserve.protocol import (
     decode,
     encode,
     error_frame,
-    normalize_address,
     peek_request_id,
 )
 from zmserve.security import PLAINTEXT, Domain, Security

@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from zmserve.codec import Instance, decode_instances, encode_instances
+from zmserve.endpoints import normalize_address
 from zmserve.logs import get_logger
 from zmserve.metrics import OK, GatewayMetrics, GaugeSample
 from zmserve.protocol import (
@@ -53,7 +54,6 @@ from zmserve.protocol import (
     ValueSpec,
     decode,
     encode,
-    normalize_address,
 )
 from zmserve.security import CurveClient
 from zmserve.transport import new_socket

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, endpoint_host_port
+from zmserve.endpoints import DEFAULT_BROKER_CLIENT_ADDRESS, endpoint_host_port
 
 if TYPE_CHECKING:
     from zmserve.security import CurveClient

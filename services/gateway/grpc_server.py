@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
+from zmserve.endpoints import endpoint_host_port
 from zmserve.logs import get_logger
-from zmserve.protocol import endpoint_host_port
 from zmserve.security import is_local_address
 from zmserve_services.gateway.auth import BearerToken
 from zmserve_services.gateway.broker_link import BrokerLink

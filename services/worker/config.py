@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
+from zmserve.endpoints import DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
 from zmserve.security import PLAINTEXT, Security
 from zmserve.transport import HEARTBEAT_INTERVAL_S, HEARTBEAT_LIVENESS
 from zmserve_services.worker.defaults import (

@@ -31,6 +31,7 @@ import zmq
 
 from zmserve import trace as tracing
 from zmserve.codec import decode_instances
+from zmserve.endpoints import endpoint_host_port, normalize_address
 from zmserve.logs import Bursts, get_logger
 from zmserve.loop import SCAN_INTERVAL_S, Handler, run_loop
 from zmserve.metrics import WorkerMetrics
@@ -65,9 +66,7 @@ from zmserve.protocol import (
     deadline_of,
     decode,
     encode,
-    endpoint_host_port,
     error_frame,
-    normalize_address,
     parse_subscription,
 )
 from zmserve.ranktable import RankTable

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from zmserve import protocol_doc
+from zmserve.endpoints import endpoint_host_port, normalize_address
 from zmserve.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -23,8 +24,6 @@ from zmserve.protocol import (
     TensorSpec,
     decode,
     encode,
-    endpoint_host_port,
-    normalize_address,
     parse_subscription,
     peek_request_id,
     subscription_topic,

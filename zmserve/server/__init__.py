@@ -21,7 +21,7 @@ the caller gets INVALID_ARGUMENT with its message, not INTERNAL.
 
 from __future__ import annotations
 
-from zmserve.protocol import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS
+from zmserve.endpoints import DEFAULT_BROKER_CLIENT_ADDRESS, DEFAULT_BROKER_WORKER_ADDRESS
 from zmserve.security import PLAINTEXT, Security
 from zmserve.servable import InvalidInput
 from zmserve.server import distributed, register

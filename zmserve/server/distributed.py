@@ -6,11 +6,7 @@ process, on a background thread); `startup_agents` starts and supervises this ma
 
 from __future__ import annotations
 
-from zmserve.protocol import (
-    DEFAULT_AGENT_START_PORT,
-    DEFAULT_BROKER_WORKER_ADDRESS,
-    DEFAULT_DISTRIBUTED_ADDRESS,
-)
+from zmserve.endpoints import DEFAULT_AGENT_START_PORT, DEFAULT_BROKER_WORKER_ADDRESS, DEFAULT_DISTRIBUTED_ADDRESS
 from zmserve.security import PLAINTEXT, Security
 from zmserve.servable import declare_servable
 from zmserve.server.frontends import worker_started

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from zmserve.protocol import DEFAULT_BROKER_WORKER_ADDRESS
+from zmserve.endpoints import DEFAULT_BROKER_WORKER_ADDRESS
 from zmserve.server.running import run_in_background
 from zmserve.transport import free_port
 
