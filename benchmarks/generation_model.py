@@ -32,10 +32,13 @@ from benchmarks.benchlib import REPO, emit, load1
 
 EXAMPLE = REPO / "examples" / "gpt"
 
-import direct  # noqa: E402
-from export_model import export  # noqa: E402
-from model import build_stage_cell, load_config, load_weights  # noqa: E402
-from reference import Reference  # noqa: E402
+from tests.cluster import load_example_module  # noqa: E402
+
+direct = load_example_module(EXAMPLE / "direct.py", "gpt_direct")
+export = load_example_module(EXAMPLE / "export_model.py", "gpt_export").export
+_model = load_example_module(EXAMPLE / "model.py", "gpt_model")
+build_stage_cell, load_config, load_weights = _model.build_stage_cell, _model.load_config, _model.load_weights
+Reference = load_example_module(EXAMPLE / "reference.py", "gpt_reference").Reference
 
 from zmserve.collective import ShardModel, import_mindspore  # noqa: E402
 from zmserve.sampling import SamplingParams  # noqa: E402
