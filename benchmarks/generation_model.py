@@ -34,9 +34,9 @@ EXAMPLE = REPO / "examples" / "gpt"
 
 from tests.cluster import load_example_module  # noqa: E402
 
-direct = load_example_module(EXAMPLE / "direct.py", "gpt_direct")
-export = load_example_module(EXAMPLE / "export_model.py", "gpt_export").export
-_model = load_example_module(EXAMPLE / "model.py", "gpt_model")
+direct = load_example_module(EXAMPLE / "direct.py", "gpt_direct", keep_siblings=True)
+export = load_example_module(EXAMPLE / "export_model.py", "gpt_export", keep_siblings=True).export
+_model = load_example_module(EXAMPLE / "model.py", "gpt_model", keep_siblings=True)
 build_stage_cell, load_config, load_weights = _model.build_stage_cell, _model.load_config, _model.load_weights
 Reference = load_example_module(EXAMPLE / "reference.py", "gpt_reference").Reference
 

@@ -141,12 +141,15 @@ class _ExampleFolder(importlib.abc.MetaPathFinder):
             and candidate.is_file() else None
 
 
-def load_example_module(path: Path, name: str) -> ModuleType:
+def load_example_module(path: Path, name: str, keep_siblings: bool = False) -> ModuleType:
     """Import an example script as a module named `name`. Examples are scripts, not a package: they import their
     siblings by bare name (`from weights import PRESETS`), which works when they run because a script's folder is
     on sys.path. While this one loads, a finder resolves those names in its folder instead; the siblings are then
     dropped from sys.modules (the loaded modules keep their references), so that two examples' modules of one
-    name (minilm's and big_model's reference.py) never meet and nothing is added to sys.path."""
+    name (minilm's and big_model's reference.py) never meet and nothing is added to sys.path.
+
+    `keep_siblings`: leave them registered, for a process that builds MindSpore cells from one example (MindSpore
+    compiles a cell by importing its class's module again, by its bare name)."""
     finder = _ExampleFolder(path.parent)
     before = set(sys.modules)
     sys.meta_path.insert(0, finder)
@@ -158,7 +161,7 @@ def load_example_module(path: Path, name: str) -> ModuleType:
         spec.loader.exec_module(module)
     finally:
         sys.meta_path.remove(finder)
-        for added in set(sys.modules) - before:
+        for added in set() if keep_siblings else set(sys.modules) - before:
             origin = getattr(sys.modules[added], "__file__", None)
             if origin is not None and Path(origin).parent == path.parent:
                 del sys.modules[added]

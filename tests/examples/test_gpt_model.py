@@ -53,7 +53,8 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     """Every layout exported by one process (one MindSpore import): name -> its model/ folder."""
     root = tmp_path_factory.mktemp("gpt")
     script = (f"from pathlib import Path; from tests.cluster import load_example_module; "
-              f"export = load_example_module(Path({str(EXAMPLE / 'export_model.py')!r}), 'gpt_export').export\n"
+              f"export = load_example_module(Path({str(EXAMPLE / 'export_model.py')!r}), 'gpt_export', "
+              f"keep_siblings=True).export\n"
               + "".join(f"export(Path({str(root / name)!r}), {r}, {s})\n" for name, (r, s) in LAYOUTS.items()))
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=EXAMPLE.parents[1],
                    env={**os.environ, "GLOG_v": "3"}, timeout=600)

@@ -27,7 +27,7 @@ EXPORT = """
 import json, sys
 from pathlib import Path
 from tests.cluster import load_example_module
-export = load_example_module(Path(sys.argv[1]) / "export_model.py", "export_model").export
+export = load_example_module(Path(sys.argv[1]) / "export_model.py", "export_model", keep_siblings=True).export
 from zmserve.export import graph_kernels
 out = Path(sys.argv[2])
 layouts = json.loads(sys.argv[3])
