@@ -194,12 +194,29 @@ class LocalCluster:
                 self.check_alive()
                 try:
                     client.infer(instance, timeout=30)
-                    return
+                    break
                 except ClientError as error:
                     if error.code not in (ErrorCode.UNAVAILABLE, ErrorCode.NOT_FOUND):
                         raise
                     if time.monotonic() > deadline:
                         raise AssertionError(f"not ready after {timeout} s: {error}\n{self.log_tails()}") from None
+                time.sleep(0.2)
+        self.wait_broker_settled(deadline)
+
+    def wait_broker_settled(self, deadline: float) -> None:
+        """Until the broker has left its first heartbeat intervals, in which it answers a servable it has not heard
+        of UNAVAILABLE (its workers may not have re-announced yet) instead of NOT_FOUND: a ready cluster answers
+        every request as it will from then on. Asks for a servable no worker serves."""
+        with self.client("predict", servable="zmserve-no-such-servable") as probe:
+            while True:
+                try:
+                    probe.infer({}, timeout=5)
+                    return
+                except ClientError as error:
+                    if error.code != ErrorCode.UNAVAILABLE or "not known yet" not in error.message:
+                        return
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"the broker still says: {error}") from None
                 time.sleep(0.2)
 
     def check_alive(self) -> None:

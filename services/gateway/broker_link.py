@@ -167,7 +167,7 @@ class BrokerLink:
             except zmq.Again:
                 raise ServingError(ErrorCode.UNAVAILABLE, f"the broker at {self.address} is not reading (the "
                                                           "gateway's queue to it is full)") from None
-            self.loop.call_soon(self.drain)
+            self.loop.call_soon(self.read_pending)
             deadline = self.loop.time() + timeout + REPLY_GRACE_S
             while True:
                 try:

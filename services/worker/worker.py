@@ -530,4 +530,5 @@ class Worker:
         for sock in (self.broker, self.agents, self.stage_input, self.results):
             if sock is not None:
                 sock.close(linger=linger)
-        self.stage_threads.close()
+        if hasattr(self, "stage_threads"):  # not yet when a bind failed in __init__
+            self.stage_threads.close()

@@ -25,7 +25,7 @@ from zmserve.servable import MethodSpec, load_servable
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parents[1] / "examples" / "minilm"
 check_layout = load_example_module(EXAMPLE / "model.py", "minilm_model").check_layout
-_reference = load_example_module(EXAMPLE / "reference.py", "minilm_reference")
+_reference = load_example_module(EXAMPLE / "reference.py", "minilm_reference", keep_siblings=True)
 Reference, mean_pool, normalize = _reference.Reference, _reference.mean_pool, _reference.normalize
 
 pytestmark = pytest.mark.slow

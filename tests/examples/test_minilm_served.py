@@ -13,7 +13,8 @@ from zmserve.client import ClientError
 from zmserve.local import LocalCluster
 
 EXAMPLE = REPO / "examples" / "minilm"
-embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference").embed_texts
+# keep_siblings: embed_texts imports `assets` when it is called
+embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference", keep_siblings=True).embed_texts
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster import Cluster, matmul_reference, start_matmul_cluster
+from tests.cluster import Cluster, Exports, matmul_reference, start_matmul_cluster
 from zmserve import trace as tracing
 from zmserve.client import Client
 from zmserve.protocol import Reply, decode, encode
@@ -53,8 +53,8 @@ def test_span_summary_gives_count_median_and_p90_per_span() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    started = start_matmul_cluster(tmp_path_factory.mktemp("trace"), 1)
+def cluster(tmp_path_factory: pytest.TempPathFactory, exports: Exports) -> Iterator[Cluster]:
+    started = start_matmul_cluster(tmp_path_factory.mktemp("trace"), exports, 1)
     yield started
     started.stop()
 

@@ -18,7 +18,8 @@ from zmserve.local import LocalCluster
 pytestmark = pytest.mark.slow
 
 EXAMPLE = REPO / "examples" / "minilm"
-embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference").embed_texts
+# keep_siblings: embed_texts imports `assets` when it is called
+embed_texts = load_example_module(EXAMPLE / "reference.py", "minilm_reference", keep_siblings=True).embed_texts
 
 TEXTS = ["A cat sits on the mat.", "Grüße aus Köln, 東京", "The quick brown fox jumps over the lazy dog."]
 RANK_SIZE, STAGE_SIZE = 2, 2
