@@ -110,6 +110,7 @@ def serve(workdir: Path, rank_size: int, stage_size: int, max_sequences: int) ->
                     str(stage_size), "--output-dir", str(export)], check=True, capture_output=True,
                    env={**os.environ, "GLOG_v": "3"})
     folders = [export / "model" / f"device{rank}" for rank in range(rank_size)]
+    (workdir / "cluster").mkdir()
     cluster = LocalCluster(workdir / "cluster", export, "gpt", folders,
                            ["--max-sequences", str(max_sequences), "--heartbeat-interval", "3"],
                            ["--heartbeat-interval", "3"], colocated=True)
