@@ -14,18 +14,16 @@ import contextlib
 import pickle
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.peers.mindspore_serving.rest_peer import (
     DEFAULT_PEER,
     REPO,
-    START_TIMEOUT_S,
     RunningServer,
+    mindspore_serving,
     peer_shell,
     wait_ready,
-    write_peer_servable,
 )
 from zmserve.local import LocalCluster, free_port
 from zmserve.supervision import reap
@@ -42,24 +40,9 @@ def installed(peer: Path) -> bool:
     return (peer / "env.sh").is_file() and ANCHOR_VENV.is_file()
 
 
-@contextlib.contextmanager
-def mindspore_serving_grpc(peer: Path, workdir: Path, name: str, config: str) -> Iterator[RunningServer]:
+def mindspore_serving_grpc(peer: Path, workdir: Path, name: str, config: str) -> contextlib.AbstractContextManager:
     """MindSpore Serving serving `name`; `url` is its gRPC host:port."""
-    servables = write_peer_servable(peer, workdir / "peer_servables", name, config)
-    grpc_port, rest_port = free_port(), free_port()
-    log_path = workdir / "peer_server.log"
-    with log_path.open("w") as log:
-        server = peer_shell(peer, f'cd {workdir} && exec "$PY" {peer}/serve.py {servables} {grpc_port} {rest_port} '
-                                  f"{name}", stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "SERVING_READY" not in log_path.read_text(errors="replace"):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MindSpore Serving did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield RunningServer(f"127.0.0.1:{grpc_port}", {"mindspore_serving": server.pid})
-    finally:
-        reap(server, timeout=30)
+    return mindspore_serving(peer, workdir, name, config, answer_on="grpc")
 
 
 @contextlib.contextmanager

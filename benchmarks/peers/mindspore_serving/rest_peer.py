@@ -106,8 +106,10 @@ def write_peer_servable(peer: Path, root: Path, name: str, config: str) -> Path:
 
 
 @contextlib.contextmanager
-def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iterator[RunningServer]:
-    """MindSpore Serving serving `name` on free ports."""
+def mindspore_serving(peer: Path, workdir: Path, name: str, config: str,
+                      answer_on: str = "rest") -> Iterator[RunningServer]:
+    """MindSpore Serving serving `name` on free ports; `url` is its REST base URL, or its gRPC host:port when
+    `answer_on` is "grpc"."""
     servables = write_peer_servable(peer, workdir / "peer_servables", name, config)
     grpc_port, rest_port = free_port(), free_port()
     log_path = workdir / "peer_server.log"
@@ -120,7 +122,8 @@ def mindspore_serving(peer: Path, workdir: Path, name: str, config: str) -> Iter
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"MindSpore Serving did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield RunningServer(f"http://127.0.0.1:{rest_port}", {"mindspore_serving": server.pid})
+        url = f"127.0.0.1:{grpc_port}" if answer_on == "grpc" else f"http://127.0.0.1:{rest_port}"
+        yield RunningServer(url, {"mindspore_serving": server.pid})
     finally:
         reap(server, timeout=30)
 
