@@ -100,14 +100,8 @@ class GenerationLoad(ServiceLoad):
         stream.future.add_done_callback(lambda _, n=number, s=stream: self._streamed(n, s))
 
     def _streamed(self, number: int, stream: InferStream) -> None:
-        finished = time.perf_counter()
-        with self._lock:
-            entry = self._outstanding.pop(number, None)
-            if not self._outstanding:
-                self._idle.notify_all()
-        if entry is not None:
-            _, send_time, started, spec = entry
-            self.writer.put(generation_record(number, send_time, started, finished, spec, stream))
+        self._settle(number, lambda send_time, started, finished, spec:
+                     generation_record(number, send_time, started, finished, spec, stream))
 
 
 def generation_record(number: int, send_time: float, started: float, finished: float, spec: RequestSpec,

@@ -227,6 +227,12 @@ class ServiceLoad:
         future.add_done_callback(lambda f, n=number: self._answered(n, f))
 
     def _answered(self, number: int, future: Future) -> None:
+        self._settle(number, lambda send_time, started, finished, spec:
+                     outcome(number, send_time, finished - started, spec, future))
+
+    def _settle(self, number: int, record: Callable[[float, float, float, RequestSpec], Record]) -> None:
+        """An open-loop request is done: forget it (waking whoever waits for the last answer) and write its record,
+        made by `record(send_time, started, finished, spec)`."""
         finished = time.perf_counter()
         with self._lock:
             entry = self._outstanding.pop(number, None)
@@ -234,7 +240,7 @@ class ServiceLoad:
                 self._idle.notify_all()
         if entry is not None:
             _, send_time, started, spec = entry
-            self.writer.put(outcome(number, send_time, finished - started, spec, future))
+            self.writer.put(record(send_time, started, finished, spec))
 
     def _wait_outstanding(self, deadline: float) -> None:
         with self._lock:
